@@ -1,0 +1,85 @@
+"""Reads exactly the tensors a caller asks for from single-file or sharded safetensors.
+
+Only headers are read to map names to files; each requested tensor is read once, from its
+own file, and converted to the requested dtype. Nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from models.config import ModelConfig
+from models.weights import ALL_KINDS, IGNORED_SUFFIXES, TensorSpec, tensor_specs
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config; the message names the tensor."""
+
+
+class Checkpoint:
+    def __init__(self, model_dir: str | Path) -> None:
+        self.model_dir = Path(model_dir)
+        self.file_of = self._map_names()
+        self.bytes_read = 0  # for tests and metrics: what this reader actually loaded
+
+    def _map_names(self) -> dict[str, Path]:
+        index, single = self.model_dir / INDEX_FILE, self.model_dir / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index}: not a safetensors index ({err})") from err
+            return {name: self.model_dir / file for name, file in weight_map.items()}
+        if single.is_file():
+            with safe_open(single, framework="pt") as f:
+                return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        raise CheckpointError(f"{self.model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+
+    def check_names(self, config: ModelConfig) -> None:
+        """Fails on tensors the config does not explain, e.g. a ninth expert in an 8-expert model."""
+        expected = {s.name for s in tensor_specs(config, ALL_KINDS)}
+        unexpected = sorted(
+            n for n in self.file_of if n not in expected and not n.endswith(IGNORED_SUFFIXES)
+        )
+        if unexpected:
+            more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+            raise CheckpointError(
+                f"{self.model_dir}: unexpected tensor '{unexpected[0]}'{more} for a "
+                f"{config.arch} model with {config.num_layers} layers and {config.num_experts} experts"
+            )
+
+    def load(self, specs: Iterable[TensorSpec], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        specs = list(specs)
+        by_file: dict[Path, list[TensorSpec]] = defaultdict(list)
+        for spec in specs:
+            if spec.name not in self.file_of:
+                raise CheckpointError(f"{self.model_dir}: missing tensor '{spec.name}'")
+            by_file[self.file_of[spec.name]].append(spec)
+        out: dict[str, torch.Tensor] = {}
+        for path, file_specs in by_file.items():
+            if not path.is_file():
+                raise CheckpointError(f"{path}: shard named in {INDEX_FILE} does not exist")
+            with safe_open(path, framework="pt") as f:
+                for spec in file_specs:
+                    out[spec.name] = self._read(f, spec, dtype)
+        return out
+
+    def _read(self, f, spec: TensorSpec, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
+        shape = tuple(f.get_slice(spec.name).get_shape())
+        if shape != spec.shape:
+            raise CheckpointError(
+                f"{self.model_dir}: tensor '{spec.name}' has shape {list(shape)}, "
+                f"expected {list(spec.shape)}"
+            )
+        tensor = f.get_tensor(spec.name)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor.to(dtype)

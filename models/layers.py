@@ -1,0 +1,100 @@
+"""Single-device layer math shared by the reference model, attention nodes and expert nodes.
+
+Shape legend: T = tokens in the batch, S = keys of one sequence, D = hidden size,
+H = query heads, G = key/value heads, Dh = head dim, E = experts, K = top-k, I = expert FFN width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from models.config import ModelConfig, RopeConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalises in fp32 whatever the activation dtype, as the HF models do."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class Rope:
+    """Rotary embedding tables for one model; cos/sin are computed per position on demand."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
+        self.inv_freq, self.scale = _inv_freq(rope, head_dim, max_positions)
+
+    def cos_sin(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_TF = positions_T.float()[:, None] * self.inv_freq.to(positions_T.device)[None, :]
+        emb_TDh = torch.cat((freqs_TF, freqs_TF), dim=-1)
+        return (emb_TDh.cos() * self.scale).to(dtype), (emb_TDh.sin() * self.scale).to(dtype)
+
+
+def _inv_freq(rope: RopeConfig, dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
+    base = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    inv_freq = 1.0 / base
+    if rope.rope_type == "default":
+        return inv_freq, 1.0
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor, 1.0
+    return _yarn(rope, dim, max_positions, inv_freq)
+
+
+def _yarn(rope: RopeConfig, dim: int, max_positions: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, keep high ones, blend linearly in between."""
+    original = rope.original_max_position or max_positions
+    factor = rope.factor
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    blended = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+    scale = rope.attention_factor
+    if scale is None:
+        scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return blended, float(scale)
+
+
+def apply_rope(x_THDh: torch.Tensor, cos_TDh: torch.Tensor, sin_TDh: torch.Tensor) -> torch.Tensor:
+    half = x_THDh.shape[-1] // 2
+    rotated = torch.cat((-x_THDh[..., half:], x_THDh[..., :half]), dim=-1)
+    return x_THDh * cos_TDh[:, None, :] + rotated * sin_TDh[:, None, :]
+
+
+def causal_attention(
+    q_THDh: torch.Tensor, k_SGDh: torch.Tensor, v_SGDh: torch.Tensor, q_positions_T: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one sequence's new queries over all its keys (key j sits at position j)."""
+    groups = q_THDh.shape[1] // k_SGDh.shape[1]
+    k_HSDh = k_SGDh.repeat_interleave(groups, dim=1).transpose(0, 1)
+    v_HSDh = v_SGDh.repeat_interleave(groups, dim=1).transpose(0, 1)
+    q_HTDh = q_THDh.transpose(0, 1)
+    scores_HTS = torch.matmul(q_HTDh, k_HSDh.transpose(1, 2)) * (q_THDh.shape[-1] ** -0.5)
+    key_pos_S = torch.arange(k_SGDh.shape[0], device=q_THDh.device)
+    masked_TS = key_pos_S[None, :] > q_positions_T[:, None]
+    scores_HTS = scores_HTS.masked_fill(masked_TS[None], float("-inf"))
+    probs_HTS = torch.softmax(scores_HTS, dim=-1, dtype=torch.float32).to(q_THDh.dtype)
+    return torch.matmul(probs_HTS, v_HSDh).transpose(0, 1)  # [T, H, Dh]
+
+
+def swiglu(x_TD: torch.Tensor, gate_ID: torch.Tensor, up_ID: torch.Tensor, down_DI: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x_TD, gate_ID)) * F.linear(x_TD, up_ID), down_DI)
+
+
+def route(x_TD: torch.Tensor, gate_ED: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k expert ids and their weights per token; weights in fp32 math, activation dtype out."""
+    logits_TE = F.linear(x_TD, gate_ED)
+    probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    weights_TK, ids_TK = torch.topk(probs_TE, config.top_k, dim=-1)
+    if config.renormalize_topk:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return ids_TK, weights_TK.to(x_TD.dtype)

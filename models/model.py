@@ -1,0 +1,115 @@
+"""Everything of the model except the routed experts: what an attention node holds.
+
+Each layer is split where the routed experts sit, `pre_experts` (attention, norm, router) and
+`post_experts` (add expert output and shared expert), so the ping-pong pipeline can run
+micro-batch j+1's attention while micro-batch j is at the expert nodes. `forward` composes the
+pieces for the single-process path.
+
+Shape legend: T = tokens, D = hidden, H = query heads, G = kv heads, Dh = head dim, K = top-k,
+V = vocab, B = sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.batch import TokenBatch
+from models.checkpoint import Checkpoint
+from models.config import ModelConfig
+from models.kv_cache import KVCache
+from models.layers import Rope, apply_rope, causal_attention, rms_norm, route, swiglu
+from models.moe import Dispatcher
+from models.weights import ATTENTION_SIDE_KINDS, tensor_specs
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """What a layer's MoE step needs after attention: the residual and the routed input."""
+
+    h_TD: torch.Tensor  # residual stream after attention
+    x_TD: torch.Tensor  # normalised input to the experts
+    ids_TK: torch.Tensor  # global expert ids (-1 nowhere: every token routes to k experts)
+    weights_TK: torch.Tensor
+
+
+class AttentionSideModel:
+    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+        self.config = config
+        self.t = tensors
+        self.rope = Rope(config.rope, config.head_dim, config.max_position_embeddings)
+        self.lm_head = tensors["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, config: ModelConfig, dtype: torch.dtype) -> AttentionSideModel:
+        return cls(config, checkpoint.load(tensor_specs(config, ATTENTION_SIDE_KINDS), dtype))
+
+    def embed(self, batch: TokenBatch) -> torch.Tensor:
+        return F.embedding(batch.token_ids, self.t["model.embed_tokens.weight"])
+
+    def pre_experts(self, layer: int, h_TD: torch.Tensor, batch: TokenBatch, cache: KVCache) -> Routed:
+        h_TD = h_TD + self._attention(layer, rms_norm(h_TD, self._w(layer, "input_layernorm"), self.config.rms_norm_eps), batch, cache)
+        x_TD = rms_norm(h_TD, self._w(layer, "post_attention_layernorm"), self.config.rms_norm_eps)
+        if not self.config.is_moe_layer(layer):
+            empty = torch.empty(x_TD.shape[0], 0, dtype=torch.int64)
+            return Routed(h_TD, x_TD, empty, empty.to(x_TD.dtype))
+        ids_TK, weights_TK = route(x_TD, self._moe(layer, "gate.weight"), self.config)
+        return Routed(h_TD, x_TD, ids_TK, weights_TK)
+
+    def post_experts(self, layer: int, routed: Routed, experts_TD: torch.Tensor | None) -> torch.Tensor:
+        """Residual + routed experts' sum + shared expert (or the dense MLP on dense layers)."""
+        x = routed.x_TD
+        if not self.config.is_moe_layer(layer):
+            p = f"model.layers.{layer}.mlp"
+            return routed.h_TD + swiglu(x, self.t[f"{p}.gate_proj.weight"], self.t[f"{p}.up_proj.weight"], self.t[f"{p}.down_proj.weight"])
+        assert experts_TD is not None
+        out_TD = experts_TD
+        if self.config.shared_expert_size:
+            shared = swiglu(x, self._moe(layer, "shared_expert.gate_proj.weight"), self._moe(layer, "shared_expert.up_proj.weight"), self._moe(layer, "shared_expert.down_proj.weight"))
+            out_TD = out_TD + torch.sigmoid(F.linear(x, self._moe(layer, "shared_expert_gate.weight"))) * shared
+        return routed.h_TD + out_TD
+
+    def logits(self, h_TD: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """LM head over the chosen rows only (the last token of each sequence): [B, V] in fp32."""
+        h_BD = rms_norm(h_TD[rows], self.t["model.norm.weight"], self.config.rms_norm_eps)
+        return F.linear(h_BD, self.lm_head).float()
+
+    def forward(self, batch: TokenBatch, cache: KVCache, dispatcher: Dispatcher) -> torch.Tensor:
+        h_TD = self.embed(batch)
+        for layer in range(self.config.num_layers):
+            routed = self.pre_experts(layer, h_TD, batch, cache)
+            experts_TD = None
+            if self.config.is_moe_layer(layer):
+                experts_TD = dispatcher.experts(layer, routed.x_TD, routed.ids_TK, routed.weights_TK)
+            h_TD = self.post_experts(layer, routed, experts_TD)
+        return self.logits(h_TD, batch.last_token_indices())
+
+    def _w(self, layer: int, name: str) -> torch.Tensor:
+        return self.t[f"model.layers.{layer}.{name}.weight"]
+
+    def _moe(self, layer: int, name: str) -> torch.Tensor:
+        block = "block_sparse_moe" if self.config.arch == "mixtral" else "mlp"
+        return self.t[f"model.layers.{layer}.{block}.{name}"]
+
+    def _attention(self, layer: int, x_TD: torch.Tensor, batch: TokenBatch, cache: KVCache) -> torch.Tensor:
+        c, p = self.config, f"model.layers.{layer}.self_attn"
+        q, k, v = (F.linear(x_TD, self.t[f"{p}.{n}_proj.weight"], self.t.get(f"{p}.{n}_proj.bias")) for n in "qkv")
+        if c.qk_norm == "full":
+            q, k = rms_norm(q, self.t[f"{p}.q_norm.weight"], c.rms_norm_eps), rms_norm(k, self.t[f"{p}.k_norm.weight"], c.rms_norm_eps)
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        T = x_TD.shape[0]
+        q_THDh, k_TGDh, v_TGDh = q.view(T, c.num_heads, c.head_dim), k.view(T, c.num_kv_heads, c.head_dim), v.view(T, c.num_kv_heads, c.head_dim)
+        if c.qk_norm == "per_head":
+            q_THDh = rms_norm(q_THDh, self.t[f"{p}.q_norm.weight"], c.rms_norm_eps)
+            k_TGDh = rms_norm(k_TGDh, self.t[f"{p}.k_norm.weight"], c.rms_norm_eps)
+        cos, sin = self.rope.cos_sin(batch.positions, x_TD.dtype)
+        q_THDh, k_TGDh = apply_rope(q_THDh, cos, sin), apply_rope(k_TGDh, cos, sin)
+        out_THDh = torch.empty_like(q_THDh)
+        for s in batch.segments:
+            rows = slice(s.start, s.start + s.length)
+            k_all, v_all = cache.write_and_read(layer, s.seq_id, s.first_position, k_TGDh[rows], v_TGDh[rows])
+            out_THDh[rows] = causal_attention(q_THDh[rows], k_all, v_all, batch.positions[rows])
+        return F.linear(out_THDh.reshape(T, -1), self.t[f"{p}.o_proj.weight"])

@@ -1,0 +1,95 @@
+"""The MoE path: router output -> dispatch -> grouped experts -> combine.
+
+`ExpertShard` holds a set of experts of every MoE layer stacked as [E, I, D] and computes
+Σ weight·expert(x) over them. The `Dispatcher` decides where those experts live: in this process
+(`LocalDispatcher`, the reference path) or on expert nodes (the attention node's UCX dispatcher).
+
+Shape legend: T = tokens, D = hidden, E = local experts, K = top-k, I = expert FFN width.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.checkpoint import Checkpoint
+from models.config import ModelConfig
+from models.weights import expert_tensor_name, tensor_specs
+
+
+@dataclass(frozen=True, slots=True)
+class StackedExperts:
+    gate_EID: torch.Tensor
+    up_EID: torch.Tensor
+    down_EDI: torch.Tensor
+
+
+class ExpertShard:
+    """Experts `expert_ids` (global ids) of every MoE layer; local id i is expert_ids[i]."""
+
+    def __init__(self, config: ModelConfig, expert_ids: Sequence[int], layers: dict[int, StackedExperts]):
+        self.config = config
+        self.expert_ids = tuple(expert_ids)
+        self.layers = layers
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, config: ModelConfig, expert_ids: Sequence[int], dtype: torch.dtype) -> ExpertShard:
+        ids = sorted(set(expert_ids))
+        tensors = checkpoint.load(tensor_specs(config, ["experts"], experts=ids), dtype)
+        layers = {}
+        for layer in config.moe_layers:
+            stack = {
+                proj: torch.stack([tensors.pop(expert_tensor_name(config, layer, e, proj)) for e in ids])
+                for proj in ("gate", "up", "down")
+            }
+            layers[layer] = StackedExperts(stack["gate"], stack["up"], stack["down"])
+        return cls(config, ids, layers)
+
+    def forward(self, layer: int, x_TD: torch.Tensor, local_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """Σ_k weight·expert_k(x) over this shard's experts; entries with local id -1 are skipped.
+
+        Tokens are grouped by expert so each expert runs one GEMM over all its tokens.
+        """
+        w = self.layers[layer]
+        out_TD = torch.zeros_like(x_TD)
+        if x_TD.shape[0] == 0:
+            return out_TD
+        token_T, slot_T = torch.nonzero(local_ids_TK >= 0, as_tuple=True)
+        expert_T = local_ids_TK[token_T, slot_T]
+        order = torch.argsort(expert_T, stable=True)
+        token_T, slot_T, expert_T = token_T[order], slot_T[order], expert_T[order]
+        counts = torch.bincount(expert_T, minlength=len(self.expert_ids)).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = token_T[start : start + n]
+            x = x_TD[tok]
+            y = F.linear(F.silu(F.linear(x, w.gate_EID[e])) * F.linear(x, w.up_EID[e]), w.down_EDI[e])
+            out_TD.index_add_(0, tok, y * weights_TK[tok, slot_T[start : start + n], None])
+            start += n
+        return out_TD
+
+
+class Dispatcher(ABC):
+    """Sends routed tokens of one MoE layer to wherever the experts live and returns their sum."""
+
+    @abstractmethod
+    def experts(self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) for every token t, as [T, D]."""
+
+
+class LocalDispatcher(Dispatcher):
+    """All experts in this process: the single-process reference and the colocated baseline."""
+
+    def __init__(self, shard: ExpertShard) -> None:
+        if shard.expert_ids != tuple(range(shard.config.num_experts)):
+            raise ValueError("LocalDispatcher needs a shard holding every expert")
+        self.shard = shard
+
+    def experts(self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        return self.shard.forward(layer, x_TD, ids_TK, weights_TK)
