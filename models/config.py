@@ -203,8 +203,16 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 
 def _check(c: ModelConfig, source: str) -> None:
     checks = [
-        ("num_attention_heads", c.num_heads % c.num_kv_heads == 0, "a multiple of num_key_value_heads"),
-        ("num_experts_per_tok", 1 <= c.top_k <= c.num_experts, "between 1 and the number of experts"),
+        (
+            "num_attention_heads",
+            c.num_heads % c.num_kv_heads == 0,
+            "a multiple of num_key_value_heads",
+        ),
+        (
+            "num_experts_per_tok",
+            1 <= c.top_k <= c.num_experts,
+            "between 1 and the number of experts",
+        ),
         ("hidden_size", c.hidden_size > 0, "positive"),
         ("vocab_size", c.vocab_size > 0, "positive"),
     ]

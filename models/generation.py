@@ -50,7 +50,12 @@ class GenerationResult:
         self.finish_reason = event.finish_reason
 
     def as_json(self) -> dict:
-        return {"token_ids": self.token_ids, "logprobs": self.logprobs, "text": self.text, "finish_reason": self.finish_reason}
+        return {
+            "token_ids": self.token_ids,
+            "logprobs": self.logprobs,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+        }
 
 
 def check_prompt(prompt_ids: list[int], params: SamplingParams, config: ModelConfig) -> None:
@@ -58,7 +63,9 @@ def check_prompt(prompt_ids: list[int], params: SamplingParams, config: ModelCon
         raise PromptError("prompt is empty: give at least one token")
     bad = [t for t in prompt_ids if not 0 <= t < config.vocab_size]
     if bad:
-        raise PromptError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+        raise PromptError(
+            f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})"
+        )
     limit = config.max_position_embeddings
     if len(prompt_ids) >= limit:
         raise PromptError(f"prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
@@ -67,13 +74,21 @@ def check_prompt(prompt_ids: list[int], params: SamplingParams, config: ModelCon
 class RequestState:
     """Everything about one request that lives between steps: sampler, output, stop checks."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, config: ModelConfig):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+    ):
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.sampler = Sampler(params)
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.output_ids: list[int] = []
-        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(config.eos_token_ids))
+        self.stop_ids = set(params.stop_token_ids) | (
+            set() if params.ignore_eos else set(config.eos_token_ids)
+        )
         self.context_limit = config.max_position_embeddings
         self.finished = False
 
@@ -90,7 +105,10 @@ class RequestState:
             finish = "stop"
         elif (cut := self._stop_string_cut(delta)) is not None:
             delta, finish = delta[:cut], "stop"
-        elif len(self.output_ids) >= self.params.max_tokens or len(self.all_ids) >= self.context_limit:
+        elif (
+            len(self.output_ids) >= self.params.max_tokens
+            or len(self.all_ids) >= self.context_limit
+        ):
             finish = "length"
         self.finished = finish is not None
         return TokenEvent(token, logprob, delta, finish)
@@ -102,7 +120,9 @@ class RequestState:
         text = self.detokenizer.text
         before = len(text) - len(delta)
         window = max(len(s) for s in self.params.stop)
-        hits = [i for s in self.params.stop if (i := text.find(s, max(0, before - window + 1))) >= 0]
+        hits = [
+            i for s in self.params.stop if (i := text.find(s, max(0, before - window + 1))) >= 0
+        ]
         if not hits:
             return None
         self.detokenizer.text = text[: min(hits)]
@@ -119,7 +139,9 @@ class ReferenceEngine:
         checkpoint = Checkpoint(model_dir)
         checkpoint.check_names(self.config)
         self.model = AttentionSideModel.load(checkpoint, self.config, DTYPES[dtype])
-        shard = ExpertShard.load(checkpoint, self.config, range(self.config.num_experts), DTYPES[dtype])
+        shard = ExpertShard.load(
+            checkpoint, self.config, range(self.config.num_experts), DTYPES[dtype]
+        )
         self.dispatcher = LocalDispatcher(shard)
         self.tokenizer = Tokenizer(model_dir)
 

@@ -13,7 +13,12 @@ import torch
 
 class KVCache(Protocol):
     def write_and_read(
-        self, layer: int, seq_id: int, first_position: int, k_NGDh: torch.Tensor, v_NGDh: torch.Tensor
+        self,
+        layer: int,
+        seq_id: int,
+        first_position: int,
+        k_NGDh: torch.Tensor,
+        v_NGDh: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores the new keys/values at their positions, returns all keys/values [S, G, Dh]."""
         ...
@@ -26,7 +31,12 @@ class ContiguousKVCache:
         self._kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def write_and_read(
-        self, layer: int, seq_id: int, first_position: int, k_NGDh: torch.Tensor, v_NGDh: torch.Tensor
+        self,
+        layer: int,
+        seq_id: int,
+        first_position: int,
+        k_NGDh: torch.Tensor,
+        v_NGDh: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         key = (seq_id, layer)
         if key in self._kv:
@@ -34,7 +44,9 @@ class ContiguousKVCache:
             k_NGDh = torch.cat([k_old[:first_position], k_NGDh])
             v_NGDh = torch.cat([v_old[:first_position], v_NGDh])
         elif first_position != 0:
-            raise ValueError(f"sequence {seq_id} layer {layer}: no cache to continue at {first_position}")
+            raise ValueError(
+                f"sequence {seq_id} layer {layer}: no cache to continue at {first_position}"
+            )
         self._kv[key] = (k_NGDh, v_NGDh)
         return k_NGDh, v_NGDh
 

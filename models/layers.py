@@ -27,7 +27,9 @@ class Rope:
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
         self.inv_freq, self.scale = _inv_freq(rope, head_dim, max_positions)
 
-    def cos_sin(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions_T: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs_TF = positions_T.float()[:, None] * self.inv_freq.to(positions_T.device)[None, :]
         emb_TDh = torch.cat((freqs_TF, freqs_TF), dim=-1)
         return (emb_TDh.cos() * self.scale).to(dtype), (emb_TDh.sin() * self.scale).to(dtype)
@@ -43,7 +45,9 @@ def _inv_freq(rope: RopeConfig, dim: int, max_positions: int) -> tuple[torch.Ten
     return _yarn(rope, dim, max_positions, inv_freq)
 
 
-def _yarn(rope: RopeConfig, dim: int, max_positions: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _yarn(
+    rope: RopeConfig, dim: int, max_positions: int, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate low frequencies, keep high ones, blend linearly in between."""
     original = rope.original_max_position or max_positions
     factor = rope.factor
@@ -86,11 +90,15 @@ def causal_attention(
     return torch.matmul(probs_HTS, v_HSDh).transpose(0, 1)  # [T, H, Dh]
 
 
-def swiglu(x_TD: torch.Tensor, gate_ID: torch.Tensor, up_ID: torch.Tensor, down_DI: torch.Tensor) -> torch.Tensor:
+def swiglu(
+    x_TD: torch.Tensor, gate_ID: torch.Tensor, up_ID: torch.Tensor, down_DI: torch.Tensor
+) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x_TD, gate_ID)) * F.linear(x_TD, up_ID), down_DI)
 
 
-def route(x_TD: torch.Tensor, gate_ED: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    x_TD: torch.Tensor, gate_ED: torch.Tensor, config: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert ids and their weights per token; weights in fp32 math, activation dtype out."""
     logits_TE = F.linear(x_TD, gate_ED)
     probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)

@@ -40,17 +40,28 @@ class AttentionSideModel:
         self.config = config
         self.t = tensors
         self.rope = Rope(config.rope, config.head_dim, config.max_position_embeddings)
-        self.lm_head = tensors["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+        self.lm_head = tensors[
+            "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        ]
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint, config: ModelConfig, dtype: torch.dtype) -> AttentionSideModel:
+    def load(
+        cls, checkpoint: Checkpoint, config: ModelConfig, dtype: torch.dtype
+    ) -> AttentionSideModel:
         return cls(config, checkpoint.load(tensor_specs(config, ATTENTION_SIDE_KINDS), dtype))
 
     def embed(self, batch: TokenBatch) -> torch.Tensor:
         return F.embedding(batch.token_ids, self.t["model.embed_tokens.weight"])
 
-    def pre_experts(self, layer: int, h_TD: torch.Tensor, batch: TokenBatch, cache: KVCache) -> Routed:
-        h_TD = h_TD + self._attention(layer, rms_norm(h_TD, self._w(layer, "input_layernorm"), self.config.rms_norm_eps), batch, cache)
+    def pre_experts(
+        self, layer: int, h_TD: torch.Tensor, batch: TokenBatch, cache: KVCache
+    ) -> Routed:
+        h_TD = h_TD + self._attention(
+            layer,
+            rms_norm(h_TD, self._w(layer, "input_layernorm"), self.config.rms_norm_eps),
+            batch,
+            cache,
+        )
         x_TD = rms_norm(h_TD, self._w(layer, "post_attention_layernorm"), self.config.rms_norm_eps)
         if not self.config.is_moe_layer(layer):
             empty = torch.empty(x_TD.shape[0], 0, dtype=torch.int64)
@@ -58,17 +69,32 @@ class AttentionSideModel:
         ids_TK, weights_TK = route(x_TD, self._moe(layer, "gate.weight"), self.config)
         return Routed(h_TD, x_TD, ids_TK, weights_TK)
 
-    def post_experts(self, layer: int, routed: Routed, experts_TD: torch.Tensor | None) -> torch.Tensor:
+    def post_experts(
+        self, layer: int, routed: Routed, experts_TD: torch.Tensor | None
+    ) -> torch.Tensor:
         """Residual + routed experts' sum + shared expert (or the dense MLP on dense layers)."""
         x = routed.x_TD
         if not self.config.is_moe_layer(layer):
             p = f"model.layers.{layer}.mlp"
-            return routed.h_TD + swiglu(x, self.t[f"{p}.gate_proj.weight"], self.t[f"{p}.up_proj.weight"], self.t[f"{p}.down_proj.weight"])
+            return routed.h_TD + swiglu(
+                x,
+                self.t[f"{p}.gate_proj.weight"],
+                self.t[f"{p}.up_proj.weight"],
+                self.t[f"{p}.down_proj.weight"],
+            )
         assert experts_TD is not None
         out_TD = experts_TD
         if self.config.shared_expert_size:
-            shared = swiglu(x, self._moe(layer, "shared_expert.gate_proj.weight"), self._moe(layer, "shared_expert.up_proj.weight"), self._moe(layer, "shared_expert.down_proj.weight"))
-            out_TD = out_TD + torch.sigmoid(F.linear(x, self._moe(layer, "shared_expert_gate.weight"))) * shared
+            shared = swiglu(
+                x,
+                self._moe(layer, "shared_expert.gate_proj.weight"),
+                self._moe(layer, "shared_expert.up_proj.weight"),
+                self._moe(layer, "shared_expert.down_proj.weight"),
+            )
+            out_TD = (
+                out_TD
+                + torch.sigmoid(F.linear(x, self._moe(layer, "shared_expert_gate.weight"))) * shared
+            )
         return routed.h_TD + out_TD
 
     def logits(self, h_TD: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -82,7 +108,9 @@ class AttentionSideModel:
             routed = self.pre_experts(layer, h_TD, batch, cache)
             experts_TD = None
             if self.config.is_moe_layer(layer):
-                experts_TD = dispatcher.experts(layer, routed.x_TD, routed.ids_TK, routed.weights_TK)
+                experts_TD = dispatcher.experts(
+                    layer, routed.x_TD, routed.ids_TK, routed.weights_TK
+                )
             h_TD = self.post_experts(layer, routed, experts_TD)
         return self.logits(h_TD, batch.last_token_indices())
 
@@ -93,15 +121,27 @@ class AttentionSideModel:
         block = "block_sparse_moe" if self.config.arch == "mixtral" else "mlp"
         return self.t[f"model.layers.{layer}.{block}.{name}"]
 
-    def _attention(self, layer: int, x_TD: torch.Tensor, batch: TokenBatch, cache: KVCache) -> torch.Tensor:
+    def _attention(
+        self, layer: int, x_TD: torch.Tensor, batch: TokenBatch, cache: KVCache
+    ) -> torch.Tensor:
         c, p = self.config, f"model.layers.{layer}.self_attn"
-        q, k, v = (F.linear(x_TD, self.t[f"{p}.{n}_proj.weight"], self.t.get(f"{p}.{n}_proj.bias")) for n in "qkv")
+        q, k, v = (
+            F.linear(x_TD, self.t[f"{p}.{n}_proj.weight"], self.t.get(f"{p}.{n}_proj.bias"))
+            for n in "qkv"
+        )
         if c.qk_norm == "full":
-            q, k = rms_norm(q, self.t[f"{p}.q_norm.weight"], c.rms_norm_eps), rms_norm(k, self.t[f"{p}.k_norm.weight"], c.rms_norm_eps)
+            q, k = (
+                rms_norm(q, self.t[f"{p}.q_norm.weight"], c.rms_norm_eps),
+                rms_norm(k, self.t[f"{p}.k_norm.weight"], c.rms_norm_eps),
+            )
         if c.clip_qkv is not None:
             q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
         T = x_TD.shape[0]
-        q_THDh, k_TGDh, v_TGDh = q.view(T, c.num_heads, c.head_dim), k.view(T, c.num_kv_heads, c.head_dim), v.view(T, c.num_kv_heads, c.head_dim)
+        q_THDh, k_TGDh, v_TGDh = (
+            q.view(T, c.num_heads, c.head_dim),
+            k.view(T, c.num_kv_heads, c.head_dim),
+            v.view(T, c.num_kv_heads, c.head_dim),
+        )
         if c.qk_norm == "per_head":
             q_THDh = rms_norm(q_THDh, self.t[f"{p}.q_norm.weight"], c.rms_norm_eps)
             k_TGDh = rms_norm(k_TGDh, self.t[f"{p}.k_norm.weight"], c.rms_norm_eps)
@@ -110,6 +150,8 @@ class AttentionSideModel:
         out_THDh = torch.empty_like(q_THDh)
         for s in batch.segments:
             rows = slice(s.start, s.start + s.length)
-            k_all, v_all = cache.write_and_read(layer, s.seq_id, s.first_position, k_TGDh[rows], v_TGDh[rows])
+            k_all, v_all = cache.write_and_read(
+                layer, s.seq_id, s.first_position, k_TGDh[rows], v_TGDh[rows]
+            )
             out_THDh[rows] = causal_attention(q_THDh[rows], k_all, v_all, batch.positions[rows])
         return F.linear(out_THDh.reshape(T, -1), self.t[f"{p}.o_proj.weight"])

@@ -31,25 +31,37 @@ class StackedExperts:
 class ExpertShard:
     """Experts `expert_ids` (global ids) of every MoE layer; local id i is expert_ids[i]."""
 
-    def __init__(self, config: ModelConfig, expert_ids: Sequence[int], layers: dict[int, StackedExperts]):
+    def __init__(
+        self, config: ModelConfig, expert_ids: Sequence[int], layers: dict[int, StackedExperts]
+    ):
         self.config = config
         self.expert_ids = tuple(expert_ids)
         self.layers = layers
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint, config: ModelConfig, expert_ids: Sequence[int], dtype: torch.dtype) -> ExpertShard:
+    def load(
+        cls,
+        checkpoint: Checkpoint,
+        config: ModelConfig,
+        expert_ids: Sequence[int],
+        dtype: torch.dtype,
+    ) -> ExpertShard:
         ids = sorted(set(expert_ids))
         tensors = checkpoint.load(tensor_specs(config, ["experts"], experts=ids), dtype)
         layers = {}
         for layer in config.moe_layers:
             stack = {
-                proj: torch.stack([tensors.pop(expert_tensor_name(config, layer, e, proj)) for e in ids])
+                proj: torch.stack(
+                    [tensors.pop(expert_tensor_name(config, layer, e, proj)) for e in ids]
+                )
                 for proj in ("gate", "up", "down")
             }
             layers[layer] = StackedExperts(stack["gate"], stack["up"], stack["down"])
         return cls(config, ids, layers)
 
-    def forward(self, layer: int, x_TD: torch.Tensor, local_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer: int, x_TD: torch.Tensor, local_ids_TK: torch.Tensor, weights_TK: torch.Tensor
+    ) -> torch.Tensor:
         """Σ_k weight·expert_k(x) over this shard's experts; entries with local id -1 are skipped.
 
         Tokens are grouped by expert so each expert runs one GEMM over all its tokens.
@@ -69,7 +81,9 @@ class ExpertShard:
                 continue
             tok = token_T[start : start + n]
             x = x_TD[tok]
-            y = F.linear(F.silu(F.linear(x, w.gate_EID[e])) * F.linear(x, w.up_EID[e]), w.down_EDI[e])
+            y = F.linear(
+                F.silu(F.linear(x, w.gate_EID[e])) * F.linear(x, w.up_EID[e]), w.down_EDI[e]
+            )
             out_TD.index_add_(0, tok, y * weights_TK[tok, slot_T[start : start + n], None])
             start += n
         return out_TD
@@ -79,7 +93,9 @@ class Dispatcher(ABC):
     """Sends routed tokens of one MoE layer to wherever the experts live and returns their sum."""
 
     @abstractmethod
-    def experts(self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    def experts(
+        self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
+    ) -> torch.Tensor:
         """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) for every token t, as [T, D]."""
 
 
@@ -91,5 +107,7 @@ class LocalDispatcher(Dispatcher):
             raise ValueError("LocalDispatcher needs a shard holding every expert")
         self.shard = shard
 
-    def experts(self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    def experts(
+        self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
+    ) -> torch.Tensor:
         return self.shard.forward(layer, x_TD, ids_TK, weights_TK)

@@ -72,7 +72,9 @@ class Sampler:
         if p.top_p < 1.0:
             sorted_V, order = torch.sort(scaled_V, descending=True)
             cumulative = torch.softmax(sorted_V, dim=-1).cumsum(-1)
-            drop = cumulative - torch.softmax(sorted_V, dim=-1) >= p.top_p  # keep the token crossing p
+            drop = (
+                cumulative - torch.softmax(sorted_V, dim=-1) >= p.top_p
+            )  # keep the token crossing p
             scaled_V = scaled_V.scatter(0, order, sorted_V.masked_fill(drop, float("-inf")))
         probs_V = torch.softmax(scaled_V, dim=-1)
         return int(torch.multinomial(probs_V, 1, generator=self.generator))

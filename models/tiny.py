@@ -41,7 +41,9 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def tiny_config(arch: str, vocab_size: int, layers: int, experts: int, top_k: int, hidden: int) -> dict[str, Any]:
+def tiny_config(
+    arch: str, vocab_size: int, layers: int, experts: int, top_k: int, hidden: int
+) -> dict[str, Any]:
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"--arch must be one of {', '.join(SUPPORTED_ARCHS)}, got {arch!r}")
     heads = 4
@@ -67,13 +69,36 @@ def tiny_config(arch: str, vocab_size: int, layers: int, experts: int, top_k: in
     }
     width = hidden // 2
     per_arch: dict[str, dict[str, Any]] = {
-        "qwen3_moe": {"num_experts": experts, "moe_intermediate_size": width, "intermediate_size": 2 * hidden,
-                      "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "attention_bias": False},
-        "qwen2_moe": {"num_experts": experts, "moe_intermediate_size": width, "intermediate_size": 2 * hidden,
-                      "shared_expert_intermediate_size": 3 * width // 2, "norm_topk_prob": False,
-                      "decoder_sparse_step": 1, "mlp_only_layers": [0] if layers > 1 else [], "qkv_bias": True},
-        "mixtral": {"num_local_experts": experts, "intermediate_size": width, "sliding_window": None},
-        "olmoe": {"num_experts": experts, "intermediate_size": width, "norm_topk_prob": False, "clip_qkv": None},
+        "qwen3_moe": {
+            "num_experts": experts,
+            "moe_intermediate_size": width,
+            "intermediate_size": 2 * hidden,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "attention_bias": False,
+        },
+        "qwen2_moe": {
+            "num_experts": experts,
+            "moe_intermediate_size": width,
+            "intermediate_size": 2 * hidden,
+            "shared_expert_intermediate_size": 3 * width // 2,
+            "norm_topk_prob": False,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [0] if layers > 1 else [],
+            "qkv_bias": True,
+        },
+        "mixtral": {
+            "num_local_experts": experts,
+            "intermediate_size": width,
+            "sliding_window": None,
+        },
+        "olmoe": {
+            "num_experts": experts,
+            "intermediate_size": width,
+            "norm_topk_prob": False,
+            "clip_qkv": None,
+        },
     }
     return {**common, **per_arch[arch], "architectures": [_HF_CLASS[arch]]}
 
@@ -101,17 +126,28 @@ def make_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(vocab_size=384)
-    raw = {**tiny_config(arch, tokenizer.get_vocab_size(), layers, experts, top_k, hidden), **(overrides or {})}
+    raw = {
+        **tiny_config(arch, tokenizer.get_vocab_size(), layers, experts, top_k, hidden),
+        **(overrides or {}),
+    }
     config = parse_config(raw, str(out / "config.json"))
     generator = torch.Generator().manual_seed(seed)
     tensors = {s.name: _random(s.name, s.shape, generator) for s in tensor_specs(config)}
     _save(out, tensors, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": SPECIAL_TOKENS[0], "bos_token": None, "pad_token": SPECIAL_TOKENS[0],
-        "chat_template": CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast",
-    }, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": SPECIAL_TOKENS[0],
+                "bos_token": None,
+                "pad_token": SPECIAL_TOKENS[0],
+                "chat_template": CHAT_TEMPLATE,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            },
+            indent=2,
+        )
+    )
     return out
 
 

@@ -16,11 +16,22 @@ Kind = Literal[
     "embed", "attention", "router", "shared_expert", "dense_mlp", "experts", "final_norm", "lm_head"
 ]
 ALL_KINDS: tuple[Kind, ...] = (
-    "embed", "attention", "router", "shared_expert", "dense_mlp", "experts", "final_norm", "lm_head"
+    "embed",
+    "attention",
+    "router",
+    "shared_expert",
+    "dense_mlp",
+    "experts",
+    "final_norm",
+    "lm_head",
 )
 ATTENTION_SIDE_KINDS: tuple[Kind, ...] = tuple(k for k in ALL_KINDS if k != "experts")
 # Projections of one expert as (afd name, HF name for qwen/olmoe, HF name for mixtral).
-EXPERT_PROJECTIONS = (("gate", "gate_proj", "w1"), ("up", "up_proj", "w3"), ("down", "down_proj", "w2"))
+EXPERT_PROJECTIONS = (
+    ("gate", "gate_proj", "w1"),
+    ("up", "up_proj", "w3"),
+    ("down", "down_proj", "w2"),
+)
 # Buffers some HF checkpoints carry that are recomputed, never loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -75,7 +86,9 @@ def _layer_specs(c: ModelConfig, layer: int, experts: Iterable[int]) -> list[Ten
     q_out, kv_out = c.num_heads * hd, c.num_kv_heads * hd
     attn = f"model.layers.{layer}.self_attn"
     shapes = {"q": (q_out, d), "k": (kv_out, d), "v": (kv_out, d), "o": (d, q_out)}
-    specs = [TensorSpec(f"{attn}.{p}_proj.weight", s, "attention", layer) for p, s in shapes.items()]
+    specs = [
+        TensorSpec(f"{attn}.{p}_proj.weight", s, "attention", layer) for p, s in shapes.items()
+    ]
     if c.attention_bias:
         specs += [
             TensorSpec(f"{attn}.{p}_proj.bias", (shapes[p][0],), "attention", layer) for p in "qkv"
@@ -89,7 +102,9 @@ def _layer_specs(c: ModelConfig, layer: int, experts: Iterable[int]) -> list[Ten
     for norm in ("input_layernorm", "post_attention_layernorm"):
         specs.append(TensorSpec(f"model.layers.{layer}.{norm}.weight", (d,), "attention", layer))
     if not c.is_moe_layer(layer):
-        return specs + _mlp_specs(f"model.layers.{layer}.mlp", c.dense_intermediate_size, d, "dense_mlp", layer)
+        return specs + _mlp_specs(
+            f"model.layers.{layer}.mlp", c.dense_intermediate_size, d, "dense_mlp", layer
+        )
     moe = moe_prefix(c, layer)
     specs.append(TensorSpec(f"{moe}.gate.weight", (c.num_experts, d), "router", layer))
     if c.shared_expert_size:
@@ -98,7 +113,9 @@ def _layer_specs(c: ModelConfig, layer: int, experts: Iterable[int]) -> list[Ten
     inter = c.moe_intermediate_size
     for e in experts:
         for proj, shape in (("gate", (inter, d)), ("up", (inter, d)), ("down", (d, inter))):
-            specs.append(TensorSpec(expert_tensor_name(c, layer, e, proj), shape, "experts", layer, e))
+            specs.append(
+                TensorSpec(expert_tensor_name(c, layer, e, proj), shape, "experts", layer, e)
+            )
     return specs
 
 

@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny random models written by afd's own `make_tiny_model`, once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models.tiny import make_tiny_model
+
+ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_model(root / arch, arch=arch, seed=1) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["qwen3_moe"]

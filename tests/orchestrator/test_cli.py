@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from models.generation import ReferenceEngine
+from models.sampling import SamplingParams
+
+
+def _afd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_make_tiny_model_then_generate_json_matches_the_reference(tmp_path: Path) -> None:
+    model_dir = tmp_path / "olmoe"
+    made = _afd(
+        "make-tiny-model", str(model_dir), "--arch", "olmoe", "--layers", "3", "--experts", "4"
+    )
+    assert made.returncode == 0, made.stderr
+    out = _afd(
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt-ids",
+        "5,6,7,8",
+        "--max-tokens",
+        "6",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    want = ReferenceEngine(model_dir).generate([5, 6, 7, 8], SamplingParams(max_tokens=6))
+    assert got == want.as_json()
+    assert set(got) == {"token_ids", "logprobs", "text", "finish_reason"}
+
+
+def test_sampled_generation_is_reproducible_with_a_seed(tiny_model: Path) -> None:
+    args = (
+        "generate",
+        "--model",
+        str(tiny_model),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+        "--seed",
+        "3",
+        "--json",
+    )
+    first, second = _afd(*args), _afd(*args)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == json.loads(second.stdout)
+
+
+def test_bad_input_exits_with_a_message_not_a_traceback(tiny_model: Path, tmp_path: Path) -> None:
+    cases = [
+        (("--prompt", ""), "prompt is empty"),
+        (("--prompt", "hi", "--temperature", "-1"), "temperature must be >= 0"),
+        (("--prompt-ids", "1,x"), "--prompt-ids must be comma-separated integers"),
+    ]
+    for extra, message in cases:
+        out = _afd("generate", "--model", str(tiny_model), *extra)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (
+            out.stderr
+        )
+    out = _afd("generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert out.returncode == 2 and "no config.json" in out.stderr
