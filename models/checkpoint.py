@@ -30,6 +30,7 @@ class Checkpoint:
         self.model_dir = Path(model_dir)
         self.file_of = self._map_names()
         self.bytes_read = 0  # for tests and metrics: what this reader actually loaded
+        self.names_read: list[str] = []
 
     def _map_names(self) -> dict[str, Path]:
         index, single = self.model_dir / INDEX_FILE, self.model_dir / SINGLE_FILE
@@ -82,4 +83,5 @@ class Checkpoint:
             )
         tensor = f.get_tensor(spec.name)
         self.bytes_read += tensor.numel() * tensor.element_size()
+        self.names_read.append(spec.name)
         return tensor.to(dtype)

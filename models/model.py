@@ -154,4 +154,4 @@ class AttentionSideModel:
                 layer, s.seq_id, s.first_position, k_TGDh[rows], v_TGDh[rows]
             )
             out_THDh[rows] = causal_attention(q_THDh[rows], k_all, v_all, batch.positions[rows])
-        return F.linear(out_THDh.reshape(T, -1), self.t[f"{p}.o_proj.weight"])
+        return F.linear(out_THDh.reshape(T, c.num_heads * c.head_dim), self.t[f"{p}.o_proj.weight"])

@@ -13,6 +13,7 @@ UCX's event fd instead of a separate progress thread handing completions over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -215,7 +216,9 @@ class Transport:
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001 - the peer is at fault, the node goes on
-            self._fail_peer(peer, ep, f"{type(err).__name__}: {err}")
+            self._fail_peer(
+                peer, ep, f"{type(err).__name__}: {err}", protocol=isinstance(err, WireError)
+            )
 
     def _deliver(self, peer: int, key: RoundKey, tensors: list[torch.Tensor]) -> None:
         future = self._mail.setdefault((peer, key), self._loop.create_future())
@@ -253,10 +256,17 @@ class Transport:
         self.stats.frames_sent += 1
         self.stats.bytes_sent += HEADER_BYTES + sum(t.nbytes for t in tensors)
 
-    def _fail_peer(self, peer: int, ep, reason: str) -> None:  # noqa: ANN001
+    def _fail_peer(self, peer: int, ep, reason: str, protocol: bool = False) -> None:  # noqa: ANN001
         if self._closing:
             return
-        log.warning("node %d: peer %d failed: %s", self.node_id, peer, reason)
+        # a protocol violation is news; a peer that went away shows up in the next recv anyway
+        log.log(
+            logging.WARNING if protocol else logging.INFO,
+            "node %d: peer %d failed: %s",
+            self.node_id,
+            peer,
+            reason,
+        )
         self._failed[peer] = reason
         if self._endpoints.get(peer) is ep:
             del self._endpoints[peer]
@@ -285,7 +295,5 @@ class Transport:
 
 
 async def _abort(ep) -> None:  # noqa: ANN001
-    try:
+    with contextlib.suppress(Exception):  # already closed
         ep.abort()
-    except Exception:  # noqa: BLE001 - already closed
-        pass

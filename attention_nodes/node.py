@@ -1,0 +1,184 @@
+"""The attention node: holds everything but the routed experts and the KV cache of its own
+requests, and runs one decode step at a time when the orchestrator says so.
+
+A plain class: Ray wraps it as an actor, tests may run it in-process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from attention_nodes.kv_cache import PagedKVCache
+from attention_nodes.pipeline import PingPongPipeline, StepTimings
+from attention_nodes.remote_dispatch import RemoteDispatcher
+from attention_nodes.scheduler import Chunk, Scheduler, Sequence
+from models.batch import TokenBatch
+from models.checkpoint import Checkpoint
+from models.config import load_config
+from models.generation import DTYPES, FinishReason, RequestState, check_prompt
+from models.model import AttentionSideModel
+from models.placement import ExpertPlacement
+from models.sampling import SamplingParams
+from models.tokenizer import Tokenizer
+from transport.endpoint import Transport, TransportSettings
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionNodeSettings:
+    node_id: int
+    model_dir: str
+    dtype: str = "float32"
+    micro_batches: int = 1
+    num_kv_blocks: int = 256
+    block_size: int = 16
+    max_batch_tokens: int = 512
+    max_running: int = 64
+    round_timeout_s: float = 30.0
+    transport: TransportSettings = field(default_factory=TransportSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class NewRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOutput:
+    request_id: str
+    token_id: int
+    logprob: float
+    text_delta: str
+    finish_reason: FinishReason | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionStepResult:
+    outputs: list[TokenOutput]
+    timings: StepTimings
+    tokens: int  # tokens computed this step (prefill + decode)
+    running: int
+    waiting: int
+    free_kv_blocks: int
+
+
+def split_micro_batches(chunks: list[Chunk], m: int) -> list[list[Chunk]]:
+    """m contiguous groups of about equal token counts; a sequence's chunk is never split."""
+    total = sum(c.num_tokens for c in chunks)
+    groups: list[list[Chunk]] = [[] for _ in range(m)]
+    done = 0
+    for c in chunks:  # each chunk goes to the group its middle token falls in
+        j = min(m - 1, (2 * done + c.num_tokens) * m // (2 * total)) if total else 0
+        groups[j].append(c)
+        done += c.num_tokens
+    return groups
+
+
+class AttentionNode:
+    def __init__(self, settings: AttentionNodeSettings, placement: ExpertPlacement) -> None:
+        self.settings = settings
+        self.placement = placement
+        self.config = load_config(settings.model_dir)
+        self.checkpoint = Checkpoint(settings.model_dir)
+        self.model = AttentionSideModel.load(self.checkpoint, self.config, DTYPES[settings.dtype])
+        self.tokenizer = Tokenizer(settings.model_dir)
+        c = self.config
+        self.cache = PagedKVCache(
+            c.num_layers,
+            settings.num_kv_blocks,
+            settings.block_size,
+            c.num_kv_heads,
+            c.head_dim,
+            DTYPES[settings.dtype],
+        )
+        self.scheduler = Scheduler(self.cache, settings.max_batch_tokens, settings.max_running)
+        self.transport = Transport(settings.node_id, settings.transport)
+        self.pipeline: PingPongPipeline | None = None
+        self._next_seq_id = 0
+
+    def address(self) -> tuple[str, int]:
+        return self.transport.address
+
+    def loaded_tensor_names(self) -> list[str]:
+        return list(self.checkpoint.names_read)
+
+    def connect(self, expert_peers: list[tuple[int, str, int]]) -> None:
+        """Opens one endpoint to every expert node, in expert-node order."""
+        for peer, host, port in expert_peers:
+            self.transport.connect(peer, host, port)
+        dispatcher = RemoteDispatcher(
+            self.transport,
+            self.placement,
+            [p for p, _, _ in expert_peers],
+            self.settings.round_timeout_s,
+        )
+        self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)
+
+    @torch.inference_mode()
+    def step(self, step_id: int, new: list[NewRequest], aborts: list[str]) -> AttentionStepResult:
+        if self.pipeline is None:
+            raise RuntimeError(f"attention node {self.settings.node_id}: step before connect")
+        for request_id in aborts:
+            self.scheduler.remove(request_id)
+        for r in new:
+            self._admit(r)
+        chunks = self.scheduler.schedule()
+        groups = split_micro_batches(chunks, self.settings.micro_batches)
+        batches = [
+            TokenBatch.build(
+                [(c.seq.seq_id, c.seq.pending[: c.num_tokens], c.seq.num_computed) for c in g]
+            )
+            for g in groups
+        ]
+        rows = [_sample_rows(g, b) for g, b in zip(groups, batches, strict=True)]
+        logits, timings = self.pipeline.run(step_id, batches, rows)
+        outputs = [
+            out for g, lg in zip(groups, logits, strict=True) for out in self._advance(g, lg)
+        ]
+        return AttentionStepResult(
+            outputs,
+            timings,
+            sum(c.num_tokens for c in chunks),
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            self.cache.allocator.free,
+        )
+
+    def _admit(self, r: NewRequest) -> None:
+        check_prompt(r.prompt_ids, r.params, self.config)
+        state = RequestState(r.prompt_ids, r.params, self.tokenizer, self.config)
+        self.scheduler.add(Sequence(r.request_id, self._next_seq_id, state))
+        self._next_seq_id += 1
+
+    def _advance(self, group: list[Chunk], logits_BV: torch.Tensor) -> list[TokenOutput]:
+        outputs, row = [], 0
+        for c in group:
+            samples = c.samples
+            c.seq.num_computed += c.num_tokens
+            if not samples:
+                continue
+            event = c.seq.state.accept(logits_BV[row])
+            row += 1
+            outputs.append(
+                TokenOutput(
+                    c.seq.request_id,
+                    event.token_id,
+                    event.logprob,
+                    event.text_delta,
+                    event.finish_reason,
+                )
+            )
+            if event.finish_reason is not None:
+                self.scheduler.finish(c.seq)
+        return outputs
+
+    def shutdown(self) -> None:
+        self.transport.close()
+
+
+def _sample_rows(group: list[Chunk], batch: TokenBatch) -> torch.Tensor:
+    keep = torch.tensor([i for i, c in enumerate(group) if c.samples], dtype=torch.int64)
+    return batch.last_token_indices()[keep]

@@ -1,0 +1,69 @@
+"""The ping-pong pipeline: micro-batch j+1's attention runs while micro-batch j is at the experts.
+
+For each layer and micro-batch j: finish j's previous layer (combine), run j's attention and
+router, dispatch j. With m = 1 this is the plain sequential forward; with m >= 2 the expert
+round trip of one micro-batch overlaps the attention of the others. Each token's arithmetic is
+the same for every m.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from attention_nodes.remote_dispatch import DispatchPlan, RemoteDispatcher
+from models.batch import TokenBatch
+from models.kv_cache import KVCache
+from models.model import AttentionSideModel, Routed
+from transport.wire import RoundKey
+
+
+@dataclass
+class StepTimings:
+    total_s: float = 0.0
+    attention_s: float = 0.0  # everything computed on this node
+    expert_wait_s: float = 0.0  # blocked waiting for expert nodes' answers
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    layer: int
+    routed: Routed
+    plan: DispatchPlan | None
+
+
+class PingPongPipeline:
+    def __init__(
+        self, model: AttentionSideModel, cache: KVCache, dispatcher: RemoteDispatcher
+    ) -> None:
+        self.model, self.cache, self.dispatcher = model, cache, dispatcher
+
+    def run(
+        self, step: int, batches: list[TokenBatch], sample_rows: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], StepTimings]:
+        """Logits [B_j, V] at `sample_rows[j]` of every micro-batch j."""
+        start, wait_before = time.perf_counter(), self.dispatcher.wait_s
+        h = [self.model.embed(b) for b in batches]
+        inflight: list[_InFlight | None] = [None] * len(batches)
+        for layer in range(self.model.config.num_layers):
+            for j, batch in enumerate(batches):
+                if inflight[j] is not None:
+                    h[j] = self._finish(inflight[j])
+                routed = self.model.pre_experts(layer, h[j], batch, self.cache)
+                plan = None
+                if self.model.config.is_moe_layer(layer):
+                    plan = self.dispatcher.dispatch(
+                        RoundKey(step, layer, j), routed.x_TD, routed.ids_TK, routed.weights_TK
+                    )
+                inflight[j] = _InFlight(layer, routed, plan)
+        h = [self._finish(f) for f in inflight if f is not None]
+        logits = [self.model.logits(h_j, rows) for h_j, rows in zip(h, sample_rows, strict=True)]
+        total = time.perf_counter() - start
+        wait = self.dispatcher.wait_s - wait_before
+        return logits, StepTimings(total, total - wait, wait)
+
+    def _finish(self, f: _InFlight) -> torch.Tensor:
+        experts_TD = None if f.plan is None else self.dispatcher.combine(f.plan, f.routed.x_TD)
+        return self.model.post_experts(f.layer, f.routed, experts_TD)

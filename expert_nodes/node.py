@@ -1,0 +1,96 @@
+"""The expert node: holds its slice of the routed experts of every MoE layer and only reacts.
+
+For each (step, layer, micro-batch) it waits for a frame from every attention node (possibly
+empty), runs its experts once over all their tokens together (this aggregation is the point
+of disaggregation), and sends each attention node back its partial sums.
+
+Shape legend: T = tokens from all attention nodes, D = hidden, K = top-k.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from models.checkpoint import Checkpoint
+from models.config import load_config
+from models.generation import DTYPES
+from models.moe import ExpertShard
+from transport.endpoint import Transport, TransportSettings
+from transport.wire import RoundKey
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertNodeSettings:
+    node_id: int
+    model_dir: str
+    expert_ids: tuple[int, ...]
+    dtype: str = "float32"
+    micro_batches: int = 1
+    round_timeout_s: float = 30.0
+    transport: TransportSettings = field(default_factory=TransportSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertStepResult:
+    tokens_per_expert: dict[int, int]  # global expert id -> tokens routed to it this step
+    compute_s: float
+    wait_s: float
+    total_s: float
+
+
+class ExpertNode:
+    def __init__(self, settings: ExpertNodeSettings) -> None:
+        self.settings = settings
+        self.config = load_config(settings.model_dir)
+        self.checkpoint = Checkpoint(settings.model_dir)
+        self.shard = ExpertShard.load(
+            self.checkpoint, self.config, settings.expert_ids, DTYPES[settings.dtype]
+        )
+        self.transport = Transport(settings.node_id, settings.transport)
+        self.attention_peers: list[int] = []
+
+    def address(self) -> tuple[str, int]:
+        return self.transport.address
+
+    def loaded_tensor_names(self) -> list[str]:
+        return list(self.checkpoint.names_read)
+
+    def wait_for_attention_nodes(self, peers: list[int], timeout_s: float) -> None:
+        self.transport.wait_for_peers(peers, timeout_s)
+        self.attention_peers = list(peers)
+
+    @torch.inference_mode()
+    def run_step(self, step_id: int) -> ExpertStepResult:
+        start = time.perf_counter()
+        counts = torch.zeros(len(self.shard.expert_ids), dtype=torch.int64)
+        compute = wait = 0.0
+        for layer in self.config.moe_layers:
+            for mb in range(self.settings.micro_batches):
+                key = RoundKey(step_id, layer, mb)
+                t0 = time.perf_counter()
+                frames = [
+                    self.transport.recv(p, key, self.settings.round_timeout_s)
+                    for p in self.attention_peers
+                ]
+                t1 = time.perf_counter()
+                x_TD = torch.cat([f[0] for f in frames])
+                ids_TK = torch.cat([f[1] for f in frames]).long()
+                weights_TK = torch.cat([f[2] for f in frames]).to(x_TD.dtype)
+                counts += torch.bincount(ids_TK[ids_TK >= 0], minlength=len(counts))
+                y_TD = self.shard.forward(layer, x_TD, ids_TK, weights_TK)
+                for peer, y_nD in zip(
+                    self.attention_peers,
+                    torch.split(y_TD, [f[0].shape[0] for f in frames]),
+                    strict=True,
+                ):
+                    self.transport.send(peer, key, [y_nD])
+                compute += time.perf_counter() - t1
+                wait += t1 - t0
+        per_expert = dict(zip(self.shard.expert_ids, counts.tolist(), strict=True))
+        return ExpertStepResult(per_expert, compute, wait, time.perf_counter() - start)
+
+    def shutdown(self) -> None:
+        self.transport.close()

@@ -1,0 +1,265 @@
+"""Places both pools on Ray, wires the transport, routes requests and drives the steps.
+
+One engine thread runs the step loop: each step every attention node and every expert node
+is called once (all take part, idle or not), new requests go to the least-loaded attention
+node, and sampled tokens are pushed to each request's stream as soon as its step returns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import ray
+
+from attention_nodes.node import (
+    AttentionNode,
+    AttentionNodeSettings,
+    AttentionStepResult,
+    NewRequest,
+    TokenOutput,
+)
+from expert_nodes.node import ExpertNode, ExpertNodeSettings, ExpertStepResult
+from models.config import load_config
+from models.generation import check_prompt
+from models.placement import ExpertPlacement
+from models.sampling import SamplingParams
+from orchestrator.config import Deployment
+from transport.endpoint import TransportSettings
+
+log = logging.getLogger(__name__)
+EXPERT_PEER_BASE = 1000  # transport ids: attention nodes 0..M-1, expert nodes 1000..1000+N-1
+
+
+class RequestFailed(RuntimeError):
+    """The cluster could not finish a request; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    step: int
+    attention: list[AttentionStepResult]
+    experts: list[ExpertStepResult]
+
+
+class RequestStream:
+    """The tokens of one request, in order, as the engine produces them."""
+
+    def __init__(self, request_id: str, timeout_s: float) -> None:
+        self.request_id = request_id
+        self._queue: queue.Queue[TokenOutput | Exception] = queue.Queue()
+        self._timeout_s = timeout_s
+
+    def put(self, item: TokenOutput | Exception) -> None:
+        self._queue.put(item)
+
+    def __iter__(self) -> Iterator[TokenOutput]:
+        while True:
+            try:
+                item = self._queue.get(timeout=self._timeout_s)
+            except queue.Empty:
+                raise RequestFailed(
+                    f"request {self.request_id}: no token within {self._timeout_s}s"
+                ) from None
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+
+class Cluster:
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self.config = load_config(deployment.model.path)
+        d = deployment
+        if d.experts.assignment is not None:
+            self.placement = ExpertPlacement.explicit(self.config.num_experts, d.experts.assignment)
+        else:
+            self.placement = ExpertPlacement.even(self.config.num_experts, d.experts.nodes)
+        if not ray.is_initialized():
+            ray.init(address=d.ray.address, include_dashboard=False, logging_level=logging.WARNING)
+        self.experts = [self._start_expert(j) for j in range(self.placement.num_nodes)]
+        self.attention = [self._start_attention(i) for i in range(d.attention.nodes)]
+        self._wire()
+        self._streams: dict[str, RequestStream] = {}
+        self._node_of: dict[str, int] = {}
+        self._load = [0] * len(self.attention)
+        self._incoming: list[list[NewRequest]] = [[] for _ in self.attention]
+        self._aborts: list[list[str]] = [[] for _ in self.attention]
+        self._wake = threading.Condition()
+        self._ids = itertools.count()
+        self._stopping = False
+        self.step_id = 0
+        self.history: list[StepRecord] = []
+        self.keep_history = False
+        self._engine = threading.Thread(target=self._run, name="afd-engine", daemon=True)
+        self._engine.start()
+
+    # ---- placement and wiring ---------------------------------------------------------
+    def _transport(self) -> TransportSettings:
+        t = self.deployment.transport
+        return TransportSettings(
+            host=t.host,
+            progress_mode=t.progress_mode,
+            max_frame_bytes=t.max_frame_bytes,
+            connect_timeout_s=t.connect_timeout_s,
+        )
+
+    def _start_expert(self, j: int):  # noqa: ANN202 - a Ray actor handle
+        d = self.deployment
+        settings = ExpertNodeSettings(
+            EXPERT_PEER_BASE + j,
+            d.model.path,
+            self.placement.assignment[j],
+            d.model.dtype,
+            d.pipeline.micro_batches,
+            d.transport.round_timeout_s,
+            self._transport(),
+        )
+        actor = ray.remote(ExpertNode).options(
+            name=None, num_cpus=d.experts.num_cpus, num_gpus=d.experts.num_gpus
+        )
+        return actor.remote(settings)
+
+    def _start_attention(self, i: int):  # noqa: ANN202
+        d, a = self.deployment, self.deployment.attention
+        settings = AttentionNodeSettings(
+            i,
+            d.model.path,
+            d.model.dtype,
+            d.pipeline.micro_batches,
+            a.kv_blocks,
+            a.block_size,
+            a.max_batch_tokens,
+            a.max_running,
+            d.transport.round_timeout_s,
+            self._transport(),
+        )
+        actor = ray.remote(AttentionNode).options(num_cpus=a.num_cpus, num_gpus=a.num_gpus)
+        return actor.remote(settings, self.placement)
+
+    def _wire(self) -> None:
+        timeout = self.deployment.ray.startup_timeout_s
+        expert_addresses = ray.get([e.address.remote() for e in self.experts], timeout=timeout)
+        peers = [
+            (EXPERT_PEER_BASE + j, host, port) for j, (host, port) in enumerate(expert_addresses)
+        ]
+        ray.get([a.address.remote() for a in self.attention], timeout=timeout)
+        waits = [
+            e.wait_for_attention_nodes.remote(list(range(len(self.attention))), timeout)
+            for e in self.experts
+        ]
+        ray.get([a.connect.remote(peers) for a in self.attention], timeout=timeout)
+        ray.get(waits, timeout=timeout)
+
+    # ---- requests ---------------------------------------------------------------------
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream:
+        check_prompt(prompt_ids, params, self.config)
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = RequestStream(request_id, self.deployment.transport.round_timeout_s * 4)
+        with self._wake:
+            if self._stopping:
+                raise RequestFailed("the cluster is shutting down")
+            node = min(range(len(self._load)), key=self._load.__getitem__)
+            self._load[node] += 1
+            self._streams[request_id], self._node_of[request_id] = stream, node
+            self._incoming[node].append(NewRequest(request_id, list(prompt_ids), params))
+            self._wake.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            if request_id in self._node_of:
+                self._aborts[self._node_of[request_id]].append(request_id)
+                self._forget(request_id)
+                self._wake.notify()
+
+    def generate(self, requests: list[tuple[list[int], SamplingParams]]) -> list[list[TokenOutput]]:
+        """Submits all at once and collects every stream: a convenience for the CLI and tests."""
+        streams = [self.submit(ids, params) for ids, params in requests]
+        return [list(s) for s in streams]
+
+    # ---- engine -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(
+                    lambda: self._stopping or any(self._load) or any(self._aborts), timeout=1.0
+                )
+                if self._stopping and not any(self._load):
+                    return
+                if not any(self._load) and not any(self._aborts):
+                    continue
+                new, self._incoming = self._incoming, [[] for _ in self.attention]
+                aborts, self._aborts = self._aborts, [[] for _ in self.attention]
+            try:
+                self._step(new, aborts)
+            except Exception as err:  # noqa: BLE001 - a failed step fails its requests, never the engine
+                log.error("step %d failed: %s", self.step_id, err)
+                self._fail_all(RequestFailed(f"step {self.step_id} failed: {err}"))
+
+    def _step(self, new: list[list[NewRequest]], aborts: list[list[str]]) -> None:
+        self.step_id += 1
+        s = self.step_id
+        attention_refs = [a.step.remote(s, new[i], aborts[i]) for i, a in enumerate(self.attention)]
+        expert_refs = [e.run_step.remote(s) for e in self.experts]
+        timeout = self.deployment.transport.round_timeout_s * (self.config.num_layers + 1)
+        results = ray.get(attention_refs + expert_refs, timeout=timeout)
+        attention, experts = results[: len(self.attention)], results[len(self.attention) :]
+        if self.keep_history:
+            self.history.append(StepRecord(s, attention, experts))
+        for result in attention:
+            for out in result.outputs:
+                self._publish(out)
+
+    def _publish(self, out: TokenOutput) -> None:
+        with self._wake:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                return  # aborted while its step ran
+            if out.finish_reason is not None:
+                self._forget(out.request_id)
+        stream.put(out)
+
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._load[self._node_of.pop(request_id)] -= 1
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._wake:
+            streams = list(self._streams.values())
+            for request_id in list(self._streams):
+                self._forget(request_id)
+            self._incoming = [[] for _ in self.attention]
+        for stream in streams:
+            stream.put(error)
+
+    # ---- introspection and shutdown ---------------------------------------------------------
+    def loaded_tensor_names(self) -> dict[str, list[str]]:
+        names = ray.get(
+            [a.loaded_tensor_names.remote() for a in self.attention]
+            + [e.loaded_tensor_names.remote() for e in self.experts]
+        )
+        labels = [f"attention-{i}" for i in range(len(self.attention))] + [
+            f"expert-{j}" for j in range(len(self.experts))
+        ]
+        return dict(zip(labels, names, strict=True))
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._engine.join(timeout_s)
+        try:
+            ray.get([n.shutdown.remote() for n in self.attention + self.experts], timeout=timeout_s)
+        except Exception as err:  # noqa: BLE001 - shutting down anyway
+            log.warning("nodes did not shut down cleanly: %s", err)
+        for node in self.attention + self.experts:
+            ray.kill(node)

@@ -1,0 +1,173 @@
+"""The deployment config: which model, how many attention and expert nodes, with what resources,
+how many micro-batches, KV capacity and transport settings. Read from YAML and checked field by
+field; an unknown or bad field is an error naming its path in the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+import yaml
+
+from models.generation import DTYPES
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "list": list}
+
+
+class DeploymentError(ValueError):
+    """A deployment config afd cannot run; the message names the file and the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSection:
+    path: str = ""
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionSection:
+    nodes: int = 1
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    kv_blocks: int = 256
+    block_size: int = 16
+    max_batch_tokens: int = 512
+    max_running: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertSection:
+    nodes: int = 1
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    assignment: list | None = None  # explicit expert ids per node; default: even contiguous ranges
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSection:
+    micro_batches: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSection:
+    host: str = "127.0.0.1"
+    progress_mode: str = "blocking"
+    round_timeout_s: float = 30.0
+    max_frame_bytes: int = 256 << 20
+    connect_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RaySection:
+    address: str | None = None  # None: start a local Ray instance (or use the running one)
+    startup_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    model: ModelSection = field(default_factory=ModelSection)
+    attention: AttentionSection = field(default_factory=AttentionSection)
+    experts: ExpertSection = field(default_factory=ExpertSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    transport: TransportSection = field(default_factory=TransportSection)
+    ray: RaySection = field(default_factory=RaySection)
+
+    def with_shape(
+        self,
+        attention_nodes: int | None,
+        expert_nodes: int | None,
+        micro_batches: int | None,
+        model: str | None = None,
+    ) -> Deployment:
+        """The same deployment with the CLI's overrides applied, and checked again."""
+        d = self
+        if model is not None:
+            d = replace(d, model=replace(d.model, path=model))
+        if attention_nodes is not None:
+            d = replace(d, attention=replace(d.attention, nodes=attention_nodes))
+        if expert_nodes is not None:
+            d = replace(d, experts=replace(d.experts, nodes=expert_nodes, assignment=None))
+        if micro_batches is not None:
+            d = replace(d, pipeline=replace(d.pipeline, micro_batches=micro_batches))
+        _check(d, "command line")
+        return d
+
+
+def load_deployment(path: str | Path) -> Deployment:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise DeploymentError(f"{path}: cannot read deployment config ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise DeploymentError(f"{path}: not valid YAML ({err})") from err
+    deployment = _build(Deployment, raw or {}, str(path), "")
+    _check(deployment, str(path))
+    return deployment
+
+
+def _build(cls: type, raw: Any, source: str, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise DeploymentError(
+            f"{source}: '{where or 'top level'}' must be a mapping, got {type(raw).__name__}"
+        )
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise DeploymentError(
+            f"{source}: unknown field '{where}{unknown[0]}'; known: {', '.join(sorted(known))}"
+        )
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        path = f"{where}{name}"
+        if is_dataclass(hint):
+            values[name] = _build(hint, value, source, path + ".")
+        else:
+            values[name] = _coerce(value, hint, source, path)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, source: str, path: str) -> Any:
+    names = [a.__name__ for a in get_args(hint)] or [hint.__name__]
+    if value is None:
+        if "NoneType" in names:
+            return None
+        raise DeploymentError(f"{source}: field '{path}' must not be empty")
+    expected = next(n for n in names if n != "NoneType")
+    if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    typ = _SCALARS[expected]
+    if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+        raise DeploymentError(f"{source}: field '{path}' must be {expected}, got {value!r}")
+    return value
+
+
+def _check(d: Deployment, source: str) -> None:
+    rules = [
+        ("model.path", bool(d.model.path), "a model directory"),
+        ("model.dtype", d.model.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+        ("attention.nodes", d.attention.nodes >= 1, ">= 1"),
+        ("experts.nodes", d.experts.nodes >= 1, ">= 1"),
+        ("pipeline.micro_batches", 1 <= d.pipeline.micro_batches <= 16, "between 1 and 16"),
+        ("attention.kv_blocks", d.attention.kv_blocks >= 1, ">= 1"),
+        ("attention.block_size", d.attention.block_size >= 1, ">= 1"),
+        ("attention.max_batch_tokens", d.attention.max_batch_tokens >= 1, ">= 1"),
+        ("attention.max_running", d.attention.max_running >= 1, ">= 1"),
+        (
+            "transport.progress_mode",
+            d.transport.progress_mode in ("blocking", "polling", "thread", "thread-polling"),
+            "blocking, polling, thread or thread-polling",
+        ),
+        ("transport.round_timeout_s", d.transport.round_timeout_s > 0, "> 0"),
+    ]
+    for name, ok, must in rules:
+        if not ok:
+            raise DeploymentError(f"{source}: field '{name}' must be {must}")
+    if d.experts.assignment is not None and len(d.experts.assignment) != d.experts.nodes:
+        raise DeploymentError(
+            f"{source}: field 'experts.assignment' lists {len(d.experts.assignment)} nodes but 'experts.nodes' is {d.experts.nodes}"
+        )
