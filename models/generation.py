@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -43,7 +43,8 @@ class GenerationResult:
     text: str = ""
     finish_reason: FinishReason | None = None
 
-    def add(self, event: TokenEvent) -> None:
+    def add(self, event: TokenEvent | Any) -> None:
+        """Takes any event with token_id, logprob, text_delta and finish_reason."""
         self.token_ids.append(event.token_id)
         self.logprobs.append(event.logprob)
         self.text += event.text_delta

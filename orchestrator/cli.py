@@ -5,17 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
+from attention_nodes.node import TokenOutput
 from models.checkpoint import CheckpointError
 from models.config import SUPPORTED_ARCHS, ConfigError
-from models.generation import DTYPES, GenerationResult, PromptError, ReferenceEngine
+from models.generation import DTYPES, GenerationResult, PromptError, ReferenceEngine, TokenEvent
+from models.placement import PlacementError
 from models.sampling import SamplingError, SamplingParams
 from models.tiny import make_tiny_model
-from models.tokenizer import TokenizerError
+from models.tokenizer import Tokenizer, TokenizerError
+from orchestrator.cluster import Cluster, RequestFailed
+from orchestrator.config import Deployment, DeploymentError, ModelSection, load_deployment
 
 DEMO_MODEL_DIR = Path(".afd/tiny-qwen3_moe")
-USER_ERRORS = (ConfigError, CheckpointError, PromptError, SamplingError, TokenizerError, ValueError)
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    DeploymentError,
+    PlacementError,
+    PromptError,
+    SamplingError,
+    TokenizerError,
+    RequestFailed,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.set_defaults(handler=_make_tiny_model)
 
-    gen = sub.add_parser("generate", help="generate from a prompt")
-    gen.add_argument("--model", required=True, help="HF model directory")
+    gen = sub.add_parser("generate", help="generate from a prompt, in one process or on a cluster")
+    gen.add_argument("--model", help="HF model directory (alone: the single-process path)")
+    gen.add_argument("--config", help="deployment config YAML: run on the disaggregated cluster")
+    gen.add_argument("--attention-nodes", type=int, help="cluster shape override (M)")
+    gen.add_argument("--expert-nodes", type=int, help="cluster shape override (N)")
+    gen.add_argument("--micro-batches", type=int, help="ping-pong micro-batches (m)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt")
     prompt.add_argument("--prompt-ids", help='comma-separated token ids, e.g. "1,2,3"')
@@ -51,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(handler=_generate)
 
-    demo = sub.add_parser("demo", help="make a tiny model when missing and generate from it")
+    demo = sub.add_parser("demo", help="tiny model through a local 2+2-node cluster with m=2")
     demo.set_defaults(handler=_demo)
     return parser
 
@@ -93,20 +111,48 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deployment(args: argparse.Namespace) -> Deployment | None:
+    """The cluster to run on, or None for the single-process path."""
+    shape = (args.attention_nodes, args.expert_nodes, args.micro_batches)
+    if args.config is None and all(v is None for v in shape):
+        if args.model is None:
+            raise DeploymentError("give --model DIR, --config CONFIG.yaml, or both")
+        return None
+    base = (
+        load_deployment(args.config)
+        if args.config
+        else Deployment(model=ModelSection(path=args.model or ""))
+    )
+    return base.with_shape(*shape, model=args.model)
+
+
 def _generate(args: argparse.Namespace) -> int:
     params = _sampling(args)
-    engine = ReferenceEngine(args.model, args.dtype)
+    deployment = _deployment(args)
+    model_dir = deployment.model.path if deployment else args.model
+    tokenizer = Tokenizer(model_dir)
     prompt_ids = (
         _ids(args.prompt_ids, "--prompt-ids")
         if args.prompt_ids is not None
-        else engine.tokenizer.encode(args.prompt)
+        else tokenizer.encode(args.prompt)
     )
+    if deployment is None:
+        events = ReferenceEngine(model_dir, args.dtype).stream(prompt_ids, params)
+        return _print_stream(events, args.json)
+    cluster = Cluster(deployment)
+    try:
+        return _print_stream(cluster.submit(prompt_ids, params), args.json)
+    finally:
+        cluster.shutdown()
+
+
+def _print_stream(events: Iterable[TokenEvent | TokenOutput], as_json: bool) -> int:
     result = GenerationResult()
-    for event in engine.stream(prompt_ids, params):
+    for event in events:
         result.add(event)
-        if not args.json:
+        if not as_json:
             print(event.text_delta, end="", flush=True)
-    print(json.dumps(result.as_json()) if args.json else "")
+    print(json.dumps(result.as_json()) if as_json else "")
     return 0
 
 
@@ -114,13 +160,42 @@ def _demo(args: argparse.Namespace) -> int:
     if not (DEMO_MODEL_DIR / "config.json").is_file():
         make_tiny_model(DEMO_MODEL_DIR)
         print(f"made a tiny qwen3_moe model in {DEMO_MODEL_DIR}")
-    engine = ReferenceEngine(DEMO_MODEL_DIR)
-    for prompt in ("Hello, world!", "The capital of France is"):
-        result = engine.generate(engine.tokenizer.encode(prompt), SamplingParams(max_tokens=24))
-        print(
-            f"{prompt!r} -> {result.text!r} ({len(result.token_ids)} tokens, {result.finish_reason})"
-        )
+    deployment = Deployment(model=ModelSection(path=str(DEMO_MODEL_DIR))).with_shape(2, 2, 2)
+    print("starting a local cluster: 2 attention nodes, 2 expert nodes, 2 micro-batches")
+    cluster = Cluster(deployment)
+    cluster.keep_history = True
+    try:
+        tokenizer = Tokenizer(DEMO_MODEL_DIR)
+        prompts = [
+            "Hello, world!",
+            "The capital of France is",
+            "Once upon a time",
+            "def add(a, b):",
+        ]
+        params = SamplingParams(max_tokens=24, ignore_eos=True)
+        outputs = cluster.generate([(tokenizer.encode(p), params) for p in prompts])
+        for prompt, out in zip(prompts, outputs, strict=True):
+            print(f"{prompt!r} -> {''.join(o.text_delta for o in out)!r}")
+        print(_stats_table(cluster))
+    finally:
+        cluster.shutdown()
     return 0
+
+
+def _stats_table(cluster: Cluster) -> str:
+    steps = cluster.history
+    lines = [f"{len(steps)} steps", f"{'node':<12}{'busy s':>10}{'wait s':>10}{'tokens':>10}"]
+    for i in range(len(cluster.attention)):
+        busy = sum(s.attention[i].timings.attention_s for s in steps)
+        wait = sum(s.attention[i].timings.expert_wait_s for s in steps)
+        tokens = sum(s.attention[i].tokens for s in steps)
+        lines.append(f"{f'attention-{i}':<12}{busy:>10.3f}{wait:>10.3f}{tokens:>10}")
+    for j in range(len(cluster.experts)):
+        busy = sum(s.experts[j].compute_s for s in steps)
+        wait = sum(s.experts[j].wait_s for s in steps)
+        tokens = sum(sum(s.experts[j].tokens_per_expert.values()) for s in steps)
+        lines.append(f"{f'expert-{j}':<12}{busy:>10.3f}{wait:>10.3f}{tokens:>10}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class RequestFailed(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class StepRecord:
     step: int
+    wall_s: float  # the whole step as the orchestrator saw it, Ray calls included
     attention: list[AttentionStepResult]
     experts: list[ExpertStepResult]
 
@@ -211,10 +213,12 @@ class Cluster:
         attention_refs = [a.step.remote(s, new[i], aborts[i]) for i, a in enumerate(self.attention)]
         expert_refs = [e.run_step.remote(s) for e in self.experts]
         timeout = self.deployment.transport.round_timeout_s * (self.config.num_layers + 1)
+        start = time.perf_counter()
         results = ray.get(attention_refs + expert_refs, timeout=timeout)
+        wall = time.perf_counter() - start
         attention, experts = results[: len(self.attention)], results[len(self.attention) :]
         if self.keep_history:
-            self.history.append(StepRecord(s, attention, experts))
+            self.history.append(StepRecord(s, wall, attention, experts))
         for result in attention:
             for out in result.outputs:
                 self._publish(out)

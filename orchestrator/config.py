@@ -111,7 +111,7 @@ def load_deployment(path: str | Path) -> Deployment:
 def _build(cls: type, raw: Any, source: str, where: str) -> Any:
     if not isinstance(raw, dict):
         raise DeploymentError(
-            f"{source}: '{where or 'top level'}' must be a mapping, got {type(raw).__name__}"
+            f"{source}: '{where.rstrip('.') or 'top level'}' must be a mapping, got {type(raw).__name__}"
         )
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}

@@ -20,3 +20,13 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["qwen3_moe"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():  # noqa: ANN201
+    """One local Ray instance for every cluster test: starting Ray costs seconds."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()

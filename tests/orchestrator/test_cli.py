@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from models.generation import ReferenceEngine
 from models.sampling import SamplingParams
 
@@ -78,3 +80,31 @@ def test_bad_input_exits_with_a_message_not_a_traceback(tiny_model: Path, tmp_pa
         )
     out = _afd("generate", "--model", str(tmp_path), "--prompt", "hi")
     assert out.returncode == 2 and "no config.json" in out.stderr
+
+
+def test_generate_on_a_cluster_prints_the_reference_json(tiny_model: Path) -> None:
+    args = (
+        "generate",
+        "--model",
+        str(tiny_model),
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "6",
+        "--json",
+    )
+    reference = _afd(*args)
+    cluster = _afd(*args, "--attention-nodes", "2", "--expert-nodes", "2", "--micro-batches", "2")
+    assert cluster.returncode == 0, cluster.stderr
+    got, want = json.loads(cluster.stdout), json.loads(reference.stdout)
+    assert got["token_ids"] == want["token_ids"] and got["text"] == want["text"]
+    assert got["logprobs"] == pytest.approx(want["logprobs"], abs=1e-5)
+
+
+def test_generate_with_a_config_file_and_a_bad_one(tiny_model: Path, tmp_path: Path) -> None:
+    config = tmp_path / "d.yaml"
+    config.write_text(
+        f"model: {{path: {tiny_model}}}\nattention: {{nodes: 1}}\nexperts: {{nodes: 9}}\n"
+    )
+    out = _afd("generate", "--config", str(config), "--prompt", "hi")
+    assert out.returncode == 2 and "expert nodes must be between 1 and 8" in out.stderr, out.stderr

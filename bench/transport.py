@@ -1,0 +1,220 @@
+"""Round-trip time (8 KiB) and one-way bandwidth (8 MiB, 64 MiB) between two processes for the
+afd transport, gRPC (Python) and a Ray actor call, measured in one run.
+
+    python bench/transport.py [--json] [--device cpu|cuda] [--iters N]
+
+RTT: ping-pong of one message, median over `iters` after warm-up. Bandwidth: `reps` messages
+sent back to back, then one small acknowledgement; bytes over the whole time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import time
+from concurrent import futures
+
+import torch
+
+SMALL, MEDIUM, LARGE = 8 << 10, 8 << 20, 64 << 20
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 128 << 20),
+    ("grpc.max_receive_message_length", 128 << 20),
+]
+
+
+def _tensor(nbytes: int, device: str) -> torch.Tensor:
+    return torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)  # never zeros
+
+
+# ---- afd transport --------------------------------------------------------------------------
+def _afd_peer(host: str, port: int, device: str, plan: list[tuple[int, int]]) -> None:
+    from transport.endpoint import Transport
+    from transport.wire import RoundKey
+
+    t = Transport(1, device=device)
+    t.connect(0, host, port)
+    step = 0
+    for count, echo in plan:
+        for _ in range(count):
+            (x,) = t.recv(0, RoundKey(step, 0, 0), 60)
+            if echo:
+                t.send(0, RoundKey(step, 0, 0), [x]).result(60)
+            step += 1
+        if not echo:
+            t.send(
+                0, RoundKey(step, 0, 0), [torch.ones(1, dtype=torch.uint8, device=device)]
+            ).result(60)
+            step += 1
+    t.close()
+
+
+def bench_afd(device: str, iters: int, reps: int) -> list[dict]:
+    from transport.endpoint import Transport
+    from transport.wire import RoundKey
+
+    node = Transport(0, device=device)
+    plan = [(iters, True), (reps, False), (max(2, reps // 4), False)]
+    peer = mp.get_context("spawn").Process(target=_afd_peer, args=(*node.address, device, plan))
+    peer.start()
+    node.wait_for_peers([1], 60)
+    step = 0
+
+    def ping(x: torch.Tensor) -> float:
+        nonlocal step
+        start = time.perf_counter()
+        node.send(1, RoundKey(step, 0, 0), [x])
+        node.recv(1, RoundKey(step, 0, 0), 60)
+        step += 1
+        return time.perf_counter() - start
+
+    def stream(x: torch.Tensor, n: int) -> float:
+        nonlocal step
+        start = time.perf_counter()
+        sends = [node.send(1, RoundKey(step + i, 0, 0), [x]) for i in range(n)]
+        for s in sends:
+            s.result(60)
+        step += n
+        node.recv(1, RoundKey(step, 0, 0), 60)
+        step += 1
+        return n * x.nbytes / (time.perf_counter() - start)
+
+    small = _tensor(SMALL, device)
+    rtt = statistics.median([ping(small) for _ in range(iters)][iters // 10 :])
+    rows = [_row("afd", SMALL, rtt_s=rtt)]
+    rows += [
+        _row("afd", MEDIUM, bw=stream(_tensor(MEDIUM, device), reps)),
+        _row("afd", LARGE, bw=stream(_tensor(LARGE, device), max(2, reps // 4))),
+    ]
+    peer.join(60)
+    node.close()
+    return rows
+
+
+# ---- gRPC ---------------------------------------------------------------------------------
+def _grpc_server(port_queue: mp.Queue) -> None:
+    import grpc
+
+    def echo(request: bytes, context) -> bytes:  # noqa: ANN001
+        return request
+
+    def sink(request: bytes, context) -> bytes:  # noqa: ANN001
+        return b"k"
+
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+        "Sink": grpc.unary_unary_rpc_method_handler(sink),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Bench", handlers)])
+    port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination(600)
+
+
+def bench_grpc(iters: int, reps: int) -> list[dict]:
+    import grpc
+
+    ctx = mp.get_context("spawn")
+    ports: mp.Queue = ctx.Queue()
+    server = ctx.Process(target=_grpc_server, args=(ports,), daemon=True)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}", options=GRPC_OPTIONS)
+    echo = channel.unary_unary("/bench.Bench/Echo")
+    sink = channel.unary_unary("/bench.Bench/Sink")
+    small = bytes(_tensor(SMALL, "cpu").numpy())
+    rtts = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        echo(small, timeout=60)
+        rtts.append(time.perf_counter() - start)
+    rows = [_row("grpc", SMALL, rtt_s=statistics.median(rtts[iters // 10 :]))]
+    for size, n in ((MEDIUM, reps), (LARGE, max(2, reps // 4))):
+        payload = bytes(_tensor(size, "cpu").numpy())
+        start = time.perf_counter()
+        for _ in range(n):
+            sink(payload, timeout=60)
+        rows.append(_row("grpc", size, bw=n * size / (time.perf_counter() - start)))
+    channel.close()
+    server.kill()
+    return rows
+
+
+# ---- Ray actor call -------------------------------------------------------------------------
+def bench_ray(iters: int, reps: int) -> list[dict]:
+    import numpy as np
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+
+    @ray.remote
+    class Peer:
+        def echo(self, x: np.ndarray) -> np.ndarray:
+            return x
+
+        def sink(self, x: np.ndarray) -> int:
+            return int(x.nbytes)
+
+    peer = Peer.remote()
+    small = _tensor(SMALL, "cpu").numpy()
+    ray.get(peer.echo.remote(small))
+    rtts = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        ray.get(peer.echo.remote(small))
+        rtts.append(time.perf_counter() - start)
+    rows = [_row("ray", SMALL, rtt_s=statistics.median(rtts[iters // 10 :]))]
+    for size, n in ((MEDIUM, reps), (LARGE, max(2, reps // 4))):
+        payload = _tensor(size, "cpu").numpy()
+        start = time.perf_counter()
+        ray.get([peer.sink.remote(payload) for _ in range(n)])
+        rows.append(_row("ray", size, bw=n * size / (time.perf_counter() - start)))
+    ray.shutdown()
+    return rows
+
+
+def _row(transport: str, size: int, rtt_s: float | None = None, bw: float | None = None) -> dict:
+    return {
+        "transport": transport,
+        "size_bytes": size,
+        "rtt_us": None if rtt_s is None else round(rtt_s * 1e6, 1),
+        "bandwidth_GBps": None if bw is None else round(bw / 1e9, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--iters", type=int, default=500)
+    parser.add_argument("--reps", type=int, default=16)
+    parser.add_argument("--only", choices=["afd", "grpc", "ray"], action="append")
+    args = parser.parse_args()
+    only = set(args.only or ["afd", "grpc", "ray"])
+    rows = []
+    if "afd" in only:
+        rows += bench_afd(args.device, args.iters, args.reps)
+    if "grpc" in only and args.device == "cpu":
+        rows += bench_grpc(args.iters, args.reps)
+    if "ray" in only and args.device == "cpu":
+        rows += bench_ray(args.iters, args.reps)
+    if args.json:
+        print(json.dumps({"device": args.device, "rows": rows}))
+        return
+    print(f"{'transport':<10}{'size':>12}{'rtt us':>12}{'GB/s':>10}")
+    for r in rows:
+        rtt = "" if r["rtt_us"] is None else f"{r['rtt_us']:.1f}"
+        bw = "" if r["bandwidth_GBps"] is None else f"{r['bandwidth_GBps']:.3f}"
+        print(f"{r['transport']:<10}{r['size_bytes']:>12}{rtt:>12}{bw:>10}")
+    base = {(r["transport"], r["size_bytes"]): r for r in rows}
+    if ("afd", SMALL) in base and ("grpc", SMALL) in base:
+        print(
+            f"afd vs gRPC: 8 KiB RTT {base['grpc', SMALL]['rtt_us'] / base['afd', SMALL]['rtt_us']:.1f}x faster, "
+            f"8 MiB bandwidth {base['afd', MEDIUM]['bandwidth_GBps'] / base['grpc', MEDIUM]['bandwidth_GBps']:.1f}x higher"
+        )
+
+
+if __name__ == "__main__":
+    main()

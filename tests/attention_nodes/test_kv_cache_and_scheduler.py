@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import torch
+
+from attention_nodes.kv_cache import PagedKVCache
+from attention_nodes.node import split_micro_batches
+from attention_nodes.scheduler import Chunk, Scheduler, Sequence
+from models.config import parse_config
+from models.generation import RequestState
+from models.kv_cache import ContiguousKVCache
+from models.sampling import SamplingParams
+from models.tiny import tiny_config
+
+
+def test_paged_cache_returns_what_a_contiguous_cache_returns() -> None:
+    paged, contiguous = PagedKVCache(2, 16, 4, 2, 8, torch.float32), ContiguousKVCache()
+    written = 0
+    for n in (5, 1, 1, 7, 1):  # a prefill, decodes, a chunk crossing block boundaries
+        k, v = torch.randn(n, 2, 8), torch.randn(n, 2, 8)
+        assert paged.reserve(3, written + n)
+        got = paged.write_and_read(1, 3, written, k, v)
+        want = contiguous.write_and_read(1, 3, written, k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        written += n
+    assert len(paged.tables[3]) == 4  # 15 tokens in blocks of 4
+    paged.free(3)
+    assert paged.allocator.free == 16
+
+
+def _sequence(seq_id: int, prompt_len: int, tokenizer) -> Sequence:  # noqa: ANN001
+    config = parse_config(tiny_config("qwen3_moe", 384, 2, 4, 2, 32))
+    state = RequestState(
+        list(range(1, prompt_len + 1)), SamplingParams(max_tokens=50), tokenizer, config
+    )
+    return Sequence(f"r{seq_id}", seq_id, state)
+
+
+def test_full_cache_preempts_the_youngest_and_keeps_the_oldest(tiny_model) -> None:  # noqa: ANN001
+    from models.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tiny_model)
+    cache = PagedKVCache(1, 4, 4, 1, 4, torch.float32)  # room for 16 tokens
+    scheduler = Scheduler(cache, max_batch_tokens=64, max_running=8)
+    old, young = _sequence(0, 8, tokenizer), _sequence(1, 8, tokenizer)
+    scheduler.add(old)
+    scheduler.add(young)
+    chunks = scheduler.schedule()
+    assert [(c.seq.request_id, c.num_tokens) for c in chunks] == [("r0", 8), ("r1", 8)]
+    for c in chunks:
+        c.seq.num_computed += c.num_tokens
+        c.seq.state.output_ids.append(7)  # as if a token was sampled
+    chunks = scheduler.schedule()  # both need a third block; only one can have it
+    assert [c.seq.request_id for c in chunks] == ["r0"]
+    assert list(scheduler.waiting) == [young] and young.num_computed == 0
+    assert young.pending == young.state.all_ids  # recomputes prompt and output so far
+    assert scheduler.preemptions == 1
+
+
+def test_token_budget_caps_a_step_and_prefill_continues_in_chunks(tiny_model) -> None:  # noqa: ANN001
+    from models.tokenizer import Tokenizer
+
+    seq = _sequence(0, 20, Tokenizer(tiny_model))
+    scheduler = Scheduler(
+        PagedKVCache(1, 16, 4, 1, 4, torch.float32), max_batch_tokens=8, max_running=8
+    )
+    scheduler.add(seq)
+    sizes = []
+    for _ in range(3):
+        (chunk,) = scheduler.schedule()
+        sizes.append((chunk.num_tokens, chunk.samples))
+        seq.num_computed += chunk.num_tokens
+    assert sizes == [(8, False), (8, False), (4, True)]
+
+
+def test_micro_batches_balance_tokens_without_splitting_a_sequence() -> None:
+    class Fake:
+        def __init__(self, n: int) -> None:
+            self.num_tokens = n
+
+    groups = split_micro_batches([Fake(3), Fake(5), Fake(1), Fake(1)], 2)  # type: ignore[list-item]
+    assert [[c.num_tokens for c in g] for g in groups] == [[3], [5, 1, 1]]
+    assert split_micro_batches([], 3) == [[], [], []]
+    assert [len(g) for g in split_micro_batches([Fake(1)] * 6, 3)] == [2, 2, 2]  # type: ignore[list-item]
+    assert Chunk  # the type split_micro_batches groups

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import DeploymentError, load_deployment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_tiny_cpu_config_loads() -> None:
+    d = load_deployment(ROOT / "configs/tiny-cpu.yaml")
+    assert (d.attention.nodes, d.experts.nodes, d.pipeline.micro_batches) == (2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: {path: m}\nattention: {nodez: 2}\n", "unknown field 'attention.nodez'"),
+        (
+            "model: {path: m}\nattention: {nodes: two}\n",
+            "field 'attention.nodes' must be int, got 'two'",
+        ),
+        (
+            "model: {path: m}\npipeline: {micro_batches: 0}\n",
+            "field 'pipeline.micro_batches' must be between 1 and 16",
+        ),
+        ("model: {path: m, dtype: float8}\n", "field 'model.dtype' must be one of"),
+        ("attention: {nodes: 1}\n", "field 'model.path' must be a model directory"),
+        (
+            "model: {path: m}\nexperts: {nodes: 2, assignment: [[0, 1]]}\n",
+            "lists 1 nodes but 'experts.nodes' is 2",
+        ),
+        ("model: [1, 2]\n", "'model' must be a mapping"),
+        ("model: {path: m\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_field(text: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text(text)
+    with pytest.raises(DeploymentError, match=message):
+        load_deployment(path)
+
+
+def test_command_line_overrides_are_checked_too(tmp_path: Path) -> None:
+    d = load_deployment(ROOT / "configs/tiny-cpu.yaml")
+    assert d.with_shape(3, 1, 2).attention.nodes == 3
+    with pytest.raises(DeploymentError, match="command line: field 'experts.nodes' must be >= 1"):
+        d.with_shape(None, 0, None)

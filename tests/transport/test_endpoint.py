@@ -1,0 +1,90 @@
+"""Real UCX endpoints: one Transport in this process, peers in child processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from transport.endpoint import Transport, TransportError
+from transport.wire import RoundKey
+
+ECHO_PEER = textwrap.dedent(
+    """
+    import sys, torch
+    from transport.endpoint import Transport
+    from transport.wire import RoundKey
+    t = Transport(int(sys.argv[1]))
+    t.connect(0, sys.argv[2], int(sys.argv[3]))
+    for step in range(3):
+        key = RoundKey(step, 1, 0)
+        frames = t.recv(0, key, 30)
+        t.send(0, key, [f * 2 if f.is_floating_point() else f for f in frames]).result(30)
+    t.close()
+    """
+)
+ROGUE_PEER = textwrap.dedent(
+    """
+    import asyncio, sys, numpy as np, ucxx
+    ucxx.init(progress_mode="blocking")
+    async def main():
+        ep = await ucxx.create_endpoint(sys.argv[1], int(sys.argv[2]))
+        await ep.send(np.frombuffer(bytes.fromhex(sys.argv[3]), np.uint8))
+        await asyncio.sleep(1.0)
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def node() -> Transport:
+    t = Transport(0)
+    yield t
+    t.close()
+
+
+def _spawn(script: str, *args: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_tensors_of_every_dtype_cross_processes_intact(node: Transport) -> None:
+    peer = _spawn(ECHO_PEER, 5, *node.address)
+    node.wait_for_peers([5], 30)
+    for step in range(3):
+        key = RoundKey(step, 1, 0)
+        x = torch.randn(7, 16, dtype=torch.bfloat16)
+        ids = torch.randint(-1, 8, (7, 2), dtype=torch.int16)
+        node.send(5, key, [x, ids, torch.empty(0, 16)]).result(30)
+        y, ids_back, empty = node.recv(5, key, 30)
+        assert torch.equal(y, x * 2) and torch.equal(ids_back, ids) and empty.shape == (0, 16)
+    assert peer.wait(30) == 0
+
+
+def test_recv_has_a_deadline(node: Transport) -> None:
+    with pytest.raises(TransportError, match=r"no frame .* from peer 99 within 0.2s"):
+        node.recv(99, RoundKey(1, 2, 3), 0.2)
+
+
+@pytest.mark.parametrize("payload", ["00" * 80, "41465757" + "00" * 76, "ff" * 4096, "00" * 3])
+def test_a_rogue_connection_is_rejected_and_the_node_keeps_serving(
+    node: Transport, payload: str
+) -> None:
+    before = node.stats.rejected_peers
+    rogue = _spawn(ROGUE_PEER, *node.address, payload)
+    rogue.wait(30)
+    # the good peer below is only served after the rogue's hello was judged
+    peer_id = 10 + before
+    good = _spawn(ECHO_PEER, peer_id, *node.address)
+    node.wait_for_peers([peer_id], 30)
+    for step in range(3):
+        node.send(peer_id, RoundKey(step, 1, 0), [torch.ones(2, 2)]).result(30)
+        assert torch.equal(node.recv(peer_id, RoundKey(step, 1, 0), 30)[0], torch.full((2, 2), 2.0))
+    assert good.wait(30) == 0
+    assert node.stats.rejected_peers == before + 1

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+from transport.wire import (
+    HEADER_BYTES,
+    KIND_TENSORS,
+    MAGIC,
+    Header,
+    RoundKey,
+    WireError,
+    describe,
+    unpack,
+)
+
+
+def _header(**changes) -> bytes:  # noqa: ANN003
+    tensors = describe([torch.zeros(3, 8), torch.zeros(3, 2, dtype=torch.int16)])
+    return Header(KIND_TENSORS, 7, RoundKey(5, 2, 1), tensors).pack()
+
+
+def test_header_round_trips() -> None:
+    header = unpack(_header(), 1 << 20)
+    assert (header.sender, header.key) == (7, RoundKey(5, 2, 1))
+    assert [(m.dtype, m.shape) for m in header.tensors] == [
+        (torch.float32, (3, 8)),
+        (torch.int16, (3, 2)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b"XXXX" + b[4:], "bad magic"),
+        (lambda b: b[:4] + struct.pack("<H", 9) + b[6:], "protocol version 9"),
+        (lambda b: b[:6] + bytes([42]) + b[7:], "unknown frame kind 42"),
+        (lambda b: b[:7] + bytes([9]) + b[8:], "declares 9 tensors"),
+        (lambda b: b[:22] + bytes([99]) + b[23:], "unknown dtype code 99"),
+        (lambda b: b[:23] + bytes([7]) + b[24:], "rank 7 exceeds"),
+        (lambda b: b[:-3], "expected"),
+    ],
+)
+def test_bad_headers_are_rejected_with_the_reason(mutate, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(WireError, match=message):
+        unpack(mutate(_header()), 1 << 20)
+
+
+def test_oversize_payload_is_rejected_before_allocation() -> None:
+    huge = Header(KIND_TENSORS, 1, RoundKey(0, 0, 0), describe([torch.empty(0)])).pack()
+    # declare a [2^31, 2^31, 2] float tensor: 32 EiB, far over any limit
+    forged = bytearray(huge)
+    struct.pack_into("<BB3I", forged, 22, 1, 3, 2**31, 2**31, 2)
+    with pytest.raises(WireError, match="exceeds the limit"):
+        unpack(bytes(forged), 256 << 20)
+    assert len(huge) == HEADER_BYTES and huge[:4] == MAGIC
