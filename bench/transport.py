@@ -13,10 +13,15 @@ import argparse
 import json
 import multiprocessing as mp
 import statistics
+import sys
 import time
 from concurrent import futures
+from pathlib import Path
 
-import torch
+# This script is named like afd's `transport` package; import the package, not the script.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402 - after the sys.path fix above
 
 SMALL, MEDIUM, LARGE = 8 << 10, 8 << 20, 64 << 20
 GRPC_OPTIONS = [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from attention_nodes.node import TokenOutput
 from models.checkpoint import CheckpointError
-from models.config import SUPPORTED_ARCHS, ConfigError
+from models.config import SUPPORTED_ARCHS, ConfigError, load_config
 from models.generation import DTYPES, GenerationResult, PromptError, ReferenceEngine, TokenEvent
 from models.placement import PlacementError
 from models.sampling import SamplingError, SamplingParams
@@ -130,6 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = _sampling(args)
     deployment = _deployment(args)
     model_dir = deployment.model.path if deployment else args.model
+    load_config(model_dir)  # a bad model directory is reported by its config first
     tokenizer = Tokenizer(model_dir)
     prompt_ids = (
         _ids(args.prompt_ids, "--prompt-ids")

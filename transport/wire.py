@@ -1,7 +1,9 @@
 """The fixed, versioned frame header of afd's M2N/N2M traffic, and its checks.
 
-A frame is one header (HEADER_BYTES, always) followed by one UCX message per non-empty tensor
-it declares. Nothing in a header is trusted: magic, version, kind, tensor count, dtype codes,
+A frame is one UCX message holding the header (HEADER_BYTES) and, when the INLINE flag is set,
+the payload of all its tensors right after it (at most INLINE_BYTES: the small decode messages,
+where one message instead of several is what matters). Without the flag, one UCX message per
+non-empty tensor follows, sent from the tensor's own memory (zero-copy). Nothing in a header is trusted: magic, version, kind, tensor count, dtype codes,
 ranks and sizes are all checked before a single payload byte is allocated.
 """
 
@@ -17,9 +19,11 @@ VERSION = 1
 MAX_TENSORS = 4
 MAX_RANK = 3
 KIND_HELLO, KIND_TENSORS = 1, 2
+FLAG_INLINE = 1
+INLINE_BYTES = 64 << 10
 
-# magic, version, kind, tensor count, sender, step, layer, micro-batch
-_FIXED = struct.Struct("<4sHBBHQHH")
+# magic, version, kind, tensor count, flags, sender, step, layer, micro-batch
+_FIXED = struct.Struct("<4sHBBBHQHH")
 # per tensor: dtype code, rank, three dims
 _TENSOR = struct.Struct("<BB3I")
 HEADER_BYTES = _FIXED.size + MAX_TENSORS * _TENSOR.size
@@ -68,6 +72,11 @@ class Header:
     sender: int
     key: RoundKey
     tensors: tuple[TensorMeta, ...]
+    inline: bool = False
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(m.nbytes for m in self.tensors)
 
     def pack(self) -> bytes:
         out = bytearray(HEADER_BYTES)
@@ -79,6 +88,7 @@ class Header:
             VERSION,
             self.kind,
             len(self.tensors),
+            FLAG_INLINE if self.inline else 0,
             self.sender,
             k.step,
             k.layer,
@@ -105,9 +115,9 @@ def describe(tensors: list[torch.Tensor]) -> tuple[TensorMeta, ...]:
 
 def unpack(frame: bytes | bytearray | memoryview, max_frame_bytes: int) -> Header:
     """Parses and checks a header; raises WireError saying exactly what is wrong."""
-    if len(frame) != HEADER_BYTES:
+    if len(frame) < HEADER_BYTES:
         raise WireError(f"header is {len(frame)} bytes, expected {HEADER_BYTES}")
-    magic, version, kind, count, sender, step, layer, mb = _FIXED.unpack_from(frame, 0)
+    magic, version, kind, count, flags, sender, step, layer, mb = _FIXED.unpack_from(frame, 0)
     if magic != MAGIC:
         raise WireError(f"bad magic {magic!r}, expected {MAGIC!r}: not an afd peer")
     if version != VERSION:
@@ -124,7 +134,14 @@ def unpack(frame: bytes | bytearray | memoryview, max_frame_bytes: int) -> Heade
         if rank > MAX_RANK:
             raise WireError(f"tensor {i}: rank {rank} exceeds {MAX_RANK}")
         metas.append(TensorMeta(CODE_DTYPES[code], tuple(dims[:rank])))
-    total = sum(m.nbytes for m in metas)
-    if total > max_frame_bytes:
-        raise WireError(f"frame payload of {total} bytes exceeds the limit of {max_frame_bytes}")
-    return Header(kind, sender, RoundKey(step, layer, mb), tuple(metas))
+    if flags & ~FLAG_INLINE:
+        raise WireError(f"unknown flags {flags:#x}")
+    header = Header(
+        kind, sender, RoundKey(step, layer, mb), tuple(metas), bool(flags & FLAG_INLINE)
+    )
+    limit = INLINE_BYTES if header.inline else max_frame_bytes
+    if header.payload_bytes > limit:
+        raise WireError(
+            f"frame payload of {header.payload_bytes} bytes exceeds the limit of {limit}"
+        )
+    return header

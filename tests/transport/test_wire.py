@@ -38,9 +38,10 @@ def test_header_round_trips() -> None:
         (lambda b: b[:4] + struct.pack("<H", 9) + b[6:], "protocol version 9"),
         (lambda b: b[:6] + bytes([42]) + b[7:], "unknown frame kind 42"),
         (lambda b: b[:7] + bytes([9]) + b[8:], "declares 9 tensors"),
-        (lambda b: b[:22] + bytes([99]) + b[23:], "unknown dtype code 99"),
-        (lambda b: b[:23] + bytes([7]) + b[24:], "rank 7 exceeds"),
-        (lambda b: b[:-3], "expected"),
+        (lambda b: b[:23] + bytes([99]) + b[24:], "unknown dtype code 99"),
+        (lambda b: b[:24] + bytes([7]) + b[25:], "rank 7 exceeds"),
+        (lambda b: b[:8] + bytes([0x80]) + b[9:], "unknown flags 0x80"),
+        (lambda b: b[:-30], "expected"),
     ],
 )
 def test_bad_headers_are_rejected_with_the_reason(mutate, message: str) -> None:  # noqa: ANN001
@@ -52,7 +53,14 @@ def test_oversize_payload_is_rejected_before_allocation() -> None:
     huge = Header(KIND_TENSORS, 1, RoundKey(0, 0, 0), describe([torch.empty(0)])).pack()
     # declare a [2^31, 2^31, 2] float tensor: 32 EiB, far over any limit
     forged = bytearray(huge)
-    struct.pack_into("<BB3I", forged, 22, 1, 3, 2**31, 2**31, 2)
+    struct.pack_into("<BB3I", forged, 23, 1, 3, 2**31, 2**31, 2)
     with pytest.raises(WireError, match="exceeds the limit"):
         unpack(bytes(forged), 256 << 20)
     assert len(huge) == HEADER_BYTES and huge[:4] == MAGIC
+
+
+def test_inline_frames_are_capped_at_the_inline_limit() -> None:
+    big = describe([torch.empty(INLINE_BYTES // 4 + 1)])
+    with pytest.raises(WireError, match=f"exceeds the limit of {INLINE_BYTES}"):
+        unpack(Header(KIND_TENSORS, 1, RoundKey(0, 0, 0), big, inline=True).pack(), 1 << 30)
+    assert not unpack(Header(KIND_TENSORS, 1, RoundKey(0, 0, 0), big).pack(), 1 << 30).inline
