@@ -7,6 +7,7 @@ import torch
 
 from transport.wire import (
     HEADER_BYTES,
+    INLINE_BYTES,
     KIND_TENSORS,
     MAGIC,
     Header,
