@@ -18,7 +18,7 @@ from models.checkpoint import Checkpoint
 from models.config import load_config
 from models.generation import DTYPES
 from models.moe import ExpertShard
-from transport.endpoint import Transport, TransportSettings
+from transport.endpoint import Transport, TransportError, TransportSettings
 from transport.wire import RoundKey
 
 
@@ -72,7 +72,7 @@ class ExpertNode:
                 key = RoundKey(step_id, layer, mb)
                 t0 = time.perf_counter()
                 frames = [
-                    self.transport.recv(p, key, self.settings.round_timeout_s)
+                    self._checked(p, self.transport.recv(p, key, self.settings.round_timeout_s))
                     for p in self.attention_peers
                 ]
                 t1 = time.perf_counter()
@@ -91,6 +91,26 @@ class ExpertNode:
                 wait += t1 - t0
         per_expert = dict(zip(self.shard.expert_ids, counts.tolist(), strict=True))
         return ExpertStepResult(per_expert, compute, wait, time.perf_counter() - start)
+
+    def _checked(self, peer: int, frame: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A dispatch frame is x [n, D], local ids [n, K] within this shard, weights [n, K]."""
+        c, local = self.config, len(self.shard.expert_ids)
+        ok = len(frame) == 3
+        if ok:
+            x, ids, w = frame
+            n = x.shape[0]
+            ok = (
+                x.shape == (n, c.hidden_size)
+                and ids.shape == w.shape == (n, c.top_k)
+                and not ids.is_floating_point()
+                and bool(((ids >= -1) & (ids < local)).all())
+            )
+        if not ok:
+            shapes = [list(t.shape) for t in frame]
+            raise TransportError(
+                f"expert node {self.settings.node_id}: malformed dispatch frame from peer {peer}: {shapes}"
+            )
+        return frame
 
     def shutdown(self) -> None:
         self.transport.close()

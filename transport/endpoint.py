@@ -147,13 +147,6 @@ class Transport:
             self._pending[peer] -= 1
             return self._mail.pop((peer, key))
 
-    def drop_rounds_before(self, step: int) -> None:
-        """Forgets frames of abandoned steps so they neither leak nor match a later round."""
-        with self._changed:
-            for peer, key in [k for k in self._mail if k[1].step < step]:
-                del self._mail[(peer, key)]
-                self._pending[peer] -= 1
-
     def close(self) -> None:
         if self._loop.is_running():
             try:
