@@ -135,6 +135,7 @@ class AttentionNode:
         ]
         rows = [_sample_rows(g, b) for g, b in zip(groups, batches, strict=True)]
         logits, timings = self.pipeline.run(step_id, batches, rows)
+        self.transport.flush(self.settings.round_timeout_s)
         outputs = [
             out for g, lg in zip(groups, logits, strict=True) for out in self._advance(g, lg)
         ]

@@ -89,6 +89,7 @@ class ExpertNode:
                     self.transport.send(peer, key, [y_nD])
                 compute += time.perf_counter() - t1
                 wait += t1 - t0
+        self.transport.flush(self.settings.round_timeout_s)
         per_expert = dict(zip(self.shard.expert_ids, counts.tolist(), strict=True))
         return ExpertStepResult(per_expert, compute, wait, time.perf_counter() - start)
 

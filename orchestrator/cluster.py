@@ -108,6 +108,7 @@ class Cluster:
         return TransportSettings(
             host=t.host,
             progress_mode=t.progress_mode,
+            spin_us=t.spin_us,
             max_frame_bytes=t.max_frame_bytes,
             connect_timeout_s=t.connect_timeout_s,
         )

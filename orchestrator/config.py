@@ -54,6 +54,7 @@ class PipelineSection:
 class TransportSection:
     host: str = "127.0.0.1"
     progress_mode: str = "blocking"
+    spin_us: float = 200.0
     round_timeout_s: float = 30.0
     max_frame_bytes: int = 256 << 20
     connect_timeout_s: float = 30.0
@@ -66,6 +67,22 @@ class RaySection:
 
 
 @dataclass(frozen=True, slots=True)
+class ServeSection:
+    host: str = "127.0.0.1"  # loopback unless the operator opens it up
+    grpc_port: int = 50051
+    http_port: int = 8000
+    model_name: str | None = None  # the name clients use; default: the model directory's name
+    auth_token: str | None = None  # bearer token clients must send; None: no auth
+    auth_token_env: str | None = None  # or: the environment variable that holds it
+    tls_cert: str | None = None  # PEM files; both or neither
+    tls_key: str | None = None
+    max_requests: int = 256  # admitted and unfinished, cluster-wide; more get RESOURCE_EXHAUSTED
+    max_prompt_chars: int = 1 << 20
+    max_message_bytes: int = 4 << 20
+    drain_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Deployment:
     model: ModelSection = field(default_factory=ModelSection)
     attention: AttentionSection = field(default_factory=AttentionSection)
@@ -73,6 +90,7 @@ class Deployment:
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     transport: TransportSection = field(default_factory=TransportSection)
     ray: RaySection = field(default_factory=RaySection)
+    serve: ServeSection = field(default_factory=ServeSection)
 
     def with_shape(
         self,
@@ -159,8 +177,20 @@ def _check(d: Deployment, source: str) -> None:
         ("attention.max_running", d.attention.max_running >= 1, ">= 1"),
         (
             "transport.progress_mode",
-            d.transport.progress_mode in ("blocking", "polling", "thread", "thread-polling"),
-            "blocking, polling, thread or thread-polling",
+            d.transport.progress_mode in ("blocking", "polling"),
+            "blocking or polling",
+        ),
+        ("transport.spin_us", d.transport.spin_us >= 0, ">= 0"),
+        ("serve.grpc_port", 0 <= d.serve.grpc_port < 65536, "a port number (0: any free port)"),
+        ("serve.http_port", 0 <= d.serve.http_port < 65536, "a port number (0: any free port)"),
+        ("serve.max_requests", d.serve.max_requests >= 1, ">= 1"),
+        ("serve.max_prompt_chars", d.serve.max_prompt_chars >= 1, ">= 1"),
+        ("serve.max_message_bytes", d.serve.max_message_bytes >= 1024, ">= 1024"),
+        ("serve.drain_timeout_s", d.serve.drain_timeout_s > 0, "> 0"),
+        (
+            "serve.tls_key",
+            (d.serve.tls_cert is None) == (d.serve.tls_key is None),
+            "given together with serve.tls_cert",
         ),
         ("transport.round_timeout_s", d.transport.round_timeout_s > 0, "> 0"),
     ]

@@ -1,28 +1,37 @@
-"""Tagged tensor send/recv between afd nodes over UCX (`ucxx`, asyncio API).
+"""Tagged tensor send/recv between afd nodes over UCX (the synchronous `ucxx` core API).
 
-Each process runs one event loop in a background thread that owns every UCX object. One
-endpoint per pair of peers carries frames in order; a reader task per endpoint checks each
-header, takes the payload (inline, or straight into freshly allocated tensors) and files the
-frame under its (peer, RoundKey) in a mailbox that `recv` waits on from the caller's thread
-with a deadline. A bad frame fails that peer only.
+There is no background thread: the caller's thread drives UCX progress inside every transport
+call (`send`, `recv`, a pending send's `result`, `progress`), spinning for a few microseconds
+and then sleeping on the worker's epoll descriptor until the call's deadline. Measured on the
+2-core host (bench/NOTES.md) this is what makes a round trip cost tens of microseconds instead
+of hundreds: the asyncio API hands every message between an event-loop thread and the caller
+under the GIL, and that hand-off was the whole cost.
 
-Measured on a 2-core host (bench/NOTES.md): progress mode "blocking" beats the default
-progress thread by ~4x on round trips; one UCX message per small frame (header + inline
-payload) and a condition variable instead of a hop through the event loop for every receive
-are what bring afd's per-message overhead close to raw ucxx.
+Connections: a peer opens an endpoint to our listener and sends a hello on the endpoint's
+stream (its node id and the tag under which it wants our frames); we answer with the tag it must
+use for its frames to us. Both tags are random 60-bit values, so frames of one peer cannot be
+matched to another by accident and a rogue process cannot guess its way into a live peer's
+stream. A frame is a header message (with the payload inline when small) on the peer's tag,
+channel 0, followed for big frames by one message per tensor on channel 1, received straight
+into freshly allocated tensors (host or GPU). A bad frame fails the peer that sent it, never the
+node; frames nobody asked for yet wait in a bounded mailbox.
+
+While the caller computes, nothing progresses: small frames wait in UCX's unexpected queue and
+large ones complete the next time either side enters the transport. `send` therefore returns a
+handle whose `result()` must be awaited before the step ends.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
+import secrets
+import select
 import threading
 import time
-from collections import defaultdict
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,6 +50,10 @@ from transport.wire import (
 
 log = logging.getLogger(__name__)
 _HELLO_KEY = RoundKey(0, 0, 0)
+_TAG_BYTES = 8
+HELLO_BYTES = HEADER_BYTES + _TAG_BYTES  # hello header + the tag the peer wants our frames on
+_HEADER_CHANNEL, _PAYLOAD_CHANNEL = 0, 1
+_MAX_SLEEP_S = 0.05  # epoll may miss an event (ucx-py#413); never sleep longer than this
 
 
 class TransportError(RuntimeError):
@@ -50,7 +63,8 @@ class TransportError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class TransportSettings:
     host: str = "127.0.0.1"
-    progress_mode: str = "blocking"
+    progress_mode: str = "blocking"  # "blocking": spin, then sleep on epoll; "polling": spin
+    spin_us: float = 200.0  # how long a "blocking" wait spins before it sleeps
     max_frame_bytes: int = 256 << 20
     max_pending_frames: int = 256  # frames of one peer received but not yet asked for
     connect_timeout_s: float = 10.0
@@ -65,16 +79,29 @@ class TransportStats:
     rejected_peers: int = 0
 
 
-def _ucxx(progress_mode: str):  # noqa: ANN202 - the module
+def _ucx():  # noqa: ANN202 - the ucxx core module and its Array type
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     try:
-        import ucxx
+        import ucxx._lib.libucxx as ucx
+        from ucxx._lib.arr import Array
     except ImportError as err:
         raise TransportError("the afd transport needs `ucxx` (pip install ucxx-cu13)") from err
-    if not getattr(_ucxx, "initialised", False):
-        ucxx.init(progress_mode=progress_mode)
-        _ucxx.initialised = True  # type: ignore[attr-defined]
-    return ucxx
+    return ucx, Array
+
+
+_context_lock = threading.Lock()
+_context = None
+
+
+def _shared_context():  # noqa: ANN202 - one UCX context per process, one worker per Transport
+    global _context
+    with _context_lock:
+        if _context is None:
+            ucx, _ = _ucx()
+            _context = ucx.UCXContext(
+                {}, feature_flags=(ucx.Feature.TAG, ucx.Feature.STREAM, ucx.Feature.WAKEUP)
+            )
+        return _context
 
 
 def _wire_view(t: torch.Tensor):  # noqa: ANN202 - numpy array or CUDA tensor
@@ -83,218 +110,398 @@ def _wire_view(t: torch.Tensor):  # noqa: ANN202 - numpy array or CUDA tensor
     return flat if flat.is_cuda else flat.numpy()
 
 
+def _new_tag_base() -> int:
+    return secrets.randbits(60) << 4
+
+
+@dataclass
+class _Peer:
+    id: int
+    ep: object
+    send_tag: int
+    recv_tag: int
+    header_buf: np.ndarray = field(
+        default_factory=lambda: np.zeros(HEADER_BYTES + INLINE_BYTES, np.uint8)
+    )
+    header_req: object | None = None
+    header: Header | None = None
+    payload: list[torch.Tensor] = field(default_factory=list)
+    payload_reqs: list = field(default_factory=list)
+    sends: list[PendingSend] = field(default_factory=list)
+    closed: str | None = None  # set by UCX's error callback
+
+
+@dataclass
+class _Handshake:
+    ep: object
+    buf: np.ndarray
+    req: object
+    deadline: float
+    reply: list = field(default_factory=list)  # the reply request and its buffer, once sent
+    peer: int = -1
+    closed: str | None = None
+
+
+class PendingSend:
+    """A frame handed to UCX; `result` drives progress until UCX is done with its tensors."""
+
+    def __init__(self, transport: Transport, peer: int, requests: list, keep: list) -> None:
+        self._transport = transport
+        self.peer = peer
+        self._requests = requests
+        self._keep = keep  # the buffers must outlive the requests
+        self.error: str | None = None
+
+    def done(self) -> bool:
+        return self.error is not None or all(r.completed for r in self._requests)
+
+    def _settle(self) -> None:
+        if self.error is None:
+            for r in self._requests:
+                try:
+                    r.check_error()
+                except Exception as err:  # noqa: BLE001 - recorded, raised by result()
+                    self.error = f"{type(err).__name__}: {err}"
+        self._keep = []
+
+    def result(self, timeout_s: float) -> None:
+        self._transport._wait_send(self, timeout_s)
+
+
 class Transport:
     def __init__(
         self, node_id: int, settings: TransportSettings | None = None, device: str = "cpu"
     ) -> None:
         self.node_id = node_id
         self.settings = settings or TransportSettings()
+        if self.settings.progress_mode not in ("blocking", "polling"):
+            raise TransportError(
+                f"transport.progress_mode {self.settings.progress_mode!r}: use blocking or polling"
+            )
         self.device = torch.device(device)
         self.stats = TransportStats()
-        self._endpoints: dict[int, object] = {}
-        self._send_locks: dict[int, asyncio.Lock] = {}
+        self._ucx, self._array = _ucx()
+        self._lock = threading.RLock()  # UCX objects are used by one thread at a time
+        self._worker = self._ucx.UCXWorker(_shared_context())
+        self._worker.init_blocking_progress_mode()
+        self._epoll_fd = self._worker.epoll_file_descriptor
+        self._peers: dict[int, _Peer] = {}
+        self._handshakes: list[_Handshake] = []
         self._mail: dict[tuple[int, RoundKey], list[torch.Tensor]] = {}
-        self._pending: dict[int, int] = defaultdict(int)
+        self._pending: dict[int, int] = {}
         self._failed: dict[int, str] = {}
-        self._changed = threading.Condition()  # mail arrived, a peer joined or failed
-        self._readers: set[asyncio.Task] = set()
-        self._closing = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"afd-transport-{node_id}", daemon=True
+        self._listener = self._ucx.UCXListener.create(
+            worker=self._worker, port=0, cb_func=self._on_connection
         )
-        self._thread.start()
-        self._listener = self._call(self._listen(), self.settings.connect_timeout_s)
 
-    # ---- thread-safe API -------------------------------------------------------------
+    # ---- API ---------------------------------------------------------------------------
     @property
     def address(self) -> tuple[str, int]:
         return self.settings.host, self._listener.port
 
     def connect(self, peer: int, host: str, port: int) -> None:
-        self._call(self._connect(peer, host, port), self.settings.connect_timeout_s)
+        with self._lock:
+            deadline = time.monotonic() + self.settings.connect_timeout_s
+            ep = self._ucx.UCXEndpoint.create(self._worker, host, port, True)
+            recv_tag = _new_tag_base()
+            hello = Header(KIND_HELLO, self.node_id, _HELLO_KEY, ()).pack()
+            out = np.frombuffer(hello + recv_tag.to_bytes(_TAG_BYTES, "little"), np.uint8)
+            reply = np.zeros(_TAG_BYTES, np.uint8)
+            reqs = [ep.stream_send(self._array(out)), ep.stream_recv(self._array(reply))]
+            if not self._progress_until(lambda: all(r.completed for r in reqs), deadline):
+                raise TransportError(
+                    f"node {self.node_id}: peer {peer} at {host}:{port} did not answer the hello "
+                    f"within {self.settings.connect_timeout_s}s"
+                )
+            try:
+                for r in reqs:
+                    r.check_error()
+            except Exception as err:  # noqa: BLE001 - the peer refused us
+                raise TransportError(
+                    f"node {self.node_id}: peer {peer} at {host}:{port} refused the connection: {err}"
+                ) from err
+            self._register(peer, ep, int.from_bytes(reply.tobytes(), "little"), recv_tag)
 
     def wait_for_peers(self, peers: list[int], timeout_s: float) -> None:
-        with self._changed:
-            if not self._changed.wait_for(
-                lambda: all(p in self._endpoints for p in peers), timeout_s
-            ):
-                missing = [p for p in peers if p not in self._endpoints]
+        with self._lock:
+            deadline = time.monotonic() + timeout_s
+            if not self._progress_until(lambda: all(p in self._peers for p in peers), deadline):
+                missing = [p for p in peers if p not in self._peers]
                 raise TransportError(
                     f"node {self.node_id}: peers {missing} did not connect within {timeout_s}s"
                 )
 
-    def send(self, peer: int, key: RoundKey, tensors: list[torch.Tensor]) -> Future:
-        """Queues a frame; the returned future completes when UCX is done with the tensors."""
-        return asyncio.run_coroutine_threadsafe(
-            self._send(peer, key, [t.contiguous() for t in tensors]), self._loop
-        )
+    def send(self, peer: int, key: RoundKey, tensors: list[torch.Tensor]) -> PendingSend:
+        """Hands a frame to UCX; call `result()` on the handle before the tensors are reused."""
+        with self._lock:
+            p = self._peers.get(peer)
+            if p is None:
+                state = f"failed: {self._failed[peer]}" if peer in self._failed else "not connected"
+                raise TransportError(f"node {self.node_id}: peer {peer} is {state}")
+            tensors = [t.contiguous() for t in tensors]
+            if any(t.is_cuda for t in tensors):
+                torch.cuda.current_stream().synchronize()  # UCX reads memory, not the stream
+            metas = describe(tensors)
+            payload = sum(m.nbytes for m in metas)
+            inline = payload <= INLINE_BYTES and not any(t.is_cuda for t in tensors)
+            header = np.frombuffer(
+                Header(KIND_TENSORS, self.node_id, key, metas, inline).pack(), np.uint8
+            )
+            views = [_wire_view(t) for t in tensors if t.numel()]
+            if inline:
+                parts = [(np.concatenate([header, *views]) if views else header, _HEADER_CHANNEL)]
+            else:
+                parts = [(header, _HEADER_CHANNEL)] + [(v, _PAYLOAD_CHANNEL) for v in views]
+            tag = self._ucx.UCXXTag
+            requests = [p.ep.tag_send(self._array(buf), tag(p.send_tag | ch)) for buf, ch in parts]
+            handle = PendingSend(self, peer, requests, [parts, tensors])
+            p.sends.append(handle)
+            self.stats.frames_sent += 1
+            self.stats.bytes_sent += HEADER_BYTES + payload
+            return handle  # UCX already pushed what fits eagerly; the rest goes on in progress
 
     def recv(self, peer: int, key: RoundKey, timeout_s: float) -> list[torch.Tensor]:
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while (peer, key) not in self._mail:
-                if peer in self._failed:
-                    raise TransportError(
-                        f"node {self.node_id}: peer {peer} failed: {self._failed[peer]}"
-                    )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TransportError(
-                        f"node {self.node_id}: no frame {key} from peer {peer} within {timeout_s}s"
-                    )
-                self._changed.wait(left)
-            self._pending[peer] -= 1
-            return self._mail.pop((peer, key))
-
-    def close(self) -> None:
-        if self._loop.is_running():
-            try:
-                self._call(self._close(), 5.0)
-            except (TimeoutError, TransportError):
-                log.warning("node %d: transport did not close cleanly", self.node_id)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5.0)
-
-    def _call(self, coro, timeout_s: float):  # noqa: ANN001, ANN202
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout_s)
-        except TimeoutError:
-            future.cancel()
-            raise
-
-    # ---- event-loop side -----------------------------------------------------------------
-    async def _listen(self):  # noqa: ANN202
-        return _ucxx(self.settings.progress_mode).create_listener(self._accept)
-
-    async def _connect(self, peer: int, host: str, port: int) -> None:
-        ep = await _ucxx(self.settings.progress_mode).create_endpoint(host, port)
-        await ep.send(
-            np.frombuffer(Header(KIND_HELLO, self.node_id, _HELLO_KEY, ()).pack(), np.uint8)
-        )
-        self._register(peer, ep)
-        self._readers.add(task := self._loop.create_task(self._read_frames(peer, ep)))
-        task.add_done_callback(self._readers.discard)
-
-    async def _accept(self, ep) -> None:  # noqa: ANN001
-        buf = np.zeros(HEADER_BYTES + INLINE_BYTES, np.uint8)
-        try:
-            await asyncio.wait_for(ep.recv(buf), self.settings.connect_timeout_s)
-            hello = unpack(buf[:HEADER_BYTES].tobytes(), self.settings.max_frame_bytes)
-            if hello.kind != KIND_HELLO or hello.tensors:
-                raise WireError(f"first frame must be a hello, got kind {hello.kind}")
-            if hello.sender in self._endpoints:
-                raise WireError(f"peer id {hello.sender} is already connected")
-        except Exception as err:  # noqa: BLE001 - any failure rejects this connection only
-            self.stats.rejected_peers += 1
-            log.warning("node %d: rejected a connection: %s", self.node_id, err)
-            await _abort(ep)
-            return
-        self._register(hello.sender, ep)
-        await self._read_frames(hello.sender, ep)
-
-    def _register(self, peer: int, ep) -> None:  # noqa: ANN001
-        self._endpoints[peer] = ep
-        self._send_locks[peer] = asyncio.Lock()
-        with self._changed:
-            self._failed.pop(peer, None)
-            self._changed.notify_all()
-
-    async def _read_frames(self, peer: int, ep) -> None:  # noqa: ANN001
-        buf = np.zeros(HEADER_BYTES + INLINE_BYTES, np.uint8)
-        try:
-            while True:
-                buf[:HEADER_BYTES] = 0  # a short message must not pass for the previous header
-                await ep.recv(buf)
-                header = unpack(buf[:HEADER_BYTES].tobytes(), self.settings.max_frame_bytes)
-                if header.kind != KIND_TENSORS or header.sender != peer:
-                    raise WireError(
-                        f"frame of kind {header.kind} from sender {header.sender} on peer {peer}'s endpoint"
-                    )
-                tensors = [torch.empty(m.shape, dtype=m.dtype) for m in header.tensors]
-                if header.inline:
-                    offset = HEADER_BYTES
-                    for t in tensors:
-                        _wire_view(t)[:] = buf[offset : offset + t.nbytes]
-                        offset += t.nbytes
-                    tensors = [t.to(self.device) for t in tensors]
-                else:
-                    tensors = [
-                        t.to(self.device) for t in tensors
-                    ]  # allocate where the node computes
-                    for t in tensors:
-                        if t.numel():
-                            await ep.recv(_wire_view(t))
-                self.stats.frames_received += 1
-                self.stats.bytes_received += HEADER_BYTES + header.payload_bytes
-                self._deliver(peer, header.key, tensors)
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:  # noqa: BLE001 - the peer is at fault, the node goes on
-            self._fail_peer(
-                peer, ep, f"{type(err).__name__}: {err}", protocol=isinstance(err, WireError)
+        with self._lock:
+            slot = (peer, key)
+            deadline = time.monotonic() + timeout_s
+            self._progress_until(lambda: slot in self._mail or peer in self._failed, deadline)
+            if slot in self._mail:
+                self._pending[peer] -= 1
+                return self._mail.pop(slot)
+            if peer in self._failed:
+                raise TransportError(
+                    f"node {self.node_id}: peer {peer} failed: {self._failed[peer]}"
+                )
+            raise TransportError(
+                f"node {self.node_id}: no frame {key} from peer {peer} within {timeout_s}s"
             )
 
-    def _deliver(self, peer: int, key: RoundKey, tensors: list[torch.Tensor]) -> None:
-        with self._changed:
-            if (peer, key) in self._mail:
-                raise WireError(f"duplicate frame {key}")
-            if self._pending[peer] >= self.settings.max_pending_frames:
-                raise WireError(
-                    f"more than {self.settings.max_pending_frames} frames waiting unread"
+    def flush(self, timeout_s: float) -> None:
+        """Waits until UCX is done with every send: messages past the eager size only move
+        while the sender progresses, so a node must flush before it stops calling in."""
+        with self._lock:
+            deadline = time.monotonic() + timeout_s
+            if not self._progress_until(
+                lambda: not any(p.sends for p in self._peers.values()), deadline
+            ):
+                stuck = [p.id for p in self._peers.values() if p.sends]
+                raise TransportError(
+                    f"node {self.node_id}: sends to peers {stuck} not done within {timeout_s}s"
                 )
-            self._pending[peer] += 1
-            self._mail[(peer, key)] = tensors
-            self._changed.notify_all()
 
-    async def _send(self, peer: int, key: RoundKey, tensors: list[torch.Tensor]) -> None:
-        if peer not in self._endpoints or peer in self._failed:
-            state = "failed" if peer in self._failed else "not connected"
-            raise TransportError(f"node {self.node_id}: peer {peer} is {state}")
-        metas = describe(tensors)
-        payload = sum(m.nbytes for m in metas)
-        inline = payload <= INLINE_BYTES and not any(t.is_cuda for t in tensors)
-        header = np.frombuffer(
-            Header(KIND_TENSORS, self.node_id, key, metas, inline).pack(), np.uint8
-        )
-        if inline:
-            parts = [np.concatenate([header, *(_wire_view(t) for t in tensors if t.numel())])]
-        else:
-            parts = [header] + [_wire_view(t) for t in tensors if t.numel()]
-        ep = self._endpoints[peer]
-        async with self._send_locks[peer]:  # frames must not interleave on one endpoint
-            for part in parts:
-                await ep.send(part)
-        self.stats.frames_sent += 1
-        self.stats.bytes_sent += HEADER_BYTES + payload
+    def progress(self, timeout_s: float) -> None:
+        """Serves connections and incoming frames for `timeout_s` (for a node with nothing to do)."""
+        with self._lock:
+            self._progress_until(lambda: False, time.monotonic() + timeout_s)
 
-    def _fail_peer(self, peer: int, ep, reason: str, protocol: bool = False) -> None:  # noqa: ANN001
-        if self._closing:
+    def close(self) -> None:
+        with self._lock:
+            for ep in [p.ep for p in self._peers.values() if p.closed is None] + [
+                h.ep for h in self._handshakes if h.closed is None
+            ]:
+                self._close_ep(ep)
+            self._peers.clear()
+            self._handshakes.clear()
+            self._worker.progress()
+
+    # ---- progress ----------------------------------------------------------------------
+    def _progress_until(self, done: Callable[[], bool], deadline: float) -> bool:
+        spin_until = time.monotonic() + self.settings.spin_us * 1e-6
+        polling = self.settings.progress_mode == "polling"
+        while True:
+            self._worker.progress()
+            self._service()
+            if done():
+                return True
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if polling or now < spin_until:
+                continue
+            if self._worker.arm():  # nothing left to progress: sleep until UCX has news
+                select.select([self._epoll_fd], [], [], min(deadline - now, _MAX_SLEEP_S))
+
+    def _wait_send(self, handle: PendingSend, timeout_s: float) -> None:
+        with self._lock:
+            if not self._progress_until(handle.done, time.monotonic() + timeout_s):
+                raise TransportError(
+                    f"node {self.node_id}: a send to peer {handle.peer} did not complete "
+                    f"within {timeout_s}s"
+                )
+            handle._settle()
+            if handle.error is not None:
+                raise TransportError(
+                    f"node {self.node_id}: send to peer {handle.peer} failed: {handle.error}"
+                )
+
+    def _service(self) -> None:
+        if self._handshakes:
+            self._service_handshakes()
+        for p in list(self._peers.values()):
+            try:
+                if p.closed is not None:
+                    raise ConnectionError(p.closed)
+                self._pump(p)
+                if p.sends:
+                    self._retire_sends(p)
+            except Exception as err:  # noqa: BLE001 - the peer is at fault, the node goes on
+                self._fail_peer(p, f"{type(err).__name__}: {err}", isinstance(err, WireError))
+
+    def _pump(self, p: _Peer) -> None:
+        """Moves this peer's frames from UCX into the mailbox, as far as they have arrived."""
+        while True:
+            if p.payload_reqs:
+                if not all(r.completed for r in p.payload_reqs):
+                    return
+                for r in p.payload_reqs:
+                    r.check_error()
+                self._deliver(p, p.header, p.payload)
+                p.payload_reqs, p.payload, p.header = [], [], None
+            if p.header_req is None:
+                p.header_buf[:HEADER_BYTES] = 0  # a short message must not pass for the last one
+                p.header_req = p.ep.tag_recv(
+                    self._array(p.header_buf), self._ucx.UCXXTag(p.recv_tag | _HEADER_CHANNEL)
+                )
+            if not p.header_req.completed:
+                return
+            req, p.header_req = p.header_req, None
+            req.check_error()
+            header = unpack(p.header_buf[:HEADER_BYTES].tobytes(), self.settings.max_frame_bytes)
+            if header.kind != KIND_TENSORS or header.sender != p.id:
+                raise WireError(
+                    f"frame of kind {header.kind} from sender {header.sender} under peer {p.id}'s tag"
+                )
+            tensors = [torch.empty(m.shape, dtype=m.dtype) for m in header.tensors]
+            if header.inline:
+                offset = HEADER_BYTES
+                for t in tensors:
+                    _wire_view(t)[:] = p.header_buf[offset : offset + t.nbytes]
+                    offset += t.nbytes
+                if self.device.type != "cpu":
+                    tensors = [t.to(self.device) for t in tensors]
+                self._deliver(p, header, tensors)
+                continue
+            p.header = header
+            p.payload = [t.to(self.device) for t in tensors]  # allocated where the node computes
+            tag = self._ucx.UCXXTag(p.recv_tag | _PAYLOAD_CHANNEL)
+            p.payload_reqs = [
+                p.ep.tag_recv(self._array(_wire_view(t)), tag) for t in p.payload if t.numel()
+            ]
+
+    def _deliver(self, p: _Peer, header: Header, tensors: list[torch.Tensor]) -> None:
+        slot = (p.id, header.key)
+        if slot in self._mail:
+            raise WireError(f"duplicate frame {header.key}")
+        if self._pending.get(p.id, 0) >= self.settings.max_pending_frames:
+            raise WireError(f"more than {self.settings.max_pending_frames} frames waiting unread")
+        self._pending[p.id] = self._pending.get(p.id, 0) + 1
+        self._mail[slot] = tensors
+        self.stats.frames_received += 1
+        self.stats.bytes_received += HEADER_BYTES + header.payload_bytes
+
+    def _retire_sends(self, p: _Peer) -> None:
+        still = []
+        for s in p.sends:
+            if s.done():
+                s._settle()
+                if s.error is not None:
+                    raise ConnectionError(f"send failed: {s.error}")
+            else:
+                still.append(s)
+        p.sends = still
+
+    # ---- connections -------------------------------------------------------------------
+    def _on_connection(self, conn_request) -> None:  # noqa: ANN001 - called inside progress
+        try:
+            ep = self._listener.create_endpoint_from_conn_request(conn_request, True)
+        except Exception as err:  # noqa: BLE001 - the caller is gone already
+            self.stats.rejected_peers += 1
+            log.warning("node %d: rejected a connection: %s", self.node_id, err)
             return
+        buf = np.zeros(HELLO_BYTES, np.uint8)
+        h = _Handshake(
+            ep,
+            buf,
+            ep.stream_recv(self._array(buf)),
+            time.monotonic() + self.settings.connect_timeout_s,
+        )
+        ep.set_close_callback(self._on_handshake_closed, cb_args=(h,))
+        self._handshakes.append(h)
+
+    @staticmethod
+    def _on_handshake_closed(h: _Handshake, *_: object) -> None:
+        h.closed = "closed during the hello"
+
+    def _service_handshakes(self) -> None:
+        waiting = []
+        for h in self._handshakes:
+            try:
+                if h.reply:
+                    if not h.reply[0].completed:
+                        waiting.append(h)
+                        continue
+                    h.reply[0].check_error()
+                    self._register(
+                        h.peer, h.ep, int.from_bytes(h.buf[HEADER_BYTES:], "little"), h.reply[2]
+                    )
+                    continue
+                if h.req.completed:
+                    h.req.check_error()
+                    self._answer_hello(h)
+                    waiting.append(h)
+                elif h.closed is not None:
+                    raise WireError(h.closed)
+                elif time.monotonic() > h.deadline:
+                    raise WireError(f"no hello within {self.settings.connect_timeout_s}s")
+                else:
+                    waiting.append(h)
+            except Exception as err:  # noqa: BLE001 - any failure rejects this connection only
+                self.stats.rejected_peers += 1
+                log.warning("node %d: rejected a connection: %s", self.node_id, err)
+                if h.closed is None:
+                    self._close_ep(h.ep)
+        self._handshakes = waiting
+
+    def _answer_hello(self, h: _Handshake) -> None:
+        hello = unpack(h.buf[:HEADER_BYTES].tobytes(), self.settings.max_frame_bytes)
+        if hello.kind != KIND_HELLO or hello.tensors:
+            raise WireError(f"first frame must be a hello, got kind {hello.kind}")
+        if hello.sender in self._peers:
+            raise WireError(f"peer id {hello.sender} is already connected")
+        recv_tag = _new_tag_base()
+        reply = np.frombuffer(recv_tag.to_bytes(_TAG_BYTES, "little"), np.uint8).copy()
+        h.peer = hello.sender
+        h.reply = [h.ep.stream_send(self._array(reply)), reply, recv_tag]
+
+    def _register(self, peer: int, ep, send_tag: int, recv_tag: int) -> None:  # noqa: ANN001
+        p = _Peer(peer, ep, send_tag, recv_tag)
+        ep.set_close_callback(self._on_peer_closed, cb_args=(p,))
+        self._peers[peer] = p
+        self._failed.pop(peer, None)
+        self._pending[peer] = 0
+
+    @staticmethod
+    def _on_peer_closed(p: _Peer, *_: object) -> None:
+        p.closed = "the connection closed"
+
+    def _fail_peer(self, p: _Peer, reason: str, protocol: bool) -> None:
         # a protocol violation is news; a peer that went away shows up in the next recv anyway
         log.log(
             logging.WARNING if protocol else logging.INFO,
             "node %d: peer %d failed: %s",
             self.node_id,
-            peer,
+            p.id,
             reason,
         )
-        with self._changed:
-            self._failed[peer] = reason
-            if self._endpoints.get(peer) is ep:
-                del self._endpoints[peer]
-            self._changed.notify_all()
-        self._loop.create_task(_abort(ep))
+        self._failed[p.id] = reason
+        if self._peers.get(p.id) is p:
+            del self._peers[p.id]
+        for s in p.sends:
+            s.error = s.error or reason
+        if p.closed is None:  # closing an endpoint UCX already closed crashes ucxx
+            self._close_ep(p.ep)
 
-    async def _close(self) -> None:
-        self._closing = True
-        for ep in list(self._endpoints.values()):
-            await _abort(ep)
-        self._endpoints.clear()
-        self._listener.close()
-
-
-async def _abort(ep) -> None:  # noqa: ANN001
-    with contextlib.suppress(Exception):  # already closed
-        ep.abort()
+    @staticmethod
+    def _close_ep(ep) -> None:  # noqa: ANN001
+        with contextlib.suppress(Exception):  # already closed
+            ep.close()
