@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean protos
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The generated code is checked in (tests/test_protos.py keeps it current); regenerate after
+# editing protos/afd_v1.proto.
+protos: install
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/afd_v1.proto
 
 clean:
 	rm -rf $(VENV) .afd build *.egg-info

@@ -63,6 +63,7 @@ class AttentionStepResult:
     running: int
     waiting: int
     free_kv_blocks: int
+    transport_bytes: int  # sent and received since the node started
 
 
 def split_micro_batches(chunks: list[Chunk], m: int) -> list[list[Chunk]]:
@@ -146,6 +147,7 @@ class AttentionNode:
             len(self.scheduler.running),
             len(self.scheduler.waiting),
             self.cache.allocator.free,
+            self.transport.stats.bytes_sent + self.transport.stats.bytes_received,
         )
 
     def _admit(self, r: NewRequest) -> None:

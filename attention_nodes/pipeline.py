@@ -25,6 +25,8 @@ class StepTimings:
     total_s: float = 0.0
     attention_s: float = 0.0  # everything computed on this node
     expert_wait_s: float = 0.0  # blocked waiting for expert nodes' answers
+    rounds: int = 0  # (layer, micro-batch) exchanges with the expert pool
+    round_trip_s: float = 0.0  # dispatch sent to combine done, summed over the rounds
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,9 @@ class PingPongPipeline:
         self, step: int, batches: list[TokenBatch], sample_rows: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], StepTimings]:
         """Logits [B_j, V] at `sample_rows[j]` of every micro-batch j."""
-        start, wait_before = time.perf_counter(), self.dispatcher.wait_s
+        d = self.dispatcher
+        start, wait_before = time.perf_counter(), d.wait_s
+        rounds_before, rtt_before = d.rounds, d.round_trip_s
         h = [self.model.embed(b) for b in batches]
         inflight: list[_InFlight | None] = [None] * len(batches)
         for layer in range(self.model.config.num_layers):
@@ -62,7 +66,9 @@ class PingPongPipeline:
         logits = [self.model.logits(h_j, rows) for h_j, rows in zip(h, sample_rows, strict=True)]
         total = time.perf_counter() - start
         wait = self.dispatcher.wait_s - wait_before
-        return logits, StepTimings(total, total - wait, wait)
+        return logits, StepTimings(
+            total, total - wait, wait, d.rounds - rounds_before, d.round_trip_s - rtt_before
+        )
 
     def _finish(self, f: _InFlight) -> torch.Tensor:
         experts_TD = None if f.plan is None else self.dispatcher.combine(f.plan, f.routed.x_TD)

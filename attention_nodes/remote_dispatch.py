@@ -11,13 +11,12 @@ Shape legend: T = tokens, D = hidden, K = top-k, n = tokens sent to one node.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from models.placement import ExpertPlacement
-from transport.endpoint import Transport, TransportError
+from transport.endpoint import PendingSend, Transport, TransportError
 from transport.wire import RoundKey
 
 LOCAL_ID_DTYPE = torch.int16
@@ -29,7 +28,8 @@ class DispatchPlan:
 
     key: RoundKey
     rows_per_node: tuple[torch.Tensor, ...]
-    sends: tuple[Future, ...]
+    sends: tuple[PendingSend, ...]
+    sent_at: float
 
 
 class RemoteDispatcher:
@@ -45,6 +45,8 @@ class RemoteDispatcher:
         self.node_of_E, self.local_of_E = placement.tables()
         self.timeout_s = timeout_s
         self.wait_s = 0.0  # time blocked in combine, for the pipeline's timing split
+        self.rounds = 0
+        self.round_trip_s = 0.0  # dispatch sent to combine done, summed over rounds
 
     def dispatch(
         self, key: RoundKey, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
@@ -60,7 +62,7 @@ class RemoteDispatcher:
             weights_nK = torch.where(mask_nK, weights_TK[rows_n], 0)
             sends.append(self.transport.send(peer, key, [x_TD[rows_n], local_nK, weights_nK]))
             rows.append(rows_n)
-        return DispatchPlan(key, tuple(rows), tuple(sends))
+        return DispatchPlan(key, tuple(rows), tuple(sends), time.perf_counter())
 
     def combine(self, plan: DispatchPlan, like_TD: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
@@ -75,5 +77,8 @@ class RemoteDispatcher:
                 )
             send.result(self.timeout_s)  # surfaces a failed send
             out_TD.index_add_(0, rows_n, y_nD.to(out_TD.dtype))
-        self.wait_s += time.perf_counter() - start
+        end = time.perf_counter()
+        self.wait_s += end - start
+        self.rounds += 1
+        self.round_trip_s += end - plan.sent_at
         return out_TD

@@ -39,6 +39,7 @@ class ExpertStepResult:
     compute_s: float
     wait_s: float
     total_s: float
+    transport_bytes: int  # sent and received since the node started
 
 
 class ExpertNode:
@@ -91,7 +92,14 @@ class ExpertNode:
                 wait += t1 - t0
         self.transport.flush(self.settings.round_timeout_s)
         per_expert = dict(zip(self.shard.expert_ids, counts.tolist(), strict=True))
-        return ExpertStepResult(per_expert, compute, wait, time.perf_counter() - start)
+        stats = self.transport.stats
+        return ExpertStepResult(
+            per_expert,
+            compute,
+            wait,
+            time.perf_counter() - start,
+            stats.bytes_sent + stats.bytes_received,
+        )
 
     def _checked(self, peer: int, frame: list[torch.Tensor]) -> list[torch.Tensor]:
         """A dispatch frame is x [n, D], local ids [n, K] within this shard, weights [n, K]."""

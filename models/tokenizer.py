@@ -67,3 +67,22 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self.text += delta
         return delta
+
+
+class ChatTemplateError(ValueError):
+    """No chat template, or messages it cannot render; the message says which."""
+
+
+def render_chat(template: str | None, messages: list[dict[str, str]]) -> str:
+    """The checkpoint's own chat template, rendered in a sandbox as HF does, with the
+    assistant's turn opened."""
+    if not template:
+        raise ChatTemplateError("the model's tokenizer_config.json has no chat_template")
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+    except TemplateError as err:
+        raise ChatTemplateError(f"chat template failed: {err}") from err

@@ -1,12 +1,16 @@
-"""The `afd` command line: make-tiny-model, generate, demo."""
+"""The `afd` command line: make-tiny-model, generate, serve, client, demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import grpc
 
 from attention_nodes.node import TokenOutput
 from models.checkpoint import CheckpointError
@@ -16,8 +20,10 @@ from models.placement import PlacementError
 from models.sampling import SamplingError, SamplingParams
 from models.tiny import make_tiny_model
 from models.tokenizer import Tokenizer, TokenizerError
+from orchestrator.client import channel, generate, request
 from orchestrator.cluster import Cluster, RequestFailed
 from orchestrator.config import Deployment, DeploymentError, ModelSection, load_deployment
+from orchestrator.server import BackgroundServer, Server, with_ports
 
 DEMO_MODEL_DIR = Path(".afd/tiny-qwen3_moe")
 USER_ERRORS = (
@@ -69,7 +75,29 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(handler=_generate)
 
-    demo = sub.add_parser("demo", help="tiny model through a local 2+2-node cluster with m=2")
+    serve = sub.add_parser("serve", help="serve gRPC and OpenAI-compatible HTTP until SIGTERM")
+    serve.add_argument("config", help="deployment config YAML")
+    serve.add_argument("--model", help="HF model directory (overrides the config's)")
+    serve.add_argument("--attention-nodes", type=int)
+    serve.add_argument("--expert-nodes", type=int)
+    serve.add_argument("--micro-batches", type=int)
+    serve.add_argument("--host")
+    serve.add_argument("--grpc-port", type=int)
+    serve.add_argument("--http-port", type=int)
+    serve.set_defaults(handler=_serve)
+
+    client = sub.add_parser("client", help="stream one generation from a running server")
+    client.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the gRPC API")
+    client_prompt = client.add_mutually_exclusive_group(required=True)
+    client_prompt.add_argument("--prompt")
+    client_prompt.add_argument("--prompt-ids")
+    _add_sampling_args(client)
+    client.add_argument("--token", help="bearer token, when the server wants one")
+    client.add_argument("--tls-ca", help="CA certificate (PEM) for a TLS server")
+    client.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    client.set_defaults(handler=_client)
+
+    demo = sub.add_parser("demo", help="tiny model served by a local 2+2-node cluster with m=2")
     demo.set_defaults(handler=_demo)
     return parser
 
@@ -157,29 +185,76 @@ def _print_stream(events: Iterable[TokenEvent | TokenOutput], as_json: bool) -> 
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    deployment = load_deployment(args.config).with_shape(
+        args.attention_nodes, args.expert_nodes, args.micro_batches, model=args.model
+    )
+    load_config(deployment.model.path)  # a bad model directory fails before Ray starts
+    deployment = with_ports(deployment, args.host, args.grpc_port, args.http_port)
+    return Server(deployment).run_forever()
+
+
+def _client(args: argparse.Namespace) -> int:
+    sampling = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "stop": args.stop,
+        "stop_token_ids": _ids(args.stop_token_ids, "--stop-token-ids"),
+        "logprobs": True,
+    }
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    req = (
+        request(ids=_ids(args.prompt_ids, "--prompt-ids"), **sampling)
+        if args.prompt_ids is not None
+        else request(text=args.prompt, **sampling)
+    )
+    try:
+        with channel(args.target, args.tls_ca) as ch:
+            for response in generate(ch, req, args.token, args.timeout):
+                print(response.text, end="", flush=True)
+                if response.finish_reason:
+                    u = response.usage
+                    print(
+                        f"\n[{response.finish_reason}: {u.prompt_tokens} prompt + "
+                        f"{u.completion_tokens} generated tokens]"
+                    )
+    except grpc.RpcError as err:
+        print(f"afd: error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING)
     if not (DEMO_MODEL_DIR / "config.json").is_file():
         make_tiny_model(DEMO_MODEL_DIR)
         print(f"made a tiny qwen3_moe model in {DEMO_MODEL_DIR}")
     deployment = Deployment(model=ModelSection(path=str(DEMO_MODEL_DIR))).with_shape(2, 2, 2)
-    print("starting a local cluster: 2 attention nodes, 2 expert nodes, 2 micro-batches")
-    cluster = Cluster(deployment)
-    cluster.keep_history = True
+    deployment = with_ports(deployment, "127.0.0.1", 0, 0)
+    print("starting a local Ray cluster: 2 attention nodes, 2 expert nodes, 2 micro-batches")
+    server = BackgroundServer(deployment)
+    endpoints = server.start()
+    print(f"serving: gRPC {endpoints.grpc}, HTTP {endpoints.http}")
+    server.server.cluster.keep_history = True
+    prompts = ["Hello, world!", "The capital of France is", "Once upon a time", "def add(a, b):"]
     try:
-        tokenizer = Tokenizer(DEMO_MODEL_DIR)
-        prompts = [
-            "Hello, world!",
-            "The capital of France is",
-            "Once upon a time",
-            "def add(a, b):",
-        ]
-        params = SamplingParams(max_tokens=24, ignore_eos=True)
-        outputs = cluster.generate([(tokenizer.encode(p), params) for p in prompts])
-        for prompt, out in zip(prompts, outputs, strict=True):
-            print(f"{prompt!r} -> {''.join(o.text_delta for o in out)!r}")
-        print(_stats_table(cluster))
+        with channel(endpoints.grpc) as ch, ThreadPoolExecutor(len(prompts)) as pool:
+            texts = pool.map(
+                lambda p: "".join(
+                    r.text for r in generate(ch, request(text=p, max_tokens=24, ignore_eos=True))
+                ),
+                prompts,
+            )
+            for prompt, text in zip(prompts, texts, strict=True):
+                print(f"{prompt!r} -> {text!r}")
+        print(_stats_table(server.server.cluster))
     finally:
-        cluster.shutdown()
+        server.stop()
+    print("shut down cleanly")
     return 0
 
 

@@ -12,8 +12,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import ray
 
@@ -48,6 +49,33 @@ class StepRecord:
     experts: list[ExpertStepResult]
 
 
+class TokenSink(Protocol):
+    """Where the engine thread puts a request's tokens (and a final exception on failure)."""
+
+    def put(self, item: TokenOutput | Exception) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    name: str
+    pool: str  # "attention" or "expert"
+    healthy: bool
+    running: int = 0
+    waiting: int = 0
+    free_kv_blocks: int = 0
+    total_kv_blocks: int = 0
+    expert_ids: tuple[int, ...] = ()
+    tokens: int = 0  # computed (attention) or routed to the node (expert), all time
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterState:
+    nodes: list[NodeState]
+    queued: int  # submitted, not yet handed to a node
+    steps: int
+    expert_tokens: dict[int, int]  # global expert id -> tokens routed to it, all time
+
+
 class RequestStream:
     """The tokens of one request, in order, as the engine produces them."""
 
@@ -74,6 +102,14 @@ class RequestStream:
                 return
 
 
+def init_ray(deployment: Deployment) -> None:
+    """Joins the configured Ray cluster, or starts a local one (call from the main thread)."""
+    if not ray.is_initialized():
+        ray.init(
+            address=deployment.ray.address, include_dashboard=False, logging_level=logging.WARNING
+        )
+
+
 class Cluster:
     def __init__(self, deployment: Deployment) -> None:
         self.deployment = deployment
@@ -83,12 +119,17 @@ class Cluster:
             self.placement = ExpertPlacement.explicit(self.config.num_experts, d.experts.assignment)
         else:
             self.placement = ExpertPlacement.even(self.config.num_experts, d.experts.nodes)
-        if not ray.is_initialized():
-            ray.init(address=d.ray.address, include_dashboard=False, logging_level=logging.WARNING)
+        init_ray(d)
+        log.info(
+            "placing %d expert node(s) and %d attention node(s); each loads its own weights",
+            self.placement.num_nodes,
+            d.attention.nodes,
+        )
         self.experts = [self._start_expert(j) for j in range(self.placement.num_nodes)]
         self.attention = [self._start_attention(i) for i in range(d.attention.nodes)]
         self._wire()
-        self._streams: dict[str, RequestStream] = {}
+        log.info("all nodes loaded and wired")
+        self._streams: dict[str, TokenSink] = {}
         self._node_of: dict[str, int] = {}
         self._load = [0] * len(self.attention)
         self._incoming: list[list[NewRequest]] = [[] for _ in self.attention]
@@ -99,6 +140,11 @@ class Cluster:
         self.step_id = 0
         self.history: list[StepRecord] = []
         self.keep_history = False
+        self.step_hooks: list[Callable[[StepRecord], None]] = []  # metrics, on the engine thread
+        self._healthy = True
+        self._last_attention: list[AttentionStepResult | None] = [None] * len(self.attention)
+        self._attention_tokens = [0] * len(self.attention)
+        self._expert_tokens: dict[int, int] = dict.fromkeys(range(self.config.num_experts), 0)
         self._engine = threading.Thread(target=self._run, name="afd-engine", daemon=True)
         self._engine.start()
 
@@ -162,14 +208,21 @@ class Cluster:
 
     # ---- requests ---------------------------------------------------------------------
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> RequestStream:
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        sink: TokenSink | None = None,
+    ) -> TokenSink:
+        """Queues a request; its tokens go to `sink` (by default a blocking RequestStream)."""
         check_prompt(prompt_ids, params, self.config)
         request_id = request_id or f"req-{next(self._ids)}"
-        stream = RequestStream(request_id, self.deployment.transport.round_timeout_s * 4)
+        stream = sink or RequestStream(request_id, self.deployment.transport.round_timeout_s * 4)
         with self._wake:
             if self._stopping:
                 raise RequestFailed("the cluster is shutting down")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id} is already running")
             node = min(range(len(self._load)), key=self._load.__getitem__)
             self._load[node] += 1
             self._streams[request_id], self._node_of[request_id] = stream, node
@@ -204,7 +257,9 @@ class Cluster:
                 aborts, self._aborts = self._aborts, [[] for _ in self.attention]
             try:
                 self._step(new, aborts)
+                self._healthy = True
             except Exception as err:  # noqa: BLE001 - a failed step fails its requests, never the engine
+                self._healthy = False
                 log.error("step %d failed: %s", self.step_id, err)
                 self._fail_all(RequestFailed(f"step {self.step_id} failed: {err}"))
 
@@ -218,8 +273,20 @@ class Cluster:
         results = ray.get(attention_refs + expert_refs, timeout=timeout)
         wall = time.perf_counter() - start
         attention, experts = results[: len(self.attention)], results[len(self.attention) :]
+        record = StepRecord(s, wall, attention, experts)
         if self.keep_history:
-            self.history.append(StepRecord(s, wall, attention, experts))
+            self.history.append(record)
+        for i, a in enumerate(attention):
+            self._last_attention[i] = a
+            self._attention_tokens[i] += a.tokens
+        for e in experts:
+            for expert, tokens in e.tokens_per_expert.items():
+                self._expert_tokens[expert] += tokens
+        for hook in list(self.step_hooks):
+            try:
+                hook(record)
+            except Exception as err:  # noqa: BLE001 - metrics never stop the engine
+                log.warning("step hook failed: %s", err)
         for result in attention:
             for out in result.outputs:
                 self._publish(out)
@@ -247,6 +314,37 @@ class Cluster:
             stream.put(error)
 
     # ---- introspection and shutdown ---------------------------------------------------------
+    def status(self) -> ClusterState:
+        """The nodes as of the last step, and what is queued before the next one."""
+        total = self.deployment.attention.kv_blocks
+        nodes = []
+        for i, last in enumerate(self._last_attention):
+            nodes.append(
+                NodeState(
+                    f"attention-{i}",
+                    "attention",
+                    self._healthy,
+                    last.running if last else 0,
+                    last.waiting if last else 0,
+                    last.free_kv_blocks if last else total,
+                    total,
+                    tokens=self._attention_tokens[i],
+                )
+            )
+        for j, experts in enumerate(self.placement.assignment):
+            nodes.append(
+                NodeState(
+                    f"expert-{j}",
+                    "expert",
+                    self._healthy,
+                    expert_ids=tuple(experts),
+                    tokens=sum(self._expert_tokens[e] for e in experts),
+                )
+            )
+        with self._wake:
+            queued = sum(len(q) for q in self._incoming)
+        return ClusterState(nodes, queued, self.step_id, dict(self._expert_tokens))
+
     def loaded_tensor_names(self) -> dict[str, list[str]]:
         names = ray.get(
             [a.loaded_tensor_names.remote() for a in self.attention]

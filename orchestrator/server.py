@@ -1,0 +1,163 @@
+"""One serving process: the cluster, the gRPC endpoint and the HTTP endpoint on one event loop.
+
+`run_forever` is `afd serve`: SIGTERM (or Ctrl-C) drains — health turns NOT_SERVING, new
+requests get UNAVAILABLE, running ones finish — then everything shuts down and it exits 0.
+`BackgroundServer` runs the same thing on a thread, for `afd demo` and the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from dataclasses import dataclass, replace
+
+from aiohttp import web
+from grpc_health.v1 import health_pb2
+
+from models.tokenizer import Tokenizer
+from orchestrator.cluster import Cluster, init_ray
+from orchestrator.config import Deployment
+from orchestrator.grpc_server import SERVICE_NAME, _auth_token, start_grpc
+from orchestrator.http_server import make_app
+from orchestrator.service import Service
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    grpc: str  # host:port
+    http: str  # http://host:port
+
+
+class Server:
+    def __init__(self, deployment: Deployment, cluster: Cluster | None = None) -> None:
+        self.deployment = deployment
+        self.cluster = cluster
+        self._owns_cluster = cluster is None
+        self.service: Service | None = None
+        self.endpoints: Endpoints | None = None
+        self._grpc = None
+        self._health = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> Endpoints:
+        d, serve = self.deployment, self.deployment.serve
+        token = _auth_token(serve)  # fail before any node starts
+        if self.cluster is None:
+            log.info("starting the cluster for %s", d.model.path)
+            self.cluster = await asyncio.to_thread(Cluster, d)
+        self.service = Service(self.cluster, d, Tokenizer(d.model.path))
+        self._grpc, grpc_port, self._health = await start_grpc(
+            self.service, serve.host, serve.grpc_port
+        )
+        self._runner = web.AppRunner(make_app(self.service, token), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, serve.host, serve.http_port, ssl_context=_ssl(serve))
+        await site.start()
+        http_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - the bound port
+        scheme = "https" if serve.tls_cert else "http"
+        self.endpoints = Endpoints(
+            f"{serve.host}:{grpc_port}", f"{scheme}://{serve.host}:{http_port}"
+        )
+        log.info(
+            "serving %s: gRPC on %s, HTTP on %s",
+            self.service.model_name,
+            self.endpoints.grpc,
+            self.endpoints.http,
+        )
+        return self.endpoints
+
+    async def stop(self) -> bool:
+        """Drains, then shuts everything down; False if running requests outlived the drain."""
+        drained = True
+        if self.service is not None:
+            for name in ("", SERVICE_NAME):
+                await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            drained = await self.service.drain()
+            if not drained:
+                log.warning("drain timed out with %d request(s) running", self.service.in_flight)
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.service is not None:
+            self.service.close()
+        if self.cluster is not None and self._owns_cluster:
+            await asyncio.to_thread(self.cluster.shutdown)
+        return drained
+
+    def run_forever(self) -> int:
+        """`afd serve`: serves until SIGTERM or SIGINT, then drains and exits."""
+
+        async def main() -> int:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await self.start()
+            await stop.wait()
+            log.info("signal received: draining")
+            drained = await self.stop()
+            log.info("stopped")
+            return 0 if drained else 1
+
+        init_ray(self.deployment)
+        return asyncio.run(main())
+
+
+class BackgroundServer:
+    """A Server on its own thread and event loop."""
+
+    def __init__(self, deployment: Deployment, cluster: Cluster | None = None) -> None:
+        self.server = Server(deployment, cluster)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="afd-server", daemon=True
+        )
+
+    def start(self, timeout_s: float = 300.0) -> Endpoints:
+        init_ray(self.server.deployment)
+        self._thread.start()
+        return asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout_s)
+
+    def stop(self, timeout_s: float = 120.0) -> bool:
+        try:
+            return asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(
+                timeout_s
+            )
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout_s)
+
+    @property
+    def service(self) -> Service:
+        assert self.server.service is not None
+        return self.server.service
+
+
+def with_ports(
+    deployment: Deployment, host: str | None, grpc_port: int | None, http_port: int | None
+) -> Deployment:
+    serve = deployment.serve
+    return replace(
+        deployment,
+        serve=replace(
+            serve,
+            host=host if host is not None else serve.host,
+            grpc_port=grpc_port if grpc_port is not None else serve.grpc_port,
+            http_port=http_port if http_port is not None else serve.http_port,
+        ),
+    )
+
+
+def _ssl(serve):  # noqa: ANN001, ANN202 - ServeSection -> SSLContext | None
+    if not serve.tls_cert:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(serve.tls_cert, serve.tls_key)
+    return context

@@ -1,0 +1,33 @@
+"""The checked-in gRPC code is what protos/afd_v1.proto generates today."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATED = ["afd_v1_pb2.py", "afd_v1_pb2_grpc.py", "afd_v1_pb2.pyi"]
+
+
+def test_generated_code_is_current(tmp_path: Path) -> None:
+    (tmp_path / "protos").mkdir()
+    shutil.copy(ROOT / "protos" / "afd_v1.proto", tmp_path / "protos")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I.",
+            "--python_out=.",
+            "--grpc_python_out=.",
+            "--pyi_out=.",
+            "protos/afd_v1.proto",
+        ],
+        cwd=tmp_path,
+        check=True,
+    )
+    for name in GENERATED:
+        fresh = (tmp_path / "protos" / name).read_text()
+        assert fresh == (ROOT / "protos" / name).read_text(), f"run `make protos`: {name} is stale"
