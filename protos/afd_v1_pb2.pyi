@@ -13,17 +13,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = (
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "seed",
-        "stop",
-        "stop_token_ids",
-        "ignore_eos",
-        "logprobs",
-    )
+    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -42,18 +32,7 @@ class SamplingParams(_message.Message):
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ignore_eos: bool
     logprobs: bool
-    def __init__(
-        self,
-        max_tokens: _Optional[int] = ...,
-        temperature: _Optional[float] = ...,
-        top_p: _Optional[float] = ...,
-        top_k: _Optional[int] = ...,
-        seed: _Optional[int] = ...,
-        stop: _Optional[_Iterable[str]] = ...,
-        stop_token_ids: _Optional[_Iterable[int]] = ...,
-        ignore_eos: _Optional[bool] = ...,
-        logprobs: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("text", "token_ids", "sampling")
@@ -63,12 +42,7 @@ class GenerateRequest(_message.Message):
     text: str
     token_ids: TokenIds
     sampling: SamplingParams
-    def __init__(
-        self,
-        text: _Optional[str] = ...,
-        token_ids: _Optional[_Union[TokenIds, _Mapping]] = ...,
-        sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -76,9 +50,7 @@ class Usage(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
-    def __init__(
-        self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...
-    ) -> None: ...
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "usage")
@@ -94,31 +66,14 @@ class GenerateResponse(_message.Message):
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     finish_reason: str
     usage: Usage
-    def __init__(
-        self,
-        request_id: _Optional[str] = ...,
-        text: _Optional[str] = ...,
-        token_ids: _Optional[_Iterable[int]] = ...,
-        logprobs: _Optional[_Iterable[float]] = ...,
-        finish_reason: _Optional[str] = ...,
-        usage: _Optional[_Union[Usage, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = (
-        "model_type",
-        "model_path",
-        "dtype",
-        "vocab_size",
-        "max_context",
-        "num_layers",
-        "num_experts",
-        "experts_per_token",
-    )
+    __slots__ = ("model_type", "model_path", "dtype", "vocab_size", "max_context", "num_layers", "num_experts", "experts_per_token")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -135,34 +90,14 @@ class ModelInfoResponse(_message.Message):
     num_layers: int
     num_experts: int
     experts_per_token: int
-    def __init__(
-        self,
-        model_type: _Optional[str] = ...,
-        model_path: _Optional[str] = ...,
-        dtype: _Optional[str] = ...,
-        vocab_size: _Optional[int] = ...,
-        max_context: _Optional[int] = ...,
-        num_layers: _Optional[int] = ...,
-        num_experts: _Optional[int] = ...,
-        experts_per_token: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, model_type: _Optional[str] = ..., model_path: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = (
-        "name",
-        "pool",
-        "healthy",
-        "running",
-        "waiting",
-        "free_kv_blocks",
-        "total_kv_blocks",
-        "expert_ids",
-        "tokens",
-    )
+    __slots__ = ("name", "pool", "healthy", "running", "waiting", "free_kv_blocks", "total_kv_blocks", "expert_ids", "tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -181,18 +116,7 @@ class NodeStatus(_message.Message):
     total_kv_blocks: int
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
     tokens: int
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        pool: _Optional[str] = ...,
-        healthy: _Optional[bool] = ...,
-        running: _Optional[int] = ...,
-        waiting: _Optional[int] = ...,
-        free_kv_blocks: _Optional[int] = ...,
-        total_kv_blocks: _Optional[int] = ...,
-        expert_ids: _Optional[_Iterable[int]] = ...,
-        tokens: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
     __slots__ = ("expert_id", "tokens")
@@ -214,11 +138,4 @@ class ClusterStatusResponse(_message.Message):
     waiting: int
     steps: int
     experts: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
-    def __init__(
-        self,
-        nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...,
-        running: _Optional[int] = ...,
-        waiting: _Optional[int] = ...,
-        steps: _Optional[int] = ...,
-        experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., steps: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ...) -> None: ...
