@@ -108,3 +108,64 @@ def test_generate_with_a_config_file_and_a_bad_one(tiny_model: Path, tmp_path: P
     )
     out = _afd("generate", "--config", str(config), "--prompt", "hi")
     assert out.returncode == 2 and "expert nodes must be between 1 and 8" in out.stderr, out.stderr
+
+
+def test_serve_streams_to_the_client_and_sigterm_drains(tiny_model: Path) -> None:
+    """`afd serve` in its own process: `afd client` streams from it, and SIGTERM lets the running
+    request finish before the process exits 0."""
+    import re
+    import signal
+    import threading
+
+    from orchestrator.client import channel, generate, request
+
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "serve",
+            "configs/tiny-cpu.yaml",
+            "--model",
+            str(tiny_model),
+            "--attention-nodes",
+            "1",
+            "--expert-nodes",
+            "1",
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    log: list[str] = []
+    ready = threading.Event()
+    target: list[str] = []
+
+    def read() -> None:
+        for line in server.stdout:
+            log.append(line)
+            if m := re.search(r"gRPC on (\S+),", line):
+                target.append(m.group(1))
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(120), "".join(log)
+        client = _afd("client", "--target", target[0], "--prompt", "Hello", "--max-tokens", "5")
+        assert client.returncode == 0, client.stderr
+        assert "[length: " in client.stdout and "5 generated tokens]" in client.stdout
+        with channel(target[0]) as ch:
+            call = generate(ch, request(text="Once upon a time", max_tokens=40, ignore_eos=True))
+            first = next(call)
+            server.send_signal(signal.SIGTERM)
+            rest = list(call)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 40
+        assert rest[-1].finish_reason == "length"
+        assert server.wait(60) == 0, "".join(log)
+    finally:
+        server.kill()
+    assert any("draining" in line for line in log)
