@@ -111,3 +111,43 @@ class LocalDispatcher(Dispatcher):
         self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
     ) -> torch.Tensor:
         return self.shard.forward(layer, x_TD, ids_TK, weights_TK)
+
+
+def grouped_experts(
+    w: StackedExperts, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
+) -> torch.Tensor:
+    """`ExpertShard.forward` without a host synchronisation: every (token, slot) pair sorted by
+    expert, then one grouped GEMM per projection over all local experts (`torch._grouped_mm` on
+    CUDA; a per-expert loop elsewhere). Fixed shapes throughout, so CUDA graphs can capture it.
+    Entries with local id -1 are skipped."""
+    T, K = ids_TK.shape
+    E = w.gate_EID.shape[0]
+    flat_N = ids_TK.reshape(-1).long()
+    valid_N = flat_N >= 0
+    flat_N = torch.where(valid_N, flat_N, E)  # skipped pairs sort after every expert
+    order_N = torch.argsort(flat_N, stable=True)
+    token_N = order_N // K
+    counts_E = torch.zeros(E + 1, dtype=torch.int64, device=x_TD.device)
+    counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N))  # bincount would sync for its size
+    ends_E = torch.cumsum(counts_E[:E], 0)
+    x_ND = x_TD[token_N]
+    if x_TD.is_cuda:
+        offs = ends_E.to(torch.int32)
+        gate_NI = torch._grouped_mm(x_ND, w.gate_EID.transpose(1, 2), offs=offs)
+        up_NI = torch._grouped_mm(x_ND, w.up_EID.transpose(1, 2), offs=offs)
+        y_ND = torch._grouped_mm(F.silu(gate_NI) * up_NI, w.down_EDI.transpose(1, 2), offs=offs)
+    else:
+        y_ND = torch.zeros_like(x_ND)
+        starts = [0, *ends_E.tolist()]
+        for e in range(E):
+            rows = slice(starts[e], starts[e + 1])
+            if rows.start != rows.stop:
+                x = x_ND[rows]
+                y_ND[rows] = F.linear(
+                    F.silu(F.linear(x, w.gate_EID[e])) * F.linear(x, w.up_EID[e]), w.down_EDI[e]
+                )
+    weight_N = (weights_TK.reshape(-1)[order_N] * valid_N[order_N]).to(y_ND.dtype)
+    y_ND = torch.where(
+        valid_N[order_N, None], y_ND * weight_N[:, None], 0
+    )  # rows past the groups are garbage
+    return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)

@@ -1,0 +1,127 @@
+"""Batched decode with fixed shapes, for the GPU: B sequences in B cache slots, one token each.
+
+The reference path (`AttentionSideModel.forward`) loops over sequences in Python and grows its
+KV cache, which is exact but launches thousands of kernels a step. Here every tensor has a shape
+fixed by (batch bucket, max_len): a slot-major KV cache [L, B, G, S, Dh], attention over all S
+positions with a length mask, grouped expert GEMMs without host synchronisation. That makes a
+whole step capturable as one CUDA graph per batch bucket (`capture`), replayed each step.
+
+The math is the reference's (same weights, same layer functions); tests check the logits match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from models.layers import apply_rope, rms_norm, route
+from models.model import AttentionSideModel, Routed
+from models.moe import ExpertShard, grouped_experts
+
+
+class StaticDecoder:
+    def __init__(
+        self, model: AttentionSideModel, shard: ExpertShard, max_batch: int, max_len: int
+    ) -> None:
+        c = model.config
+        if shard.expert_ids != tuple(range(c.num_experts)):
+            raise ValueError("StaticDecoder runs all experts in this process")
+        self.model, self.shard, self.config = model, shard, c
+        ref = model.t["model.embed_tokens.weight"]
+        self.device, self.dtype = ref.device, ref.dtype
+        self.max_batch, self.max_len = max_batch, max_len
+        shape = (c.num_layers, max_batch, c.num_kv_heads, max_len, c.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        positions = torch.arange(max_len, device=self.device)
+        self.cos_SDh, self.sin_SDh = model.rope.cos_sin(positions, self.dtype)  # once, on device
+        self._graphs: dict[
+            int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = {}
+
+    @torch.inference_mode()
+    def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
+        """Slot b takes token tokens_B[b] at position positions_B[b]; returns logits [B, V]."""
+        B = tokens_B.shape[0]
+        graph = self._graphs.get(B)
+        if graph is None:
+            return self._step(tokens_B, positions_B)
+        g, tokens, positions, logits = graph
+        tokens.copy_(tokens_B)
+        positions.copy_(positions_B)
+        g.replay()
+        return logits
+
+    @torch.inference_mode()
+    def capture(self, batch: int, warmup: int = 2) -> None:
+        """Records one step at this batch size as a CUDA graph (slots 0..batch-1)."""
+        tokens = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        positions = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):  # lazy init (cuBLAS handles, grouped-GEMM plans) off the graph
+                self._step(tokens, positions)
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            logits = self._step(tokens, positions)
+        self._graphs[batch] = (g, tokens, positions, logits)
+
+    def _step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
+        m, c = self.model, self.config
+        B = tokens_B.shape[0]
+        slots_B = torch.arange(B, device=self.device)
+        cos, sin = self.cos_SDh[positions_B], self.sin_SDh[positions_B]
+        keep_B11S = (
+            torch.arange(self.max_len, device=self.device)[None, :] <= positions_B[:, None]
+        )[:, None, None, :]
+        h_BD = F.embedding(tokens_B, m.t["model.embed_tokens.weight"])
+        for layer in range(c.num_layers):
+            x_BD = rms_norm(h_BD, m._w(layer, "input_layernorm"), c.rms_norm_eps)
+            h_BD = h_BD + self._attention(layer, x_BD, slots_B, positions_B, cos, sin, keep_B11S)
+            x_BD = rms_norm(h_BD, m._w(layer, "post_attention_layernorm"), c.rms_norm_eps)
+            if not c.is_moe_layer(layer):
+                empty = torch.empty(B, 0, dtype=torch.int64, device=self.device)
+                h_BD = m.post_experts(layer, Routed(h_BD, x_BD, empty, empty), None)
+                continue
+            ids_BK, weights_BK = route(x_BD, m._moe(layer, "gate.weight"), c)
+            experts_BD = grouped_experts(self.shard.layers[layer], x_BD, ids_BK, weights_BK)
+            h_BD = m.post_experts(layer, Routed(h_BD, x_BD, ids_BK, weights_BK), experts_BD)
+        return m.logits(h_BD, slots_B)
+
+    def _attention(
+        self,
+        layer: int,
+        x_BD: torch.Tensor,
+        slots_B: torch.Tensor,
+        positions_B: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keep_B11S: torch.Tensor,
+    ) -> torch.Tensor:
+        m, c, p = self.model, self.config, f"model.layers.{layer}.self_attn"
+        B = x_BD.shape[0]
+        q, k, v = (
+            F.linear(x_BD, m.t[f"{p}.{n}_proj.weight"], m.t.get(f"{p}.{n}_proj.bias"))
+            for n in "qkv"
+        )
+        if c.qk_norm == "full":
+            q = rms_norm(q, m.t[f"{p}.q_norm.weight"], c.rms_norm_eps)
+            k = rms_norm(k, m.t[f"{p}.k_norm.weight"], c.rms_norm_eps)
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q_BHDh = q.view(B, c.num_heads, c.head_dim)
+        k_BGDh = k.view(B, c.num_kv_heads, c.head_dim)
+        v_BGDh = v.view(B, c.num_kv_heads, c.head_dim)
+        if c.qk_norm == "per_head":
+            q_BHDh = rms_norm(q_BHDh, m.t[f"{p}.q_norm.weight"], c.rms_norm_eps)
+            k_BGDh = rms_norm(k_BGDh, m.t[f"{p}.k_norm.weight"], c.rms_norm_eps)
+        q_BHDh, k_BGDh = apply_rope(q_BHDh, cos, sin), apply_rope(k_BGDh, cos, sin)
+        self.k_cache[layer, slots_B, :, positions_B] = k_BGDh
+        self.v_cache[layer, slots_B, :, positions_B] = v_BGDh
+        k_BGSDh, v_BGSDh = self.k_cache[layer, :B], self.v_cache[layer, :B]
+        out_BH1Dh = F.scaled_dot_product_attention(
+            q_BHDh[:, :, None, :], k_BGSDh, v_BGSDh, attn_mask=keep_B11S, enable_gqa=True
+        )
+        return F.linear(out_BH1Dh.reshape(B, c.num_heads * c.head_dim), m.t[f"{p}.o_proj.weight"])
