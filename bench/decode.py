@@ -1,0 +1,300 @@
+"""Decode throughput on one GPU: HF transformers (the peer) against afd, with each row's MBU.
+
+    python bench/decode.py                      # Qwen3-30B-A3B shape, bf16, random weights
+    python bench/decode.py --layers 8 --batches 1,8 --skip-hf --json
+    python bench/decode.py --tiny --device cpu  # a smoke run of the same code on the CPU
+
+Model: 48 layers, hidden 2048, 128 experts, top-8, expert FFN 768, 32/4 heads of 128, vocab
+151936 (`--layers` shortens it). Weights are random normal (never zeros), made on the device.
+Each row decodes `--steps` tokens for a batch of B sequences after a short prompt, timed with
+CUDA events after warm-up. The floor: bytes a step must read (attention-side weights, the
+LM head, the experts the batch is expected to touch, the KV cache) over the device-to-device
+copy bandwidth measured in the same run; MBU = floor time / measured time.
+
+Rows: `hf` = transformers `generate` (greedy, static shapes as HF runs them), `afd-eager` =
+afd's fixed-shape decode without graphs, `afd-graph` = the same captured as one CUDA graph
+per batch size. The disaggregated rows (one attention + one expert process) are not here yet:
+see bench/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+
+from models.config import load_config  # noqa: E402
+from models.model import AttentionSideModel  # noqa: E402
+from models.moe import ExpertShard, StackedExperts  # noqa: E402
+from models.static_decode import StaticDecoder  # noqa: E402
+from models.weights import ATTENTION_SIDE_KINDS, tensor_specs  # noqa: E402
+
+QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
+}
+TINY = {
+    **QWEN3_30B_A3B,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "moe_intermediate_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class _Timer:
+    """CUDA events on the GPU, perf_counter elsewhere."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __enter__(self) -> _Timer:
+        _sync(self.device)
+        if self.device == "cuda":
+            self.start, self.end = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    n = (1 << 30) if device == "cuda" else (1 << 26)
+    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    with _Timer(device) as t:
+        for _ in range(10):
+            b.copy_(a)
+    return 2 * n * 10 / t.seconds
+
+
+def _random(
+    shape: tuple[int, ...], dtype: torch.dtype, device: str, gen: torch.Generator
+) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+
+def build_afd(
+    config, dtype: torch.dtype, device: str, seed: int
+) -> tuple[AttentionSideModel, ExpertShard]:  # noqa: ANN001
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tensors = {}
+    for spec in tensor_specs(config, ATTENTION_SIDE_KINDS):
+        if spec.name.endswith("norm.weight") or "layernorm" in spec.name:
+            tensors[spec.name] = torch.ones(spec.shape, dtype=dtype, device=device)
+        else:
+            tensors[spec.name] = _random(spec.shape, dtype, device, gen)
+    E, F, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
+    layers = {
+        layer: StackedExperts(
+            _random((E, F, D), dtype, device, gen),
+            _random((E, F, D), dtype, device, gen),
+            _random((E, D, F), dtype, device, gen),
+        )
+        for layer in config.moe_layers
+    }
+    return AttentionSideModel(config, tensors), ExpertShard(config, range(E), layers)
+
+
+def floor_bytes(config, batch: int, context: int, dtype_bytes: int = 2) -> float:  # noqa: ANN001
+    """What one decode step must read at least: every attention-side weight but the embedding
+    table (one row per token), the experts the batch is expected to touch, and the KV cache."""
+    c = config
+    attn = (
+        c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        + c.num_heads * c.head_dim * c.hidden_size
+    )
+    router = c.num_experts * c.hidden_size
+    lm_head = c.vocab_size * c.hidden_size
+    expert = 3 * c.hidden_size * c.moe_intermediate_size
+    touched = c.num_experts * (1 - (1 - c.top_k / c.num_experts) ** batch)
+    kv = 2 * batch * context * c.num_kv_heads * c.head_dim
+    per_layer = attn + router + touched * expert + kv
+    return (c.num_layers * per_layer + lm_head) * dtype_bytes
+
+
+def bench_afd(model, shard, batches, steps, prompt, device, graphs: bool) -> list[dict]:  # noqa: ANN001
+    rows = []
+    max_len = prompt + steps + 8
+    decoder = StaticDecoder(model, shard, max(batches), max_len)
+    for B in batches:
+        gen = torch.Generator(device=device).manual_seed(B)
+        tokens = torch.randint(0, model.config.vocab_size, (B,), generator=gen, device=device)
+        check = None
+        if graphs:
+            decoder.capture(B)
+            where = torch.zeros(B, dtype=torch.int64, device=device)
+            replayed = decoder.step(tokens, where).float()
+            eager = decoder._step(tokens, where).float()  # same writes: the cache is unchanged
+            check = float((replayed - eager).norm() / eager.norm())
+        for pos in range(prompt):  # the prompt, one position a step, as decode would see it
+            logits = decoder.step(tokens, torch.full((B,), pos, device=device))
+        tokens = torch.argmax(logits, -1)
+        with _Timer(device) as t:
+            for i in range(steps):
+                logits = decoder.step(tokens, torch.full((B,), prompt + i, device=device))
+                tokens = torch.argmax(logits, -1)
+        rows.append(
+            _row("afd-graph" if graphs else "afd-eager", B, t.seconds / steps, prompt + steps)
+        )
+    return rows
+
+
+def bench_hf(raw: dict, batches, steps, prompt, device, dtype) -> list[dict]:  # noqa: ANN001
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**raw)
+    with torch.device(device):
+        torch.set_default_dtype(dtype)
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    model.eval()
+    rows = []
+    for B in batches:
+        gen = torch.Generator(device=device).manual_seed(B)
+        ids = torch.randint(0, raw["vocab_size"], (B, prompt), generator=gen, device=device)
+        kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+        with _Timer(device) as prefill:
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        with _Timer(device) as t:
+            model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kwargs)
+        rows.append(_row("hf", B, max(t.seconds - prefill.seconds, 1e-9) / steps, prompt + steps))
+    del model
+    return rows
+
+
+def _row(engine: str, batch: int, step_s: float, context: int) -> dict:
+    return {
+        "engine": engine,
+        "batch": batch,
+        "ms_per_step": step_s * 1e3,
+        "tokens_per_s": batch / step_s,
+        "context": context,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, help="fewer layers than the model's 48")
+    p.add_argument("--batches", default="1,8,32,64,128")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows")
+    p.add_argument("--tiny", action="store_true", help="a tiny model of the same kind (smoke runs)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--json-out", help="also write the JSON object to this file")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    raw = dict(TINY if args.tiny else QWEN3_30B_A3B)
+    if args.layers:
+        raw["num_hidden_layers"] = args.layers
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(raw))
+        config = load_config(d)
+    bandwidth = copy_bandwidth(args.device)
+    rows = []
+    if not args.skip_hf:
+        rows += bench_hf(raw, batches, args.steps, args.prompt, args.device, dtype)
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    model, shard = build_afd(config, dtype, args.device, seed=0)
+    rows += bench_afd(model, shard, batches, args.steps, args.prompt, args.device, graphs=False)
+    if args.device == "cuda" and not args.no_graphs:
+        rows += bench_afd(model, shard, batches, args.steps, args.prompt, args.device, graphs=True)
+    for r in rows:
+        floor_s = floor_bytes(config, r["batch"], r["context"], dtype.itemsize) / bandwidth
+        r["floor_ms"] = floor_s * 1e3
+        r["mbu"] = floor_s / (r["ms_per_step"] / 1e3)
+    hf = {r["batch"]: r["tokens_per_s"] for r in rows if r["engine"] == "hf"}
+    for r in rows:
+        r["x_hf"] = r["tokens_per_s"] / hf[r["batch"]] if r["batch"] in hf else None
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    meta = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "copy_GBps": bandwidth / 1e9,
+        "layers": raw["num_hidden_layers"],
+        "steps": args.steps,
+        "prompt": args.prompt,
+    }
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    if args.json:
+        print(json.dumps({**meta, "rows": rows}))
+        return 0
+    print(f"{meta}")
+    print(
+        f"{'engine':<10}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'floor ms':>10}{'MBU':>7}{'x HF':>7}"
+    )
+    for r in rows:
+        x = f"{r['x_hf']:.1f}" if r["x_hf"] else "-"
+        print(
+            f"{r['engine']:<10}{r['batch']:>6}{r['ms_per_step']:>10.2f}{r['tokens_per_s']:>10.1f}{r['floor_ms']:>10.2f}{r['mbu']:>7.0%}{x:>7}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
