@@ -190,6 +190,7 @@ def bench_afd(model, shard, batches, steps, prompt, device, graphs: bool) -> lis
         rows.append(
             _row("afd-graph" if graphs else "afd-eager", B, t.seconds / steps, prompt + steps)
         )
+        rows[-1]["graph_vs_eager_rel_err"] = check
     return rows
 
 
