@@ -220,6 +220,27 @@ def bench_hf(raw: dict, batches, steps, prompt, device, dtype) -> list[dict]:  #
     return rows
 
 
+def profile_step(config, dtype: torch.dtype, device: str, batch: int, prompt: int) -> int:  # noqa: ANN001
+    """Where one eager decode step spends GPU time, by kernel (for the notes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, shard = build_afd(config, dtype, device, seed=0)
+    decoder = StaticDecoder(model, shard, batch, prompt + 8)
+    tokens = torch.ones(batch, dtype=torch.int64, device=device)
+    where = torch.full((batch,), prompt, device=device)
+    for _ in range(3):
+        decoder.step(tokens, where)
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            decoder.step(tokens, where)
+        _sync(device)
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+    )
+    return 0
+
+
 def _row(engine: str, batch: int, step_s: float, context: int) -> dict:
     return {
         "engine": engine,
@@ -244,6 +265,12 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny model of the same kind (smoke runs)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--json-out", help="also write the JSON object to this file")
+    p.add_argument(
+        "--profile",
+        type=int,
+        metavar="B",
+        help="print the top GPU kernels of one eager step at batch B, then exit",
+    )
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     raw = dict(TINY if args.tiny else QWEN3_30B_A3B)
@@ -253,6 +280,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(raw))
         config = load_config(d)
+    if args.profile:
+        return profile_step(config, dtype, args.device, args.profile, args.prompt)
     bandwidth = copy_bandwidth(args.device)
     rows = []
     if not args.skip_hf:
