@@ -147,7 +147,8 @@ def grouped_experts(
                     F.silu(F.linear(x, w.gate_EID[e])) * F.linear(x, w.up_EID[e]), w.down_EDI[e]
                 )
     weight_N = (weights_TK.reshape(-1)[order_N] * valid_N[order_N]).to(y_ND.dtype)
-    y_ND = torch.where(
-        valid_N[order_N, None], y_ND * weight_N[:, None], 0
-    )  # rows past the groups are garbage
-    return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+    # rows past the groups are garbage; then back to (token, slot) order and a sum over slots,
+    # which is deterministic, unlike an atomic index_add_
+    y_ND = torch.where(valid_N[order_N, None], y_ND * weight_N[:, None], 0)
+    y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(T, K, -1)
+    return y_TKD.sum(1)
