@@ -13,7 +13,8 @@ use for its frames to us. Both tags are random 60-bit values, so frames of one p
 matched to another by accident and a rogue process cannot guess its way into a live peer's
 stream. A frame is a header message (with the payload inline when small) on the peer's tag,
 channel 0, followed for big frames by one message per tensor on channel 1, received straight
-into freshly allocated tensors (host or GPU). A bad frame fails the peer that sent it, never the
+into freshly allocated tensors (host or GPU). Small frames of GPU tensors are copied to the host
+and inlined too: UCX's GPU rendezvous costs milliseconds per message (bench/NOTES.md). A bad frame fails the peer that sent it, never the
 node; frames nobody asked for yet wait in a bounded mailbox.
 
 While the caller computes, nothing progresses: small frames wait in UCX's unexpected queue and
@@ -180,6 +181,10 @@ class Transport:
             )
         self.device = torch.device(device)
         self.stats = TransportStats()
+        if self.device.type == "cuda":
+            # UCX picks its GPU transports (CUDA IPC, GPUDirect) only when a CUDA context is
+            # current as its context and worker are made
+            torch.zeros(1, device=self.device)
         self._ucx, self._array = _ucx()
         self._lock = threading.RLock()  # UCX objects are used by one thread at a time
         self._worker = self._ucx.UCXWorker(_shared_context())
@@ -239,11 +244,14 @@ class Transport:
                 state = f"failed: {self._failed[peer]}" if peer in self._failed else "not connected"
                 raise TransportError(f"node {self.node_id}: peer {peer} is {state}")
             tensors = [t.contiguous() for t in tensors]
-            if any(t.is_cuda for t in tensors):
-                torch.cuda.current_stream().synchronize()  # UCX reads memory, not the stream
             metas = describe(tensors)
             payload = sum(m.nbytes for m in metas)
-            inline = payload <= INLINE_BYTES and not any(t.is_cuda for t in tensors)
+            inline = payload <= INLINE_BYTES
+            if any(t.is_cuda for t in tensors):
+                if inline:  # a small frame: one host copy beats UCX's GPU rendezvous by far
+                    tensors = [t.cpu() for t in tensors]
+                else:
+                    torch.cuda.current_stream().synchronize()  # UCX reads memory, not the stream
             header = np.frombuffer(
                 Header(KIND_TENSORS, self.node_id, key, metas, inline).pack(), np.uint8
             )
