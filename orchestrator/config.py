@@ -13,7 +13,7 @@ import yaml
 
 from models.generation import DTYPES
 
-_SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "list": list}
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
 
 
 class DeploymentError(ValueError):
@@ -30,7 +30,10 @@ class ModelSection:
 class AttentionSection:
     nodes: int = 1
     num_cpus: float = 0.0
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # GPUs per actor
+    accelerator_type: str | None = None  # e.g. "H100": only nodes whose GPUs Ray reports as that
+    resources: dict | None = None  # custom Ray resources per actor, e.g. {"afd_expert_host": 1}
+    strategy: str = "spread"  # spread: actors on as many nodes as possible; pack: on few
     kv_blocks: int = 256
     block_size: int = 16
     max_batch_tokens: int = 512
@@ -41,7 +44,10 @@ class AttentionSection:
 class ExpertSection:
     nodes: int = 1
     num_cpus: float = 0.0
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # GPUs per actor
+    accelerator_type: str | None = None  # e.g. "H100": only nodes whose GPUs Ray reports as that
+    resources: dict | None = None  # custom Ray resources per actor, e.g. {"afd_expert_host": 1}
+    strategy: str = "spread"  # spread: actors on as many nodes as possible; pack: on few
     assignment: list | None = None  # explicit expert ids per node; default: even contiguous ranges
 
 
@@ -164,6 +170,13 @@ def _coerce(value: Any, hint: Any, source: str, path: str) -> Any:
     return value
 
 
+def _resource_map(resources: dict | None) -> bool:
+    return resources is None or all(
+        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+        for k, v in resources.items()
+    )
+
+
 def _check(d: Deployment, source: str) -> None:
     rules = [
         ("model.path", bool(d.model.path), "a model directory"),
@@ -181,6 +194,18 @@ def _check(d: Deployment, source: str) -> None:
             "blocking or polling",
         ),
         ("transport.spin_us", d.transport.spin_us >= 0, ">= 0"),
+        ("attention.strategy", d.attention.strategy in ("spread", "pack"), "spread or pack"),
+        ("experts.strategy", d.experts.strategy in ("spread", "pack"), "spread or pack"),
+        (
+            "attention.resources",
+            _resource_map(d.attention.resources),
+            "a mapping of resource names to non-negative numbers",
+        ),
+        (
+            "experts.resources",
+            _resource_map(d.experts.resources),
+            "a mapping of resource names to non-negative numbers",
+        ),
         ("serve.grpc_port", 0 <= d.serve.grpc_port < 65536, "a port number (0: any free port)"),
         ("serve.http_port", 0 <= d.serve.http_port < 65536, "a port number (0: any free port)"),
         ("serve.max_requests", d.serve.max_requests >= 1, ">= 1"),
