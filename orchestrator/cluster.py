@@ -31,6 +31,7 @@ from models.generation import check_prompt
 from models.placement import ExpertPlacement
 from models.sampling import SamplingParams
 from orchestrator.config import Deployment
+from orchestrator.placement import PoolDemand, check_fits, in_group, remove_placement_group, reserve
 from transport.endpoint import TransportSettings
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,14 @@ class Cluster:
             self.placement.num_nodes,
             d.attention.nodes,
         )
+        self._demands = {
+            "experts": PoolDemand.of("experts", d.experts, self.placement.num_nodes),
+            "attention": PoolDemand.of("attention", d.attention, d.attention.nodes),
+        }
+        check_fits(list(self._demands.values()), ray.nodes())
+        self._groups = {
+            pool: reserve(demand, d.ray.startup_timeout_s) for pool, demand in self._demands.items()
+        }
         self.experts = [self._start_expert(j) for j in range(self.placement.num_nodes)]
         self.attention = [self._start_attention(i) for i in range(d.attention.nodes)]
         self._wire()
@@ -170,10 +179,7 @@ class Cluster:
             d.transport.round_timeout_s,
             self._transport(),
         )
-        actor = ray.remote(ExpertNode).options(
-            name=None, num_cpus=d.experts.num_cpus, num_gpus=d.experts.num_gpus
-        )
-        return actor.remote(settings)
+        return self._actor(ExpertNode, "experts", j).remote(settings)
 
     def _start_attention(self, i: int):  # noqa: ANN202
         d, a = self.deployment, self.deployment.attention
@@ -189,8 +195,17 @@ class Cluster:
             d.transport.round_timeout_s,
             self._transport(),
         )
-        actor = ray.remote(AttentionNode).options(num_cpus=a.num_cpus, num_gpus=a.num_gpus)
-        return actor.remote(settings, self.placement)
+        return self._actor(AttentionNode, "attention", i).remote(settings, self.placement)
+
+    def _actor(self, cls: type, pool: str, index: int):  # noqa: ANN202 - a Ray actor class
+        """The node class as a Ray actor in its pool's placement group, bundle `index`."""
+        bundle = self._demands[pool].bundle
+        return ray.remote(cls).options(
+            num_cpus=bundle.get("CPU", 0),
+            num_gpus=bundle.get("GPU", 0),
+            resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+            scheduling_strategy=in_group(self._groups[pool], index),
+        )
 
     def _wire(self) -> None:
         timeout = self.deployment.ray.startup_timeout_s
@@ -366,3 +381,5 @@ class Cluster:
             log.warning("nodes did not shut down cleanly: %s", err)
         for node in self.attention + self.experts:
             ray.kill(node)
+        for group in self._groups.values():
+            remove_placement_group(group)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.config import AttentionSection, ExpertSection
@@ -77,7 +77,7 @@ def reserve(demand: PoolDemand, timeout_s: float) -> PlacementGroup:
     )
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
-        ray.util.remove_placement_group(group)
+        remove_placement_group(group)
         raise PlacementError(
             f"pool '{demand.pool}': Ray could not reserve {demand.describe()} "
             f"({demand.strategy}) within {timeout_s}s"
