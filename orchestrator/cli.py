@@ -23,6 +23,8 @@ from models.tokenizer import Tokenizer, TokenizerError
 from orchestrator.client import channel, generate, request
 from orchestrator.cluster import Cluster, RequestFailed
 from orchestrator.config import Deployment, DeploymentError, ModelSection, load_deployment
+from orchestrator.placement import PlacementError as PoolPlacementError
+from orchestrator.planner import PlanError, deployment_yaml, load_catalog, search, table
 from orchestrator.server import BackgroundServer, Server, with_ports
 
 DEMO_MODEL_DIR = Path(".afd/tiny-qwen3_moe")
@@ -35,6 +37,8 @@ USER_ERRORS = (
     SamplingError,
     TokenizerError,
     RequestFailed,
+    PlanError,
+    PoolPlacementError,
 )
 
 
@@ -96,6 +100,25 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--tls-ca", help="CA certificate (PEM) for a TLS server")
     client.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     client.set_defaults(handler=_client)
+
+    plan = sub.add_parser("plan", help="search deployment plans for a model and write the best")
+    plan.add_argument("--model", required=True, help="HF model directory (its config.json)")
+    plan.add_argument("--catalog", default="configs/gpu-catalog.yaml", help="GPU types to consider")
+    plan.add_argument("--tpot-ms", type=float, required=True, help="time-per-output-token SLO")
+    plan.add_argument("--max-gpus", type=int, default=16)
+    plan.add_argument("--budget", type=float, help="dollars per hour, at most")
+    plan.add_argument("--gpus", help="comma-separated GPU types from the catalog (default: all)")
+    plan.add_argument("--tp", default="1", help="attention tensor-parallel sizes to consider")
+    plan.add_argument("--objective", choices=["per_gpu", "per_dollar"], default="per_gpu")
+    plan.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8", "float32"]
+    )
+    plan.add_argument("--top", type=int, default=10)
+    plan.add_argument("--out", help="write the best plan as a deployment config here")
+    plan.add_argument(
+        "--cpu-only", action="store_true", help="written config asks for no GPUs (local tests)"
+    )
+    plan.set_defaults(handler=_plan)
 
     demo = sub.add_parser("demo", help="tiny model served by a local 2+2-node cluster with m=2")
     demo.set_defaults(handler=_demo)
@@ -225,6 +248,28 @@ def _client(args: argparse.Namespace) -> int:
     except grpc.RpcError as err:
         print(f"afd: error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    config = load_config(args.model)
+    plans = search(
+        config,
+        load_catalog(args.catalog),
+        args.tpot_ms,
+        dtype=args.dtype,
+        max_gpus=args.max_gpus,
+        budget_per_hour=args.budget,
+        objective=args.objective,
+        gpu_types=args.gpus.split(",") if args.gpus else None,
+        tp_sizes=tuple(_ids(args.tp, "--tp")),
+    )
+    print(f"{len(plans)} plans meet TPOT <= {args.tpot_ms} ms; best by {args.objective}:")
+    print(table(plans, args.top))
+    if args.out:
+        dtype = "bfloat16" if args.dtype == "fp8" else args.dtype
+        Path(args.out).write_text(deployment_yaml(plans[0], args.model, dtype, args.cpu_only))
+        print(f"wrote plan 1 to {args.out}")
     return 0
 
 

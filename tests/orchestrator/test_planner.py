@@ -85,3 +85,53 @@ def test_budget_and_catalog_errors(tiny_models: dict[str, Path], tmp_path: Path)
     bad.write_text("gpus:\n  X: {memory_GB: 10}\n")
     with pytest.raises(PlanError, match="GPU type 'X' lacks hbm_TBps"):
         load_catalog(bad)
+
+
+def test_afd_plan_writes_a_config_that_starts(
+    tiny_models: dict[str, Path], tmp_path: Path, ray_session
+) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+
+    from models.generation import ReferenceEngine
+    from models.sampling import SamplingParams
+    from orchestrator.cluster import Cluster
+    from orchestrator.config import load_deployment
+
+    model, out = tiny_models["qwen3_moe"], tmp_path / "plan.yaml"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "plan",
+            "--model",
+            str(model),
+            "--tpot-ms",
+            "100",
+            "--max-gpus",
+            "4",
+            "--gpus",
+            "H100,L40S",
+            "--out",
+            str(out),
+            "--cpu-only",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "plans meet TPOT <= 100.0 ms" in run.stdout and "wrote plan 1" in run.stdout
+    deployment = load_deployment(out)
+    assert deployment.attention.nodes + deployment.experts.nodes <= 4
+    cluster = Cluster(deployment)
+    try:
+        ref = ReferenceEngine(model)
+        ids = ref.tokenizer.encode("Hello, world!")
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        (got,) = cluster.generate([(ids, params)])
+        assert [o.token_id for o in got] == ref.generate(ids, params).token_ids
+    finally:
+        cluster.shutdown()
