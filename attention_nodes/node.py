@@ -6,6 +6,7 @@ A plain class: Ray wraps it as an actor, tests may run it in-process.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,23 @@ class AttentionNode:
             self.settings.round_timeout_s,
         )
         self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)
+
+    def reconnect(self, peer: int, host: str, port: int) -> None:
+        """Connects to a restarted expert node under its old id."""
+        self.transport.forget_peer(peer)
+        self.transport.connect(peer, host, port)
+
+    def abort(self) -> None:
+        """Ends the step in progress with an error (the orchestrator calls it from another
+        thread when a peer died). Nothing of that step is applied: sequences only advance
+        after the whole pipeline ran, and KV written past them is overwritten next time."""
+        self.transport.abort()
+
+    def reset(self, next_step: int) -> None:
+        self.transport.reset(next_step)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     @torch.inference_mode()
     def step(self, step_id: int, new: list[NewRequest], aborts: list[str]) -> AttentionStepResult:

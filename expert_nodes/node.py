@@ -9,6 +9,7 @@ Shape legend: T = tokens from all attention nodes, D = hidden, K = top-k.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -62,6 +63,21 @@ class ExpertNode:
     def wait_for_attention_nodes(self, peers: list[int], timeout_s: float) -> None:
         self.transport.wait_for_peers(peers, timeout_s)
         self.attention_peers = list(peers)
+
+    def accept_attention_node(self, peer: int, timeout_s: float) -> None:
+        """Takes back a restarted attention node under its old id."""
+        self.transport.forget_peer(peer)
+        self.transport.wait_for_peers([peer], timeout_s)
+
+    def abort(self) -> None:
+        """Ends the step in progress with an error; called from another thread."""
+        self.transport.abort()
+
+    def reset(self, next_step: int) -> None:
+        self.transport.reset(next_step)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     @torch.inference_mode()
     def run_step(self, step_id: int) -> ExpertStepResult:

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import ray
@@ -139,6 +139,8 @@ class Cluster:
         self._wire()
         log.info("all nodes loaded and wired")
         self._streams: dict[str, TokenSink] = {}
+        # prompt, sampling and tokens streamed so far: what a moved request re-prefills from
+        self._requests: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
         self._node_of: dict[str, int] = {}
         self._load = [0] * len(self.attention)
         self._incoming: list[list[NewRequest]] = [[] for _ in self.attention]
@@ -205,14 +207,20 @@ class Cluster:
             num_gpus=bundle.get("GPU", 0),
             resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
             scheduling_strategy=in_group(self._groups[pool], index),
+            max_restarts=self.deployment.ray.max_restarts,  # a restart re-runs __init__
+            max_concurrency=2,  # so that abort() reaches a node blocked in its step
         )
+
+    def _expert_peers(self, addresses: list | None = None) -> list[tuple[int, str, int]]:
+        if addresses is None:
+            timeout = self.deployment.transport.recovery_timeout_s
+            addresses = ray.get([e.address.remote() for e in self.experts], timeout=timeout)
+        return [(EXPERT_PEER_BASE + j, host, port) for j, (host, port) in enumerate(addresses)]
 
     def _wire(self) -> None:
         timeout = self.deployment.ray.startup_timeout_s
         expert_addresses = ray.get([e.address.remote() for e in self.experts], timeout=timeout)
-        peers = [
-            (EXPERT_PEER_BASE + j, host, port) for j, (host, port) in enumerate(expert_addresses)
-        ]
+        peers = self._expert_peers(expert_addresses)
         ray.get([a.address.remote() for a in self.attention], timeout=timeout)
         waits = [
             e.wait_for_attention_nodes.remote(list(range(len(self.attention))), timeout)
@@ -241,6 +249,7 @@ class Cluster:
             node = min(range(len(self._load)), key=self._load.__getitem__)
             self._load[node] += 1
             self._streams[request_id], self._node_of[request_id] = stream, node
+            self._requests[request_id] = (list(prompt_ids), params, [])
             self._incoming[node].append(NewRequest(request_id, list(prompt_ids), params))
             self._wake.notify()
         return stream
@@ -281,13 +290,23 @@ class Cluster:
     def _step(self, new: list[list[NewRequest]], aborts: list[list[str]]) -> None:
         self.step_id += 1
         s = self.step_id
-        attention_refs = [a.step.remote(s, new[i], aborts[i]) for i, a in enumerate(self.attention)]
-        expert_refs = [e.run_step.remote(s) for e in self.experts]
-        timeout = self.deployment.transport.round_timeout_s * (self.config.num_layers + 1)
+        calls = {
+            ("attention", i): a.step.remote(s, new[i], aborts[i])
+            for i, a in enumerate(self.attention)
+        }
+        calls.update({("expert", j): e.run_step.remote(s) for j, e in enumerate(self.experts)})
         start = time.perf_counter()
-        results = ray.get(attention_refs + expert_refs, timeout=timeout)
+        results, errors = self._collect(calls)
         wall = time.perf_counter() - start
-        attention, experts = results[: len(self.attention)], results[len(self.attention) :]
+        for i in range(len(self.attention)):  # a node that finished its step keeps its tokens
+            if ("attention", i) in results:
+                for out in results["attention", i].outputs:
+                    self._publish(out)
+        if errors:
+            self._recover(s, errors)
+            return
+        attention = [results["attention", i] for i in range(len(self.attention))]
+        experts = [results["expert", j] for j in range(len(self.experts))]
         record = StepRecord(s, wall, attention, experts)
         if self.keep_history:
             self.history.append(record)
@@ -302,21 +321,105 @@ class Cluster:
                 hook(record)
             except Exception as err:  # noqa: BLE001 - metrics never stop the engine
                 log.warning("step hook failed: %s", err)
-        for result in attention:
-            for out in result.outputs:
-                self._publish(out)
+
+    def _collect(self, calls: dict) -> tuple[dict, dict]:
+        """Every node's answer to this step. The first failure (a dead actor, an error) aborts
+        the round on every other node at once, so nobody waits out its round deadline."""
+        deadline = time.monotonic() + self.deployment.transport.round_timeout_s * (
+            self.config.num_layers + 1
+        )
+        pending = {ref: key for key, ref in calls.items()}
+        results: dict = {}
+        errors: dict = {}
+        aborted = False
+        while pending:
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(0.25, left)))
+            for ref in ready:
+                key = pending.pop(ref)
+                try:
+                    results[key] = ray.get(ref)
+                except Exception as err:  # noqa: BLE001 - sorted out by _recover
+                    errors[key] = err
+            if not ready and left <= 0:
+                for key in pending.values():
+                    errors.setdefault(key, TimeoutError("the round passed its deadline"))
+            if (errors or left <= 0) and not aborted:
+                aborted = True
+                for kind, index in pending.values():
+                    node = self.attention[index] if kind == "attention" else self.experts[index]
+                    node.abort.remote()
+            if not ready and left <= 0:
+                break
+        return results, errors
+
+    def _recover(self, step: int, errors: dict) -> None:
+        """Restarts dead nodes (Ray re-runs their __init__, so they reload their weights),
+        rewires them, clears the abandoned round everywhere and moves the requests of a dead
+        attention node to live ones, to continue from their prompt plus the tokens streamed."""
+        dead = {key for key, err in errors.items() if isinstance(err, ray.exceptions.RayActorError)}
+        log.warning(
+            "step %d failed on %s; dead: %s",
+            step,
+            ", ".join(f"{k}-{i}: {type(e).__name__}" for (k, i), e in sorted(errors.items())),
+            sorted(dead) or "none",
+        )
+        limit = self.deployment.transport.recovery_timeout_s
+        nodes = [("attention", i, a) for i, a in enumerate(self.attention)] + [
+            ("expert", j, e) for j, e in enumerate(self.experts)
+        ]
+        try:
+            ray.get([n.pid.remote() for _, _, n in nodes], timeout=limit)  # restarted and loaded
+            ray.get([n.reset.remote(step + 1) for _, _, n in nodes], timeout=limit)
+            for _, j in sorted(k for k in dead if k[0] == "expert"):
+                host, port = ray.get(self.experts[j].address.remote(), timeout=limit)
+                peers = list(range(len(self.attention)))
+                wait = self.experts[j].wait_for_attention_nodes.remote(peers, limit)
+                ray.get(
+                    [a.reconnect.remote(EXPERT_PEER_BASE + j, host, port) for a in self.attention],
+                    timeout=limit,
+                )
+                ray.get(wait, timeout=limit)
+            for _, i in sorted(k for k in dead if k[0] == "attention"):
+                waits = [e.accept_attention_node.remote(i, limit) for e in self.experts]
+                ray.get(self.attention[i].connect.remote(self._expert_peers()), timeout=limit)
+                ray.get(waits, timeout=limit)
+        except Exception as err:  # noqa: BLE001 - could not bring the cluster back
+            self._healthy = False
+            raise RequestFailed(
+                f"the cluster could not recover from the failure of step {step} within "
+                f"{limit}s: {err}"
+            ) from err
+        for _, i in sorted(k for k in dead if k[0] == "attention"):
+            self._resubmit_from(i)
+
+    def _resubmit_from(self, node: int) -> None:
+        with self._wake:
+            moved = [r for r, n in self._node_of.items() if n == node]
+            self._incoming[node] = []
+            for request_id in moved:
+                prompt, params, generated = self._requests[request_id]
+                self._load[node] -= 1
+                target = min(range(len(self._load)), key=self._load.__getitem__)
+                self._load[target] += 1
+                self._node_of[request_id] = target
+                left = replace(params, max_tokens=params.max_tokens - len(generated))
+                self._incoming[target].append(NewRequest(request_id, prompt + generated, left))
+        log.warning("moved %d request(s) of attention node %d", len(moved), node)
 
     def _publish(self, out: TokenOutput) -> None:
         with self._wake:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 return  # aborted while its step ran
+            self._requests[out.request_id][2].append(out.token_id)
             if out.finish_reason is not None:
                 self._forget(out.request_id)
         stream.put(out)
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+        self._requests.pop(request_id, None)
         self._load[self._node_of.pop(request_id)] -= 1
 
     def _fail_all(self, error: Exception) -> None:

@@ -62,6 +62,7 @@ class TransportSection:
     progress_mode: str = "blocking"
     spin_us: float = 200.0
     round_timeout_s: float = 30.0
+    recovery_timeout_s: float = 120.0  # a dead node must be back (restarted, loaded) by then
     max_frame_bytes: int = 256 << 20
     connect_timeout_s: float = 30.0
 
@@ -70,6 +71,7 @@ class TransportSection:
 class RaySection:
     address: str | None = None  # None: start a local Ray instance (or use the running one)
     startup_timeout_s: float = 120.0
+    max_restarts: int = 8  # per node actor; -1: without limit
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,6 +195,9 @@ class Transport:
         self._mail: dict[tuple[int, RoundKey], list[torch.Tensor]] = {}
         self._pending: dict[int, int] = {}
         self._failed: dict[int, str] = {}
+        self._aborted = threading.Event()  # set from another thread to end a wait at once
+        self._min_step = 0  # frames of earlier (abandoned) steps are dropped on arrival
+        self._graveyard: list[PendingSend] = []  # abandoned sends: UCX may still read them
         self._listener = self._ucx.UCXListener.create(
             worker=self._worker, port=0, cb_func=self._on_connection
         )
@@ -284,6 +287,35 @@ class Transport:
                 f"node {self.node_id}: no frame {key} from peer {peer} within {timeout_s}s"
             )
 
+    def abort(self) -> None:
+        """Ends the wait in progress (and every later one until `reset`) with a TransportError.
+        Thread-safe: the orchestrator calls it while the node's own thread is blocked in recv."""
+        self._aborted.set()
+
+    def reset(self, next_step: int) -> None:
+        """Forgets an abandoned round: drops its frames, now and when they arrive late, and
+        stops waiting for its sends."""
+        with self._lock:
+            self._aborted.clear()
+            self._min_step = next_step
+            self._mail.clear()
+            for peer in self._pending:
+                self._pending[peer] = 0
+            for p in self._peers.values():
+                self._graveyard.extend(p.sends)
+                p.sends = []
+            self._graveyard = [s for s in self._graveyard if not s.done()]
+
+    def forget_peer(self, peer: int) -> None:
+        """Drops a peer that died, so that its restarted process may connect under its id."""
+        with self._lock:
+            p = self._peers.pop(peer, None)
+            if p is not None:
+                self._graveyard.extend(p.sends)
+                if p.closed is None:
+                    self._close_ep(p.ep)
+            self._failed.pop(peer, None)
+
     def flush(self, timeout_s: float) -> None:
         """Waits until UCX is done with every send: messages past the eager size only move
         while the sender progresses, so a node must flush before it stops calling in."""
@@ -321,6 +353,8 @@ class Transport:
             self._service()
             if done():
                 return True
+            if self._aborted.is_set():
+                raise TransportError(f"node {self.node_id}: round aborted by the orchestrator")
             now = time.monotonic()
             if now >= deadline:
                 return False
@@ -397,6 +431,8 @@ class Transport:
             ]
 
     def _deliver(self, p: _Peer, header: Header, tensors: list[torch.Tensor]) -> None:
+        if header.key.step < self._min_step:
+            return  # a late frame of an abandoned round
         slot = (p.id, header.key)
         if slot in self._mail:
             raise WireError(f"duplicate frame {header.key}")

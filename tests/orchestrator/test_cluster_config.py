@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
-from ray.autoscaler._private.util import validate_config
+from jsonschema import ValidationError
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 from orchestrator.config import load_deployment
 
@@ -15,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_cluster_yaml_is_a_valid_ray_cluster_config() -> None:
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-    validate_config(config)  # raises on any schema violation
+    validate_config(prepare_config(config))  # what `ray up` runs first; raises on a violation
     types = config["available_node_types"]
     assert config["head_node_type"] in types
     assert types["attention_gpu"]["resources"] == {"afd_attention_host": 1}
@@ -28,3 +30,10 @@ def test_the_heterogeneous_deployment_targets_the_cluster_node_types() -> None:
     advertised = {r for t in node_types.values() for r in t.get("resources", {})}
     assert set(d.attention.resources) <= advertised and set(d.experts.resources) <= advertised
     assert (d.attention.accelerator_type, d.experts.accelerator_type) == ("H100", "L40S")
+
+
+def test_the_validator_catches_a_bad_field() -> None:
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config["available_node_types"]["expert_gpu"]["min_wrokers"] = 1
+    with pytest.raises(ValidationError, match="min_wrokers"):
+        validate_config(prepare_config(config))
