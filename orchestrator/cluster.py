@@ -111,6 +111,20 @@ def init_ray(deployment: Deployment) -> None:
         )
 
 
+def _await_restarts(nodes: list, deadline: float) -> None:
+    """Returns once every node answers (a restarting actor refuses calls until its __init__,
+    weight loading included, has run again)."""
+    for node in nodes:
+        while True:
+            try:
+                ray.get(node.pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
 class Cluster:
     def __init__(self, deployment: Deployment) -> None:
         self.deployment = deployment
@@ -369,7 +383,7 @@ class Cluster:
             ("expert", j, e) for j, e in enumerate(self.experts)
         ]
         try:
-            ray.get([n.pid.remote() for _, _, n in nodes], timeout=limit)  # restarted and loaded
+            _await_restarts([n for _, _, n in nodes], time.monotonic() + limit)
             ray.get([n.reset.remote(step + 1) for _, _, n in nodes], timeout=limit)
             for _, j in sorted(k for k in dead if k[0] == "expert"):
                 host, port = ray.get(self.experts[j].address.remote(), timeout=limit)
