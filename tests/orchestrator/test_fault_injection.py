@@ -15,9 +15,24 @@ from models.sampling import SamplingParams
 from orchestrator.cluster import Cluster
 from orchestrator.config import Deployment, ModelSection
 
-WORDS = (
-    ["the", "model", "routes", "every", "token", "to", "a", "few", "experts", "and", "the", "attention", "node", "keeps", "its", "cache"]
-)
+WORDS = [
+    "the",
+    "model",
+    "routes",
+    "every",
+    "token",
+    "to",
+    "a",
+    "few",
+    "experts",
+    "and",
+    "the",
+    "attention",
+    "node",
+    "keeps",
+    "its",
+    "cache",
+]
 
 
 def _requests(ref: ReferenceEngine) -> list[tuple[list[int], SamplingParams]]:
@@ -47,5 +62,26 @@ def test_a_killed_node_costs_no_request_and_no_token(
         got += [[t.token_id for t in s] for s in streams[1:]]
         assert got == want
         assert ray.get(victim.pid.remote(), timeout=60) > 0  # restarted and serving
+    finally:
+        cluster.shutdown()
+
+
+def test_a_node_that_cannot_come_back_fails_requests_with_a_message(
+    tiny_model: Path, ray_session
+) -> None:  # noqa: ANN001
+    from dataclasses import replace
+
+    from orchestrator.cluster import RequestFailed
+
+    d = Deployment(model=ModelSection(path=str(tiny_model))).with_shape(1, 1, 1)
+    d = replace(d, ray=replace(d.ray, max_restarts=0))
+    cluster = Cluster(d)
+    try:
+        params = SamplingParams(max_tokens=400, ignore_eos=True)
+        stream = iter(cluster.submit([1, 2, 3], params))
+        next(stream)
+        os.kill(ray.get(cluster.experts[0].pid.remote(), timeout=30), signal.SIGKILL)
+        with pytest.raises(RequestFailed, match="could not recover from the failure of step"):
+            list(stream)
     finally:
         cluster.shutdown()
