@@ -85,3 +85,34 @@ def test_a_node_that_cannot_come_back_fails_requests_with_a_message(
             list(stream)
     finally:
         cluster.shutdown()
+
+
+def test_a_short_soak_with_node_kills_loses_nothing(
+    tiny_model: Path, ray_session, capsys: pytest.CaptureFixture
+) -> None:  # noqa: ANN001
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
+    spec = importlib.util.spec_from_file_location("soak", path)
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    argv = [
+        "--duration",
+        "10",
+        "--rate",
+        "6",
+        "--kill-every",
+        "4",
+        "--model",
+        str(tiny_model),
+        "--json",
+    ]
+    assert soak.main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["sent"] > 20 and report["kills"]
+    assert report["lost"] == 0 and report["leaked_kv_blocks"] == 0
+    assert set(report["failed"]) <= {"DEADLINE_EXCEEDED"}  # only the deadlines it set itself
+    assert (
+        report["completed"] + report["cancelled"] + sum(report["failed"].values()) == report["sent"]
+    )

@@ -369,3 +369,56 @@ def test_200_concurrent_streams_all_finish(server: BackgroundServer) -> None:
             return await asyncio.gather(*(one(stub, i) for i in range(200)))
 
     assert asyncio.run(main()) == [0] * 200
+
+
+# ---- property: nothing a client sends produces INTERNAL -------------------------------------
+def _sampling_strategy():  # noqa: ANN202
+    from hypothesis import strategies as st
+
+    floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32))
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "max_tokens": st.one_of(st.integers(-10, 6), st.integers(10**6, 2**62)),
+            "temperature": floats,
+            "top_p": floats,
+            "top_k": st.integers(-(2**40), 2**40),
+            "seed": st.integers(0, 2**64 - 1),
+            "stop": st.lists(st.text(max_size=300), max_size=20),
+            "stop_token_ids": st.lists(st.integers(-(2**40), 2**40), max_size=5),
+            "logprobs": st.booleans(),
+            "ignore_eos": st.booleans(),
+        },
+    ).map(lambda d: {k: v for k, v in d.items() if v is not None})
+
+
+def test_random_requests_never_give_internal_errors(ch: grpc.Channel) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    prompts = st.one_of(
+        st.builds(lambda t: {"text": t}, st.text(max_size=200)),
+        st.builds(lambda ids: {"ids": ids}, st.lists(st.integers(-(2**40), 2**40), max_size=40)),
+    )
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(prompt=prompts, sampling=_sampling_strategy())
+    def check(prompt: dict, sampling: dict) -> None:
+        try:
+            req = request(**prompt, **sampling)
+        except ValueError:
+            return  # not even a valid protobuf message: the client library refuses it
+        try:
+            for _ in generate(ch, req, timeout_s=60):
+                pass
+        except grpc.RpcError as err:
+            assert err.code() in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ), (
+                err.code(),
+                err.details(),
+            )
+
+    check()
+    assert len(list(generate(ch, request(text="still here", max_tokens=3, ignore_eos=True)))) == 3
