@@ -127,9 +127,7 @@ def _random(
     return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
 
 
-def build_afd(
-    config, dtype: torch.dtype, device: str, seed: int
-) -> tuple[AttentionSideModel, ExpertShard]:  # noqa: ANN001
+def build_attention(config, dtype: torch.dtype, device: str, seed: int) -> AttentionSideModel:  # noqa: ANN001
     gen = torch.Generator(device=device).manual_seed(seed)
     tensors = {}
     for spec in tensor_specs(config, ATTENTION_SIDE_KINDS):
@@ -137,6 +135,12 @@ def build_afd(
             tensors[spec.name] = torch.ones(spec.shape, dtype=dtype, device=device)
         else:
             tensors[spec.name] = _random(spec.shape, dtype, device, gen)
+    return AttentionSideModel(config, tensors)
+
+
+def build_experts(config, dtype: torch.dtype, device: str, seed: int) -> ExpertShard:  # noqa: ANN001
+    """Its own seed, so that an expert process makes the same experts as the single process."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     E, F, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
     layers = {
         layer: StackedExperts(
@@ -146,7 +150,134 @@ def build_afd(
         )
         for layer in config.moe_layers
     }
-    return AttentionSideModel(config, tensors), ExpertShard(config, range(E), layers)
+    return ExpertShard(config, range(E), layers)
+
+
+# ---- disaggregated on one GPU: this process runs attention, a child process the experts -----
+STOP_LAYER = 65535  # a control frame's layer: [m] = a step of m micro-batches follows, [0] = stop
+
+
+def _expert_process(
+    raw: dict, dtype_name: str, seed: int, micro_batches: int, ports, device: str
+) -> None:  # noqa: ANN001
+    from transport.endpoint import Transport
+    from transport.wire import RoundKey
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(raw))
+        config = load_config(d)
+    shard = build_experts(config, getattr(torch, dtype_name), device, seed)
+    t = Transport(1000, device=device)
+    ports.put(t.address)
+    t.wait_for_peers([0], 120)
+    step = 0
+    with torch.inference_mode():
+        while m := int(t.recv(0, RoundKey(step, STOP_LAYER, 0), 600)[0].item()):
+            for layer in config.moe_layers:
+                for mb in range(m):
+                    key = RoundKey(step, layer, mb)
+                    x, ids, weights = t.recv(0, key, 120)
+                    t.send(0, key, [shard.forward(layer, x, ids.long(), weights)])
+            t.flush(120)
+            step += 1
+    t.close()
+
+
+class RemoteExperts:
+    """The attention process's side: one expert process holding every expert."""
+
+    def __init__(
+        self, raw: dict, dtype: torch.dtype, seed: int, micro_batches: int, device: str
+    ) -> None:
+        import multiprocessing as mp
+
+        from transport.endpoint import Transport
+
+        ctx = mp.get_context("spawn")
+        ports = ctx.Queue()
+        self.proc = ctx.Process(
+            target=_expert_process,
+            args=(raw, str(dtype).split(".")[-1], seed, micro_batches, ports, device),
+        )
+        self.proc.start()
+        host, port = ports.get(timeout=600)
+        self.t = Transport(0, device=device)
+        self.t.connect(1000, host, port)
+        self.step_id = 0
+
+    def step(
+        self, decoder: StaticDecoder, tokens_B: torch.Tensor, positions_B: torch.Tensor, m: int
+    ) -> torch.Tensor:
+        """One decode step, ping-ponging m micro-batches of slots between the two processes."""
+        from transport.wire import RoundKey
+
+        s = self.step_id
+        self.step_id += 1
+        self.t.send(1000, RoundKey(s, STOP_LAYER, 0), [torch.full((1,), m, dtype=torch.uint8)])
+        groups = torch.arange(tokens_B.shape[0]).chunk(m)
+        mbs = [decoder.micro_batch(int(g[0]), tokens_B[g], positions_B[g]) for g in groups]
+        for layer in range(decoder.config.num_layers):
+            moe = decoder.config.is_moe_layer(layer)
+            routed = []
+            for i, mb in enumerate(mbs):  # attention of micro-batch i+1 overlaps experts of i
+                r = decoder.pre_experts(layer, mb)
+                routed.append(r)
+                if moe:
+                    ids = r.ids_TK.to(torch.int16)
+                    self.t.send(1000, RoundKey(s, layer, i), [r.x_TD, ids, r.weights_TK])
+            for i, (mb, r) in enumerate(zip(mbs, routed, strict=True)):
+                y = self.t.recv(1000, RoundKey(s, layer, i), 120)[0] if moe else None
+                decoder.post_experts(layer, mb, r, y)
+        self.t.flush(120)
+        return torch.cat([decoder.logits(mb) for mb in mbs])
+
+    def close(self) -> None:
+        from transport.wire import RoundKey
+
+        self.t.send(
+            1000, RoundKey(self.step_id, STOP_LAYER, 0), [torch.zeros(1, dtype=torch.uint8)]
+        )
+        self.t.flush(60)
+        self.proc.join(120)
+        self.t.close()
+
+
+def bench_disaggregated(  # noqa: ANN001
+    raw: dict, model, batches, steps, prompt, dtype, micro_batches, check, device
+) -> list[dict]:
+    rows = []
+    remote = RemoteExperts(raw, dtype, 1, max(micro_batches), device)
+    try:
+        for m in micro_batches:
+            for B in batches:
+                if m > B:
+                    continue
+                decoder = StaticDecoder(model, None, B, prompt + steps + 8)
+                gen = torch.Generator(device=device).manual_seed(B)
+                tokens = torch.randint(
+                    0, model.config.vocab_size, (B,), generator=gen, device=device
+                )
+                if check is not None and check[0] == B:
+                    logits = remote.step(
+                        decoder, check[1], torch.zeros(B, dtype=torch.int64, device=device), m
+                    ).float()
+                    err = float((logits - check[2]).norm() / check[2].norm())
+                else:
+                    err = None
+                for pos in range(prompt):
+                    logits = remote.step(decoder, tokens, torch.full((B,), pos, device=device), m)
+                tokens = torch.argmax(logits, -1)
+                with _Timer(device) as t:
+                    for i in range(steps):
+                        logits = remote.step(
+                            decoder, tokens, torch.full((B,), prompt + i, device=device), m
+                        )
+                        tokens = torch.argmax(logits, -1)
+                rows.append(_row(f"afd-disagg-m{m}", B, t.seconds / steps, prompt + steps))
+                rows[-1]["vs_single_process_rel_err"] = err
+    finally:
+        remote.close()
+    return rows
 
 
 def floor_bytes(config, batch: int, context: int, dtype_bytes: int = 2) -> float:  # noqa: ANN001
@@ -224,7 +355,10 @@ def profile_step(config, dtype: torch.dtype, device: str, batch: int, prompt: in
     """Where one eager decode step spends GPU time, by kernel (for the notes)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, shard = build_afd(config, dtype, device, seed=0)
+    model, shard = (
+        build_attention(config, dtype, device, 0),
+        build_experts(config, dtype, device, 1),
+    )
     decoder = StaticDecoder(model, shard, batch, prompt + 8)
     tokens = torch.ones(batch, dtype=torch.int64, device=device)
     where = torch.full((batch,), prompt, device=device)
@@ -263,6 +397,11 @@ def main() -> int:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows")
     p.add_argument("--tiny", action="store_true", help="a tiny model of the same kind (smoke runs)")
+    p.add_argument(
+        "--disaggregated",
+        default="1,2",
+        help="micro-batch counts for the one attention + one expert process rows ('' to skip)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--json-out", help="also write the JSON object to this file")
     p.add_argument(
@@ -289,10 +428,28 @@ def main() -> int:
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    model, shard = build_afd(config, dtype, args.device, seed=0)
+    model = build_attention(config, dtype, args.device, seed=0)
+    shard = build_experts(config, dtype, args.device, seed=1)
     rows += bench_afd(model, shard, batches, args.steps, args.prompt, args.device, graphs=False)
     if args.device == "cuda" and not args.no_graphs:
         rows += bench_afd(model, shard, batches, args.steps, args.prompt, args.device, graphs=True)
+    if args.disaggregated:
+        dev, check_b = args.device, batches[-1]
+        gen = torch.Generator(device=dev).manual_seed(12345)
+        check_tokens = torch.randint(0, config.vocab_size, (check_b,), generator=gen, device=dev)
+        single = StaticDecoder(model, shard, check_b, args.prompt + args.steps + 8)
+        with torch.inference_mode():
+            zero = torch.zeros(check_b, dtype=torch.int64, device=dev)
+            reference = single._step(check_tokens, zero).float()
+        del single, shard
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()  # the expert process needs the memory the experts held here
+        ms = [int(m) for m in args.disaggregated.split(",")]
+        check = (check_b, check_tokens, reference)
+        rows += bench_disaggregated(
+            raw, model, batches, args.steps, args.prompt, dtype, ms, check, dev
+        )
     for r in rows:
         floor_s = floor_bytes(config, r["batch"], r["context"], dtype.itemsize) / bandwidth
         r["floor_ms"] = floor_s * 1e3
@@ -315,14 +472,22 @@ def main() -> int:
         print(json.dumps({**meta, "rows": rows}))
         return 0
     print(f"{meta}")
-    print(
-        f"{'engine':<10}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'floor ms':>10}{'MBU':>7}{'x HF':>7}"
-    )
+    head = f"{'engine':<14}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'floor ms':>10}{'MBU':>7}"
+    print(head + f"{'x HF':>7}{'check':>10}")
     for r in rows:
         x = f"{r['x_hf']:.1f}" if r["x_hf"] else "-"
+        err = r.get("graph_vs_eager_rel_err", r.get("vs_single_process_rel_err"))
+        check = "-" if err is None else f"{err:.1e}"
         print(
-            f"{r['engine']:<10}{r['batch']:>6}{r['ms_per_step']:>10.2f}{r['tokens_per_s']:>10.1f}{r['floor_ms']:>10.2f}{r['mbu']:>7.0%}{x:>7}"
+            f"{r['engine']:<14}{r['batch']:>6}{r['ms_per_step']:>10.2f}{r['tokens_per_s']:>10.1f}"
+            f"{r['floor_ms']:>10.2f}{r['mbu']:>7.0%}{x:>7}{check:>10}"
         )
+    by = {(r["engine"], r["batch"]): r["tokens_per_s"] for r in rows}
+    for single in ("afd-graph", "afd-eager"):
+        if ("afd-disagg-m2", 64) in by and (single, 64) in by:
+            ratio = by["afd-disagg-m2", 64] / by[single, 64]
+            print(f"disaggregated m=2 / {single} at batch 64: {ratio:.0%} (target 70% of single)")
+    print("check: graph vs eager, or disaggregated vs single process: relative L2 of logits")
     return 0
 
 

@@ -29,7 +29,19 @@ from orchestrator.client import request  # noqa: E402
 from protos import afd_v1_pb2 as pb  # noqa: E402
 from protos import afd_v1_pb2_grpc as pb_grpc  # noqa: E402
 
-WORDS = ["soak", "test", "tokens", "experts", "attention", "cache", "route", "step", "layer", "batch", "stream"]
+WORDS = [
+    "soak",
+    "test",
+    "tokens",
+    "experts",
+    "attention",
+    "cache",
+    "route",
+    "step",
+    "layer",
+    "batch",
+    "stream",
+]
 
 
 def rss_mb(pid: int) -> float:

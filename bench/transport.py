@@ -35,11 +35,13 @@ def _tensor(nbytes: int, device: str) -> torch.Tensor:
 
 
 # ---- afd transport --------------------------------------------------------------------------
-def _afd_peer(host: str, port: int, device: str, plan: list[tuple[int, int]]) -> None:
+def _afd_peer(
+    host: str, port: int, device: str, plan: list[tuple[int, int]], settings: object
+) -> None:
     from transport.endpoint import Transport
     from transport.wire import RoundKey
 
-    t = Transport(1, device=device)
+    t = Transport(1, settings, device=device)
     t.connect(0, host, port)
     step = 0
     for count, echo in plan:
@@ -56,13 +58,16 @@ def _afd_peer(host: str, port: int, device: str, plan: list[tuple[int, int]]) ->
     t.close()
 
 
-def bench_afd(device: str, iters: int, reps: int) -> list[dict]:
-    from transport.endpoint import Transport
+def bench_afd(device: str, iters: int, reps: int, mode: str, spin_us: float) -> list[dict]:
+    from transport.endpoint import Transport, TransportSettings
     from transport.wire import RoundKey
 
-    node = Transport(0, device=device)
+    settings = TransportSettings(progress_mode=mode, spin_us=spin_us)
+    node = Transport(0, settings, device=device)
     plan = [(iters, True), (reps, False), (max(2, reps // 4), False)]
-    peer = mp.get_context("spawn").Process(target=_afd_peer, args=(*node.address, device, plan))
+    peer = mp.get_context("spawn").Process(
+        target=_afd_peer, args=(*node.address, device, plan, settings)
+    )
     peer.start()
     node.wait_for_peers([1], 60)
     step = 0
@@ -119,7 +124,17 @@ def _grpc_server(port_queue: mp.Queue) -> None:
     server.wait_for_termination(600)
 
 
-def bench_grpc(iters: int, reps: int) -> list[dict]:
+def _on_device(data: bytes | object, device: str) -> None:
+    """For GPU rows: what arrives goes back onto the GPU, as a GPU consumer would need it."""
+    if device == "cuda":
+        buf = data if isinstance(data, bytes) else data.tobytes()
+        torch.frombuffer(bytearray(buf), dtype=torch.uint8).to(device)
+        torch.cuda.synchronize()
+
+
+def bench_grpc(iters: int, reps: int, device: str = "cpu") -> list[dict]:
+    """With device cuda, every message starts as a GPU tensor (copied to the host to send) and
+    an echo ends on the GPU again; the server keeps what it receives in host memory."""
     import grpc
 
     ctx = mp.get_context("spawn")
@@ -129,18 +144,18 @@ def bench_grpc(iters: int, reps: int) -> list[dict]:
     channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}", options=GRPC_OPTIONS)
     echo = channel.unary_unary("/bench.Bench/Echo")
     sink = channel.unary_unary("/bench.Bench/Sink")
-    small = bytes(_tensor(SMALL, "cpu").numpy())
+    small = _tensor(SMALL, device)
     rtts = []
     for _ in range(iters):
         start = time.perf_counter()
-        echo(small, timeout=60)
+        _on_device(echo(small.cpu().numpy().tobytes(), timeout=60), device)
         rtts.append(time.perf_counter() - start)
     rows = [_row("grpc", SMALL, rtt_s=statistics.median(rtts[iters // 10 :]))]
     for size, n in ((MEDIUM, reps), (LARGE, max(2, reps // 4))):
-        payload = bytes(_tensor(size, "cpu").numpy())
+        payload = _tensor(size, device)
         start = time.perf_counter()
         for _ in range(n):
-            sink(payload, timeout=60)
+            sink(payload.cpu().numpy().tobytes(), timeout=60)
         rows.append(_row("grpc", size, bw=n * size / (time.perf_counter() - start)))
     channel.close()
     server.kill()
@@ -148,7 +163,8 @@ def bench_grpc(iters: int, reps: int) -> list[dict]:
 
 
 # ---- Ray actor call -------------------------------------------------------------------------
-def bench_ray(iters: int, reps: int) -> list[dict]:
+def bench_ray(iters: int, reps: int, device: str = "cpu") -> list[dict]:
+    """GPU rows as for gRPC: host copies at the sender, the echo back onto the GPU."""
     import numpy as np
     import ray
 
@@ -163,18 +179,18 @@ def bench_ray(iters: int, reps: int) -> list[dict]:
             return int(x.nbytes)
 
     peer = Peer.remote()
-    small = _tensor(SMALL, "cpu").numpy()
-    ray.get(peer.echo.remote(small))
+    small = _tensor(SMALL, device)
+    ray.get(peer.echo.remote(small.cpu().numpy()))
     rtts = []
     for _ in range(iters):
         start = time.perf_counter()
-        ray.get(peer.echo.remote(small))
+        _on_device(ray.get(peer.echo.remote(small.cpu().numpy())), device)
         rtts.append(time.perf_counter() - start)
     rows = [_row("ray", SMALL, rtt_s=statistics.median(rtts[iters // 10 :]))]
     for size, n in ((MEDIUM, reps), (LARGE, max(2, reps // 4))):
-        payload = _tensor(size, "cpu").numpy()
+        payload = _tensor(size, device)
         start = time.perf_counter()
-        ray.get([peer.sink.remote(payload) for _ in range(n)])
+        ray.get([peer.sink.remote(payload.cpu().numpy()) for _ in range(n)])
         rows.append(_row("ray", size, bw=n * size / (time.perf_counter() - start)))
     ray.shutdown()
     return rows
@@ -196,15 +212,17 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=500)
     parser.add_argument("--reps", type=int, default=16)
     parser.add_argument("--only", choices=["afd", "grpc", "ray"], action="append")
+    parser.add_argument("--progress-mode", default="blocking", choices=["blocking", "polling"])
+    parser.add_argument("--spin-us", type=float, default=200.0)
     args = parser.parse_args()
     only = set(args.only or ["afd", "grpc", "ray"])
     rows = []
     if "afd" in only:
-        rows += bench_afd(args.device, args.iters, args.reps)
-    if "grpc" in only and args.device == "cpu":
-        rows += bench_grpc(args.iters, args.reps)
-    if "ray" in only and args.device == "cpu":
-        rows += bench_ray(args.iters, args.reps)
+        rows += bench_afd(args.device, args.iters, args.reps, args.progress_mode, args.spin_us)
+    if "grpc" in only:
+        rows += bench_grpc(args.iters, args.reps, args.device)
+    if "ray" in only:
+        rows += bench_ray(args.iters, args.reps, args.device)
     if args.json:
         print(json.dumps({"device": args.device, "rows": rows}))
         return

@@ -11,6 +11,8 @@ The math is the reference's (same weights, same layer functions); tests check th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -21,11 +23,17 @@ from models.moe import ExpertShard, grouped_experts
 
 class StaticDecoder:
     def __init__(
-        self, model: AttentionSideModel, shard: ExpertShard, max_batch: int, max_len: int
+        self,
+        model: AttentionSideModel,
+        shard: ExpertShard | None,
+        max_batch: int,
+        max_len: int,
     ) -> None:
+        """`shard` None: the routed experts run elsewhere (see `pre_experts`/`post_experts`);
+        `step` and `capture` then cannot be used."""
         c = model.config
-        if shard.expert_ids != tuple(range(c.num_experts)):
-            raise ValueError("StaticDecoder runs all experts in this process")
+        if shard is not None and shard.expert_ids != tuple(range(c.num_experts)):
+            raise ValueError("StaticDecoder.step runs all experts in this process")
         self.model, self.shard, self.config = model, shard, c
         ref = model.t["model.embed_tokens.weight"]
         self.device, self.dtype = ref.device, ref.dtype
@@ -69,37 +77,53 @@ class StaticDecoder:
         self._graphs[batch] = (g, tokens, positions, logits)
 
     def _step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
-        m, c = self.model, self.config
-        B = tokens_B.shape[0]
-        slots_B = torch.arange(B, device=self.device)
-        cos, sin = self.cos_SDh[positions_B], self.sin_SDh[positions_B]
-        keep_B11S = (
-            torch.arange(self.max_len, device=self.device)[None, :] <= positions_B[:, None]
-        )[:, None, None, :]
-        h_BD = F.embedding(tokens_B, m.t["model.embed_tokens.weight"])
-        for layer in range(c.num_layers):
-            x_BD = rms_norm(h_BD, m._w(layer, "input_layernorm"), c.rms_norm_eps)
-            h_BD = h_BD + self._attention(layer, x_BD, slots_B, positions_B, cos, sin, keep_B11S)
-            x_BD = rms_norm(h_BD, m._w(layer, "post_attention_layernorm"), c.rms_norm_eps)
-            if not c.is_moe_layer(layer):
-                empty = torch.empty(B, 0, dtype=torch.int64, device=self.device)
-                h_BD = m.post_experts(layer, Routed(h_BD, x_BD, empty, empty), None)
-                continue
-            ids_BK, weights_BK = route(x_BD, m._moe(layer, "gate.weight"), c)
-            experts_BD = grouped_experts(self.shard.layers[layer], x_BD, ids_BK, weights_BK)
-            h_BD = m.post_experts(layer, Routed(h_BD, x_BD, ids_BK, weights_BK), experts_BD)
-        return m.logits(h_BD, slots_B)
+        mb = self.micro_batch(0, tokens_B, positions_B)
+        for layer in range(self.config.num_layers):
+            routed = self.pre_experts(layer, mb)
+            experts_BD = None
+            if self.config.is_moe_layer(layer):
+                w = self.shard.layers[layer]
+                experts_BD = grouped_experts(w, routed.x_TD, routed.ids_TK, routed.weights_TK)
+            self.post_experts(layer, mb, routed, experts_BD)
+        return self.logits(mb)
 
-    def _attention(
-        self,
-        layer: int,
-        x_BD: torch.Tensor,
-        slots_B: torch.Tensor,
-        positions_B: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        keep_B11S: torch.Tensor,
-    ) -> torch.Tensor:
+    def micro_batch(
+        self, first_slot: int, tokens_B: torch.Tensor, positions_B: torch.Tensor
+    ) -> MicroBatch:
+        """Slots first_slot .. first_slot+B-1 taking one token each: the state of their step."""
+        B = tokens_B.shape[0]
+        keep = torch.arange(self.max_len, device=self.device)[None, :] <= positions_B[:, None]
+        return MicroBatch(
+            slice(first_slot, first_slot + B),
+            torch.arange(first_slot, first_slot + B, device=self.device),
+            positions_B,
+            self.cos_SDh[positions_B],
+            self.sin_SDh[positions_B],
+            keep[:, None, None, :],
+            F.embedding(tokens_B, self.model.t["model.embed_tokens.weight"]),
+        )
+
+    def pre_experts(self, layer: int, mb: MicroBatch) -> Routed:
+        """Attention and the router of one layer; the routed experts may run anywhere."""
+        m, c = self.model, self.config
+        x_BD = rms_norm(mb.h_BD, m._w(layer, "input_layernorm"), c.rms_norm_eps)
+        mb.h_BD = mb.h_BD + self._attention(layer, x_BD, mb)
+        x_BD = rms_norm(mb.h_BD, m._w(layer, "post_attention_layernorm"), c.rms_norm_eps)
+        if not c.is_moe_layer(layer):
+            empty = torch.empty(x_BD.shape[0], 0, dtype=torch.int64, device=self.device)
+            return Routed(mb.h_BD, x_BD, empty, empty)
+        ids_BK, weights_BK = route(x_BD, m._moe(layer, "gate.weight"), c)
+        return Routed(mb.h_BD, x_BD, ids_BK, weights_BK)
+
+    def post_experts(
+        self, layer: int, mb: MicroBatch, routed: Routed, experts_BD: torch.Tensor | None
+    ) -> None:
+        mb.h_BD = self.model.post_experts(layer, routed, experts_BD)
+
+    def logits(self, mb: MicroBatch) -> torch.Tensor:
+        return self.model.logits(mb.h_BD, torch.arange(mb.h_BD.shape[0], device=self.device))
+
+    def _attention(self, layer: int, x_BD: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         m, c, p = self.model, self.config, f"model.layers.{layer}.self_attn"
         B = x_BD.shape[0]
         q, k, v = (
@@ -117,11 +141,24 @@ class StaticDecoder:
         if c.qk_norm == "per_head":
             q_BHDh = rms_norm(q_BHDh, m.t[f"{p}.q_norm.weight"], c.rms_norm_eps)
             k_BGDh = rms_norm(k_BGDh, m.t[f"{p}.k_norm.weight"], c.rms_norm_eps)
-        q_BHDh, k_BGDh = apply_rope(q_BHDh, cos, sin), apply_rope(k_BGDh, cos, sin)
-        self.k_cache[layer, slots_B, :, positions_B] = k_BGDh
-        self.v_cache[layer, slots_B, :, positions_B] = v_BGDh
-        k_BGSDh, v_BGSDh = self.k_cache[layer, :B], self.v_cache[layer, :B]
+        q_BHDh, k_BGDh = apply_rope(q_BHDh, mb.cos, mb.sin), apply_rope(k_BGDh, mb.cos, mb.sin)
+        self.k_cache[layer, mb.slots_B, :, mb.positions_B] = k_BGDh
+        self.v_cache[layer, mb.slots_B, :, mb.positions_B] = v_BGDh
+        k_BGSDh, v_BGSDh = self.k_cache[layer, mb.slots], self.v_cache[layer, mb.slots]
         out_BH1Dh = F.scaled_dot_product_attention(
-            q_BHDh[:, :, None, :], k_BGSDh, v_BGSDh, attn_mask=keep_B11S, enable_gqa=True
+            q_BHDh[:, :, None, :], k_BGSDh, v_BGSDh, attn_mask=mb.keep_B11S, enable_gqa=True
         )
         return F.linear(out_BH1Dh.reshape(B, c.num_heads * c.head_dim), m.t[f"{p}.o_proj.weight"])
+
+
+@dataclass
+class MicroBatch:
+    """A run of cache slots decoding together, and their hidden state between layer halves."""
+
+    slots: slice
+    slots_B: torch.Tensor
+    positions_B: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    keep_B11S: torch.Tensor
+    h_BD: torch.Tensor
