@@ -24,7 +24,14 @@ from orchestrator.client import channel, generate, request
 from orchestrator.cluster import Cluster, RequestFailed
 from orchestrator.config import Deployment, DeploymentError, ModelSection, load_deployment
 from orchestrator.placement import PlacementError as PoolPlacementError
-from orchestrator.planner import PlanError, deployment_yaml, load_catalog, search, table
+from orchestrator.planner import (
+    PlanError,
+    deployment_yaml,
+    load_catalog,
+    search,
+    table,
+    with_measured,
+)
 from orchestrator.server import BackgroundServer, Server, with_ports
 
 DEMO_MODEL_DIR = Path(".afd/tiny-qwen3_moe")
@@ -114,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8", "float32"]
     )
     plan.add_argument("--top", type=int, default=10)
+    plan.add_argument(
+        "--measured",
+        action="append",
+        default=[],
+        metavar="GPU=RESULT.json",
+        help="take a GPU type's HBM rate and efficiency from a bench/decode.py --json-out result",
+    )
     plan.add_argument("--out", help="write the best plan as a deployment config here")
     plan.add_argument(
         "--cpu-only", action="store_true", help="written config asks for no GPUs (local tests)"
@@ -253,9 +267,13 @@ def _client(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.model)
+    catalog = load_catalog(args.catalog)
+    for item in args.measured:
+        gpu, _, path = item.partition("=")
+        catalog = with_measured(catalog, gpu, path)
     plans = search(
         config,
-        load_catalog(args.catalog),
+        catalog,
         args.tpot_ms,
         dtype=args.dtype,
         max_gpus=args.max_gpus,

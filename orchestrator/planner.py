@@ -16,7 +16,7 @@ decode throughput per GPU (or per dollar), within the budget or GPU count.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -113,6 +113,24 @@ def load_catalog(path: str | Path) -> Catalog:
     return Catalog(
         gpus, float(defaults.get("latency_us", 20)) * 1e-6, int(defaults.get("max_context", 4096))
     )
+
+
+def with_measured(catalog: Catalog, gpu: str, bench_json: str | Path) -> Catalog:
+    """The catalog with one GPU type's memory rates replaced by what `bench/decode.py --json-out`
+    measured on it: its copy bandwidth, and the best MBU afd reached there as the efficiency."""
+    if gpu not in catalog.gpus:
+        raise PlanError(f"--measured names {gpu!r}, which is not in the catalog")
+    try:
+        run = yaml.safe_load(Path(bench_json).read_text())  # JSON is YAML
+        copy = float(run["copy_GBps"])
+        mbus = [r["mbu"] for r in run["rows"] if r["engine"].startswith("afd")]
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as err:
+        raise PlanError(f"{bench_json}: not a bench/decode.py result ({err})") from err
+    if not mbus:
+        raise PlanError(f"{bench_json}: has no afd rows to take an efficiency from")
+    g = catalog.gpus[gpu]
+    measured = replace(g, hbm_TBps=copy / 1e3, hbm_efficiency=max(mbus))
+    return replace(catalog, gpus={**catalog.gpus, gpu: measured})
 
 
 @dataclass(frozen=True, slots=True)

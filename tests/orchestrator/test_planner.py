@@ -135,3 +135,30 @@ def test_afd_plan_writes_a_config_that_starts(
         assert [o.token_id for o in got] == ref.generate(ids, params).token_ids
     finally:
         cluster.shutdown()
+
+
+def test_measured_rates_replace_the_datasheet(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    from orchestrator.planner import with_measured
+
+    catalog = load_catalog(ROOT / "configs" / "gpu-catalog.yaml")
+    result = tmp_path / "decode.json"
+    result.write_text(
+        json.dumps(
+            {
+                "copy_GBps": 3000.0,
+                "rows": [{"engine": "hf", "mbu": 0.9}, {"engine": "afd-graph", "mbu": 0.25}],
+            }
+        )
+    )
+    measured = with_measured(catalog, "H100", result)
+    h100 = measured.gpus["H100"]
+    assert (h100.hbm_TBps, h100.hbm_efficiency) == (3.0, 0.25)  # afd's own best MBU, not HF's
+    config = _tiny(tiny_models)
+    datasheet = search(config, catalog, 1000, max_gpus=4, gpu_types=["H100"])[0]
+    slower = search(config, measured, 1000, max_gpus=4, gpu_types=["H100"])[0]
+    assert slower.tokens_per_s < datasheet.tokens_per_s
+    with pytest.raises(PlanError, match="not a bench/decode.py result"):
+        result.write_text("{}")
+        with_measured(catalog, "H100", result)
