@@ -138,19 +138,22 @@ def build_attention(config, dtype: torch.dtype, device: str, seed: int) -> Atten
     return AttentionSideModel(config, tensors)
 
 
-def build_experts(config, dtype: torch.dtype, device: str, seed: int) -> ExpertShard:  # noqa: ANN001
-    """Its own seed, so that an expert process makes the same experts as the single process."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    E, F, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
-    layers = {
-        layer: StackedExperts(
-            _random((E, F, D), dtype, device, gen),
-            _random((E, F, D), dtype, device, gen),
-            _random((E, D, F), dtype, device, gen),
-        )
-        for layer in config.moe_layers
-    }
-    return ExpertShard(config, range(E), layers)
+def build_experts(  # noqa: ANN001
+    config, dtype: torch.dtype, device: str, seed: int, expert_ids: list[int] | None = None
+) -> ExpertShard:
+    """Each (layer, expert) from its own seed, so that an expert process holding any subset
+    makes exactly the experts the single process has."""
+    ids = list(range(config.num_experts)) if expert_ids is None else list(expert_ids)
+    F, D = config.moe_intermediate_size, config.hidden_size
+    gen = torch.Generator(device=device)
+    layers = {}
+    for layer in config.moe_layers:
+        parts = []
+        for e in ids:
+            gen.manual_seed(seed * 1_000_003 + layer * 4099 + e)
+            parts.append([_random(s, dtype, device, gen) for s in ((F, D), (F, D), (D, F))])
+        layers[layer] = StackedExperts(*(torch.stack(p) for p in zip(*parts, strict=True)))
+    return ExpertShard(config, ids, layers)
 
 
 # ---- disaggregated on one GPU: this process runs attention, a child process the experts -----
