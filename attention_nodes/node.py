@@ -38,6 +38,7 @@ class AttentionNodeSettings:
     max_running: int = 64
     round_timeout_s: float = 30.0
     transport: TransportSettings = field(default_factory=TransportSettings)
+    device: str = "cpu"  # "cuda": the GPU Ray gave this actor
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,10 @@ class AttentionNode:
         self.placement = placement
         self.config = load_config(settings.model_dir)
         self.checkpoint = Checkpoint(settings.model_dir)
-        self.model = AttentionSideModel.load(self.checkpoint, self.config, DTYPES[settings.dtype])
+        self.device = torch.device(settings.device)
+        self.model = AttentionSideModel.load(
+            self.checkpoint, self.config, DTYPES[settings.dtype]
+        ).to(self.device)
         self.tokenizer = Tokenizer(settings.model_dir)
         c = self.config
         self.cache = PagedKVCache(
@@ -95,9 +99,10 @@ class AttentionNode:
             c.num_kv_heads,
             c.head_dim,
             DTYPES[settings.dtype],
+            self.device,
         )
         self.scheduler = Scheduler(self.cache, settings.max_batch_tokens, settings.max_running)
-        self.transport = Transport(settings.node_id, settings.transport)
+        self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self.pipeline: PingPongPipeline | None = None
         self._next_seq_id = 0
 
@@ -116,6 +121,7 @@ class AttentionNode:
             self.placement,
             [p for p, _, _ in expert_peers],
             self.settings.round_timeout_s,
+            self.device,
         )
         self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)
 
@@ -152,7 +158,8 @@ class AttentionNode:
             )
             for g in groups
         ]
-        rows = [_sample_rows(g, b) for g, b in zip(groups, batches, strict=True)]
+        rows = [_sample_rows(g, b).to(self.device) for g, b in zip(groups, batches, strict=True)]
+        batches = [b.to(self.device) for b in batches]
         logits, timings = self.pipeline.run(step_id, batches, rows)
         self.transport.flush(self.settings.round_timeout_s)
         outputs = [
@@ -175,6 +182,7 @@ class AttentionNode:
         self._next_seq_id += 1
 
     def _advance(self, group: list[Chunk], logits_BV: torch.Tensor) -> list[TokenOutput]:
+        logits_BV = logits_BV.cpu()  # samplers draw from seeded CPU generators
         outputs, row = [], 0
         for c in group:
             samples = c.samples

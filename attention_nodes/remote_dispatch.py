@@ -39,10 +39,11 @@ class RemoteDispatcher:
         placement: ExpertPlacement,
         expert_peers: list[int],
         timeout_s: float,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.transport = transport
         self.expert_peers = expert_peers
-        self.node_of_E, self.local_of_E = placement.tables()
+        self.node_of_E, self.local_of_E = (t.to(device) for t in placement.tables())
         self.timeout_s = timeout_s
         self.wait_s = 0.0  # time blocked in combine, for the pipeline's timing split
         self.rounds = 0

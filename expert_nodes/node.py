@@ -32,6 +32,7 @@ class ExpertNodeSettings:
     micro_batches: int = 1
     round_timeout_s: float = 30.0
     transport: TransportSettings = field(default_factory=TransportSettings)
+    device: str = "cpu"  # "cuda": the GPU Ray gave this actor
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +51,8 @@ class ExpertNode:
         self.checkpoint = Checkpoint(settings.model_dir)
         self.shard = ExpertShard.load(
             self.checkpoint, self.config, settings.expert_ids, DTYPES[settings.dtype]
-        )
-        self.transport = Transport(settings.node_id, settings.transport)
+        ).to(settings.device)
+        self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self.attention_peers: list[int] = []
 
     def address(self) -> tuple[str, int]:
@@ -82,7 +83,9 @@ class ExpertNode:
     @torch.inference_mode()
     def run_step(self, step_id: int) -> ExpertStepResult:
         start = time.perf_counter()
-        counts = torch.zeros(len(self.shard.expert_ids), dtype=torch.int64)
+        counts = torch.zeros(
+            len(self.shard.expert_ids), dtype=torch.int64, device=self.settings.device
+        )
         compute = wait = 0.0
         for layer in self.config.moe_layers:
             for mb in range(self.settings.micro_batches):

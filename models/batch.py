@@ -41,6 +41,9 @@ class TokenBatch:
             tuple(segments),
         )
 
+    def to(self, device: str | torch.device) -> TokenBatch:
+        return TokenBatch(self.token_ids.to(device), self.positions.to(device), self.segments)
+
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])

@@ -44,6 +44,9 @@ class AttentionSideModel:
             "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         ]
 
+    def to(self, device: str | torch.device) -> AttentionSideModel:
+        return AttentionSideModel(self.config, {k: v.to(device) for k, v in self.t.items()})
+
     @classmethod
     def load(
         cls, checkpoint: Checkpoint, config: ModelConfig, dtype: torch.dtype
@@ -64,7 +67,7 @@ class AttentionSideModel:
         )
         x_TD = rms_norm(h_TD, self._w(layer, "post_attention_layernorm"), self.config.rms_norm_eps)
         if not self.config.is_moe_layer(layer):
-            empty = torch.empty(x_TD.shape[0], 0, dtype=torch.int64)
+            empty = torch.empty(x_TD.shape[0], 0, dtype=torch.int64, device=x_TD.device)
             return Routed(h_TD, x_TD, empty, empty.to(x_TD.dtype))
         ids_TK, weights_TK = route(x_TD, self._moe(layer, "gate.weight"), self.config)
         return Routed(h_TD, x_TD, ids_TK, weights_TK)

@@ -38,6 +38,13 @@ class ExpertShard:
         self.expert_ids = tuple(expert_ids)
         self.layers = layers
 
+    def to(self, device: str | torch.device) -> ExpertShard:
+        layers = {
+            layer: StackedExperts(w.gate_EID.to(device), w.up_EID.to(device), w.down_EDI.to(device))
+            for layer, w in self.layers.items()
+        }
+        return ExpertShard(self.config, self.expert_ids, layers)
+
     @classmethod
     def load(
         cls,
@@ -67,7 +74,7 @@ class ExpertShard:
         Tokens are grouped by expert so each expert runs one GEMM over all its tokens.
         """
         w = self.layers[layer]
-        if x_TD.is_cuda:  # one grouped GEMM per projection, no host sync
+        if x_TD.is_cuda:  # no host sync; grouped GEMMs in bf16
             return grouped_experts(w, x_TD, local_ids_TK, weights_TK)
         out_TD = torch.zeros_like(x_TD)
         if x_TD.shape[0] == 0:
@@ -133,7 +140,7 @@ def grouped_experts(
     counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N))  # bincount would sync for its size
     ends_E = torch.cumsum(counts_E[:E], 0)
     x_ND = x_TD[token_N]
-    if x_TD.is_cuda:
+    if x_TD.is_cuda and x_TD.dtype == torch.bfloat16:  # what torch._grouped_mm takes
         offs = ends_E.to(torch.int32)
         gate_NI = torch._grouped_mm(x_ND, w.gate_EID.transpose(1, 2), offs=offs)
         up_NI = torch._grouped_mm(x_ND, w.up_EID.transpose(1, 2), offs=offs)

@@ -194,6 +194,7 @@ class Cluster:
             d.pipeline.micro_batches,
             d.transport.round_timeout_s,
             self._transport(),
+            "cuda" if d.experts.num_gpus > 0 else "cpu",
         )
         return self._actor(ExpertNode, "experts", j).remote(settings)
 
@@ -210,6 +211,7 @@ class Cluster:
             a.max_running,
             d.transport.round_timeout_s,
             self._transport(),
+            "cuda" if a.num_gpus > 0 else "cpu",
         )
         return self._actor(AttentionNode, "attention", i).remote(settings, self.placement)
 
