@@ -111,18 +111,22 @@ def init_ray(deployment: Deployment) -> None:
         )
 
 
-def _await_restarts(nodes: list, deadline: float) -> None:
-    """Returns once every node answers (a restarting actor refuses calls until its __init__,
-    weight loading included, has run again)."""
-    for node in nodes:
+def _await_restarts(nodes: dict, deadline: float) -> dict:
+    """Each node's process id, once every node answers (a restarting actor refuses calls until
+    its __init__, weight loading included, has run again)."""
+    pids = {}
+    for key, node in nodes.items():
         while True:
             try:
-                ray.get(node.pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                pids[key] = ray.get(
+                    node.pid.remote(), timeout=max(0.1, deadline - time.monotonic())
+                )
                 break
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+    return pids
 
 
 class Cluster:
@@ -151,6 +155,7 @@ class Cluster:
         self.experts = [self._start_expert(j) for j in range(self.placement.num_nodes)]
         self.attention = [self._start_attention(i) for i in range(d.attention.nodes)]
         self._wire()
+        self._pids = _await_restarts(self._nodes(), time.monotonic() + d.ray.startup_timeout_s)
         log.info("all nodes loaded and wired")
         self._streams: dict[str, TokenSink] = {}
         # prompt, sampling and tokens streamed so far: what a moved request re-prefills from
@@ -381,33 +386,58 @@ class Cluster:
             sorted(dead) or "none",
         )
         limit = self.deployment.transport.recovery_timeout_s
-        nodes = [("attention", i, a) for i, a in enumerate(self.attention)] + [
-            ("expert", j, e) for j, e in enumerate(self.experts)
-        ]
-        try:
-            _await_restarts([n for _, _, n in nodes], time.monotonic() + limit)
-            ray.get([n.reset.remote(step + 1) for _, _, n in nodes], timeout=limit)
-            for _, j in sorted(k for k in dead if k[0] == "expert"):
-                host, port = ray.get(self.experts[j].address.remote(), timeout=limit)
-                peers = list(range(len(self.attention)))
-                wait = self.experts[j].wait_for_attention_nodes.remote(peers, limit)
-                ray.get(
-                    [a.reconnect.remote(EXPERT_PEER_BASE + j, host, port) for a in self.attention],
-                    timeout=limit,
-                )
-                ray.get(wait, timeout=limit)
-            for _, i in sorted(k for k in dead if k[0] == "attention"):
-                waits = [e.accept_attention_node.remote(i, limit) for e in self.experts]
-                ray.get(self.attention[i].connect.remote(self._expert_peers()), timeout=limit)
-                ray.get(waits, timeout=limit)
-        except Exception as err:  # noqa: BLE001 - could not bring the cluster back
-            self._healthy = False
-            raise RequestFailed(
-                f"the cluster could not recover from the failure of step {step} within "
-                f"{limit}s: {err}"
-            ) from err
-        for _, i in sorted(k for k in dead if k[0] == "attention"):
+        deadline = time.monotonic() + limit
+        moved_from: set[int] = set()
+        while True:  # another node may die while this one is brought back: start over
+            try:
+                pids = _await_restarts(self._nodes(), deadline)
+                restarted = sorted(k for k, pid in pids.items() if pid != self._pids.get(k))
+                left = max(1.0, deadline - time.monotonic())
+                ray.get([n.reset.remote(step + 1) for n in self._nodes().values()], timeout=left)
+                for kind, j in restarted:
+                    if kind == "expert":
+                        self._rewire_expert(j, left)
+                for kind, i in restarted:
+                    if kind == "attention":
+                        self._rewire_attention(i, left)
+                        moved_from.add(i)
+                self._pids = pids
+                break
+            except Exception as err:  # noqa: BLE001 - retried until the deadline
+                # ActorDiedError: out of restarts, it will not come back; anything else may pass
+                if time.monotonic() > deadline or isinstance(err, ray.exceptions.ActorDiedError):
+                    self._healthy = False
+                    raise RequestFailed(
+                        f"the cluster could not recover from the failure of step {step} "
+                        f"within {limit}s: {err}"
+                    ) from err
+                log.warning("recovery from step %d interrupted (%s); again", step, err)
+                time.sleep(0.2)
+        for i in sorted(moved_from):
             self._resubmit_from(i)
+
+    def _nodes(self) -> dict[tuple[str, int], object]:
+        nodes: dict[tuple[str, int], object] = {
+            ("attention", i): a for i, a in enumerate(self.attention)
+        }
+        nodes.update({("expert", j): e for j, e in enumerate(self.experts)})
+        return nodes
+
+    def _rewire_expert(self, j: int, timeout: float) -> None:
+        host, port = ray.get(self.experts[j].address.remote(), timeout=timeout)
+        wait = self.experts[j].wait_for_attention_nodes.remote(
+            list(range(len(self.attention))), timeout
+        )
+        ray.get(
+            [a.reconnect.remote(EXPERT_PEER_BASE + j, host, port) for a in self.attention],
+            timeout=timeout,
+        )
+        ray.get(wait, timeout=timeout)
+
+    def _rewire_attention(self, i: int, timeout: float) -> None:
+        waits = [e.accept_attention_node.remote(i, timeout) for e in self.experts]
+        ray.get(self.attention[i].connect.remote(self._expert_peers()), timeout=timeout)
+        ray.get(waits, timeout=timeout)
 
     def _resubmit_from(self, node: int) -> None:
         with self._wake:
@@ -442,6 +472,7 @@ class Cluster:
         with self._wake:
             streams = list(self._streams.values())
             for request_id in list(self._streams):
+                self._aborts[self._node_of[request_id]].append(request_id)  # free their blocks
                 self._forget(request_id)
             self._incoming = [[] for _ in self.attention]
         for stream in streams:
