@@ -231,6 +231,16 @@ async def _respond(
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
     response: web.StreamResponse | None = None
     first = True
+
+    def chunk(**fields: Any) -> dict[str, Any]:
+        return {
+            "id": rid,
+            "object": chunk_kind,
+            "created": created,
+            "model": service.model_name,
+            **fields,
+        }
+
     try:
         async with contextlib.aclosing(stream):
             async for item in stream:
@@ -241,17 +251,7 @@ async def _respond(
                     await response.prepare(request)
                 if isinstance(item, Finished):
                     if include_usage:
-                        await _sse(
-                            response,
-                            {
-                                "id": rid,
-                                "object": chunk_kind,
-                                "created": created,
-                                "model": service.model_name,
-                                "choices": [],
-                                "usage": _usage(item),
-                            },
-                        )
+                        await _sse(response, chunk(choices=[], usage=_usage(item)))
                     continue
                 if chat:
                     delta = {"content": item.text_delta}
@@ -271,16 +271,7 @@ async def _respond(
                         "logprobs": None,
                     }
                 first = False
-                await _sse(
-                    response,
-                    {
-                        "id": rid,
-                        "object": chunk_kind,
-                        "created": created,
-                        "model": service.model_name,
-                        "choices": [choice],
-                    },
-                )
+                await _sse(response, chunk(choices=[choice]))
     except Unavailable as err:
         if response is None:
             raise
