@@ -23,7 +23,7 @@ from models.model import AttentionSideModel
 from models.placement import ExpertPlacement
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
-from transport.endpoint import Transport, TransportSettings
+from transport.endpoint import PeerAddress, Transport, TransportSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,35 +106,40 @@ class AttentionNode:
         self.pipeline: PingPongPipeline | None = None
         self._next_seq_id = 0
 
-    def address(self) -> tuple[str, int]:
+    def address(self) -> PeerAddress:
         return self.transport.address
 
     def loaded_tensor_names(self) -> list[str]:
         return list(self.checkpoint.names_read)
 
-    def connect(self, expert_peers: list[tuple[int, str, int]]) -> None:
+    def connect(self, expert_peers: list[tuple[int, PeerAddress]]) -> None:
         """Opens one endpoint to every expert node, in expert-node order."""
-        for peer, host, port in expert_peers:
-            self.transport.connect(peer, host, port)
+        for peer, address in expert_peers:
+            self.transport.connect(peer, address)
         dispatcher = RemoteDispatcher(
             self.transport,
             self.placement,
-            [p for p, _, _ in expert_peers],
+            [p for p, _ in expert_peers],
             self.settings.round_timeout_s,
             self.device,
         )
         self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)
 
-    def reconnect(self, peer: int, host: str, port: int) -> None:
+    def reconnect(self, peer: int, address: PeerAddress) -> None:
         """Connects to a restarted expert node under its old id."""
         self.transport.forget_peer(peer)
-        self.transport.connect(peer, host, port)
+        self.transport.connect(peer, address)
 
     def abort(self) -> None:
         """Ends the step in progress with an error (the orchestrator calls it from another
         thread when a peer died). Nothing of that step is applied: sequences only advance
         after the whole pipeline ran, and KV written past them is overwritten next time."""
         self.transport.abort()
+
+    def expert_lost(self, peer: int) -> None:
+        """An expert node died and its experts have replicas: route around it at once, within
+        the step in progress (called from another thread, like `abort`)."""
+        self.transport.mark_lost(peer)
 
     def reset(self, next_step: int) -> None:
         self.transport.reset(next_step)
@@ -161,6 +166,7 @@ class AttentionNode:
         rows = [_sample_rows(g, b).to(self.device) for g, b in zip(groups, batches, strict=True)]
         batches = [b.to(self.device) for b in batches]
         logits, timings = self.pipeline.run(step_id, batches, rows)
+        self.pipeline.dispatcher.end_step(step_id)
         self.transport.flush(self.settings.round_timeout_s)
         outputs = [
             out for g, lg in zip(groups, logits, strict=True) for out in self._advance(g, lg)

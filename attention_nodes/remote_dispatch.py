@@ -5,6 +5,13 @@ experts' local ids (-1 for the slots another node serves) and weights; it comes 
 partial sum per node. Every expert node gets a frame every round, empty if no token routes
 there, so it knows when the round is complete.
 
+With expert replicas, an expert node the orchestrator reports dead (`Transport.mark_lost`) is
+routed around at once: the tokens of the exchange in progress that went to it are sent again,
+under a failover key, to the nodes that hold its experts' replicas, and later exchanges go
+there directly. No round fails. Expert nodes answer failover frames while they wait for their
+regular ones, and wait for every attention node's end-of-step marker before their step ends, so
+a failover late in the step still finds them serving.
+
 Shape legend: T = tokens, D = hidden, K = top-k, n = tokens sent to one node.
 """
 
@@ -16,20 +23,35 @@ from dataclasses import dataclass
 import torch
 
 from models.placement import ExpertPlacement
-from transport.endpoint import PendingSend, Transport, TransportError
-from transport.wire import RoundKey
+from transport.endpoint import PeerLost, PendingSend, Transport, TransportError
+from transport.wire import END_OF_STEP_LAYER, FAILOVER_STRIDE, RoundKey
 
 LOCAL_ID_DTYPE = torch.int16
 
 
 @dataclass(frozen=True, slots=True)
+class Exchange:
+    """One expected answer: `rows` of the batch went to expert node `node` under `key`, for the
+    top-k slots in `slots`."""
+
+    node: int
+    key: RoundKey
+    rows: torch.Tensor
+    slots: torch.Tensor  # [n, K] bool
+    send: PendingSend
+
+
+@dataclass(frozen=True, slots=True)
 class DispatchPlan:
-    """What combine needs from dispatch: which rows went to which expert node."""
+    """What combine needs from dispatch: which rows went where, and what to send again if a
+    node dies before it answers."""
 
     key: RoundKey
-    rows_per_node: tuple[torch.Tensor, ...]
-    sends: tuple[PendingSend, ...]
+    exchanges: tuple[Exchange, ...]
     sent_at: float
+    x_TD: torch.Tensor
+    ids_TK: torch.Tensor
+    weights_TK: torch.Tensor
 
 
 class RemoteDispatcher:
@@ -42,44 +64,103 @@ class RemoteDispatcher:
         device: torch.device | str = "cpu",
     ) -> None:
         self.transport = transport
+        self.placement = placement
         self.expert_peers = expert_peers
+        self.device = device
+        self.dead: frozenset[int] = frozenset()
         self.node_of_E, self.local_of_E = (t.to(device) for t in placement.tables())
         self.timeout_s = timeout_s
         self.wait_s = 0.0  # time blocked in combine, for the pipeline's timing split
         self.rounds = 0
         self.round_trip_s = 0.0  # dispatch sent to combine done, summed over rounds
 
+    def _route_around(self, dead: frozenset[int]) -> None:
+        """Routes every expert to its first live holder (PlacementError if one has none)."""
+        self.node_of_E, self.local_of_E = (t.to(self.device) for t in self.placement.tables(dead))
+        self.dead = dead
+
+    def _send_slots(
+        self,
+        key: RoundKey,
+        x_TD: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        on_TK: torch.Tensor,
+        rows_T: torch.Tensor | None,
+        node: int,
+    ) -> Exchange:
+        """Sends the tokens with a slot on `node` (`on_TK`), other slots blanked."""
+        rows_n = torch.nonzero(on_TK.any(dim=1)).flatten()
+        mask_nK = on_TK[rows_n]
+        local_nK = torch.where(mask_nK, self.local_of_E[ids_TK[rows_n]], -1).to(LOCAL_ID_DTYPE)
+        weights_nK = torch.where(mask_nK, weights_TK[rows_n], 0)
+        send = self.transport.send(
+            self.expert_peers[node], key, [x_TD[rows_n], local_nK, weights_nK]
+        )
+        return Exchange(node, key, rows_n if rows_T is None else rows_T[rows_n], mask_nK, send)
+
     def dispatch(
         self, key: RoundKey, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
     ) -> DispatchPlan:
+        lost = frozenset(j for j, p in enumerate(self.expert_peers) if self.transport.is_lost(p))
+        if lost != self.dead:
+            self._route_around(lost)
         node_TK = self.node_of_E[ids_TK]
-        local_TK = self.local_of_E[ids_TK]
-        rows, sends = [], []
-        for j, peer in enumerate(self.expert_peers):
-            on_j_TK = node_TK == j
-            rows_n = torch.nonzero(on_j_TK.any(dim=1)).flatten()
-            mask_nK = on_j_TK[rows_n]
-            local_nK = torch.where(mask_nK, local_TK[rows_n], -1).to(LOCAL_ID_DTYPE)
-            weights_nK = torch.where(mask_nK, weights_TK[rows_n], 0)
-            sends.append(self.transport.send(peer, key, [x_TD[rows_n], local_nK, weights_nK]))
-            rows.append(rows_n)
-        return DispatchPlan(key, tuple(rows), tuple(sends), time.perf_counter())
+        exchanges = tuple(
+            self._send_slots(key, x_TD, ids_TK, weights_TK, node_TK == j, None, j)
+            for j in range(len(self.expert_peers))
+            if j not in self.dead
+        )
+        return DispatchPlan(key, exchanges, time.perf_counter(), x_TD, ids_TK, weights_TK)
+
+    def _failover(self, plan: DispatchPlan, lost: Exchange, attempt: int) -> list[Exchange]:
+        """Sends the slots that went to a lost node to the replicas of its experts."""
+        self._route_around(self.dead | {lost.node})
+        rows = lost.rows
+        x_TD, ids_TK, weights_TK = plan.x_TD[rows], plan.ids_TK[rows], plan.weights_TK[rows]
+        was_lost_TK = lost.slots
+        now_TK = self.node_of_E[ids_TK]
+        k = plan.key
+        key = RoundKey(k.step, k.layer, FAILOVER_STRIDE * attempt + k.micro_batch)
+        return [
+            self._send_slots(key, x_TD, ids_TK, weights_TK, was_lost_TK & (now_TK == j), rows, j)
+            for j in sorted(set(now_TK[was_lost_TK].tolist()))
+        ]
 
     def combine(self, plan: DispatchPlan, like_TD: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         out_TD = torch.zeros_like(like_TD)
-        for rows_n, peer, send in zip(
-            plan.rows_per_node, self.expert_peers, plan.sends, strict=True
-        ):
-            (y_nD,) = self.transport.recv(peer, plan.key, self.timeout_s)
-            if y_nD.shape != (rows_n.shape[0], like_TD.shape[1]):
+        waiting = list(plan.exchanges)
+        attempt = 0
+        while waiting:
+            ex = waiting.pop(0)
+            peer = self.expert_peers[ex.node]
+            try:
+                (y_nD,) = self.transport.recv(peer, ex.key, self.timeout_s)
+                ex.send.result(self.timeout_s)  # surfaces a failed send
+            except PeerLost:
+                if not self.placement.covers(self.dead | {ex.node}):
+                    raise
+                attempt += 1
+                waiting += self._failover(plan, ex, attempt)
+                continue
+            if y_nD.shape != (ex.rows.shape[0], like_TD.shape[1]):
                 raise TransportError(
-                    f"expert peer {peer} answered {plan.key} with shape {list(y_nD.shape)}, expected {[rows_n.shape[0], like_TD.shape[1]]}"
+                    f"expert peer {peer} answered {ex.key} with shape {list(y_nD.shape)}, expected {[ex.rows.shape[0], like_TD.shape[1]]}"
                 )
-            send.result(self.timeout_s)  # surfaces a failed send
-            out_TD.index_add_(0, rows_n, y_nD.to(out_TD.dtype))
+            out_TD.index_add_(0, ex.rows, y_nD.to(out_TD.dtype))
         end = time.perf_counter()
         self.wait_s += end - start
         self.rounds += 1
         self.round_trip_s += end - plan.sent_at
         return out_TD
+
+    def end_step(self, step: int) -> None:
+        """Tells every live expert node this node is done with the step (replicas only: the
+        marker keeps them serving failovers until every attention node is through)."""
+        if self.placement.replicas == 1:
+            return
+        key = RoundKey(step, END_OF_STEP_LAYER, 0)
+        for j, peer in enumerate(self.expert_peers):
+            if j not in self.dead and not self.transport.is_lost(peer):
+                self.transport.send(peer, key, [])

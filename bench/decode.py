@@ -203,9 +203,9 @@ class RemoteExperts:
             args=(raw, str(dtype).split(".")[-1], seed, micro_batches, ports, device),
         )
         self.proc.start()
-        host, port = ports.get(timeout=600)
+        address = ports.get(timeout=600)
         self.t = Transport(0, device=device)
-        self.t.connect(1000, host, port)
+        self.t.connect(1000, address)
         self.step_id = 0
 
     def step(

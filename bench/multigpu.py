@@ -118,8 +118,8 @@ def attention_worker(  # noqa: ANN001
     config = _config(raw)
     model = build_attention(config, dtype, device, 0)
     t = Transport(i, device=device)
-    for j, (host, port) in enumerate(experts):
-        t.connect(EXPERT_BASE + j, host, port)
+    for j, address in enumerate(experts):
+        t.connect(EXPERT_BASE + j, address)
     owner = torch.empty(config.num_experts, dtype=torch.int64, device=device)
     local = torch.empty(config.num_experts, dtype=torch.int64, device=device)
     for j in range(len(experts)):

@@ -4,7 +4,8 @@ afd transport, gRPC (Python) and a Ray actor call, measured in one run.
     python bench/transport.py [--json] [--device cpu|cuda] [--iters N]
 
 RTT: ping-pong of one message, median over `iters` after warm-up. Bandwidth: `reps` messages
-sent back to back, then one small acknowledgement; bytes over the whole time.
+sent back to back, then one small acknowledgement; bytes over the whole time, the median of
+`trials` such streams after one warm-up stream. Every transport is measured the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -24,10 +26,22 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch  # noqa: E402 - after the sys.path fix above
 
 SMALL, MEDIUM, LARGE = 8 << 10, 8 << 20, 64 << 20
+TRIALS = 5
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 128 << 20),
     ("grpc.max_receive_message_length", 128 << 20),
 ]
+
+
+def _bandwidth(stream: Callable[[], float], trials: int) -> float:
+    """Median bytes/s of `trials` streams after one warm-up (first-touch costs are not rates)."""
+    stream()
+    return statistics.median(stream() for _ in range(trials))
+
+
+def _streams(reps: int) -> list[tuple[int, int]]:
+    """(size, messages per stream) of the bandwidth rows."""
+    return [(MEDIUM, reps), (LARGE, max(2, reps // 4))]
 
 
 def _tensor(nbytes: int, device: str) -> torch.Tensor:
@@ -35,14 +49,12 @@ def _tensor(nbytes: int, device: str) -> torch.Tensor:
 
 
 # ---- afd transport --------------------------------------------------------------------------
-def _afd_peer(
-    host: str, port: int, device: str, plan: list[tuple[int, int]], settings: object
-) -> None:
+def _afd_peer(address: object, device: str, plan: list[tuple[int, int]], settings: object) -> None:
     from transport.endpoint import Transport
     from transport.wire import RoundKey
 
     t = Transport(1, settings, device=device)
-    t.connect(0, host, port)
+    t.connect(0, address)
     step = 0
     for count, echo in plan:
         for _ in range(count):
@@ -58,15 +70,17 @@ def _afd_peer(
     t.close()
 
 
-def bench_afd(device: str, iters: int, reps: int, mode: str, spin_us: float) -> list[dict]:
+def bench_afd(
+    device: str, iters: int, reps: int, mode: str, spin_us: float, trials: int
+) -> list[dict]:
     from transport.endpoint import Transport, TransportSettings
     from transport.wire import RoundKey
 
     settings = TransportSettings(progress_mode=mode, spin_us=spin_us)
     node = Transport(0, settings, device=device)
-    plan = [(iters, True), (reps, False), (max(2, reps // 4), False)]
+    plan = [(iters, True)] + [(n, False) for _, n in _streams(reps) for _ in range(trials + 1)]
     peer = mp.get_context("spawn").Process(
-        target=_afd_peer, args=(*node.address, device, plan, settings)
+        target=_afd_peer, args=(node.address, device, plan, settings)
     )
     peer.start()
     node.wait_for_peers([1], 60)
@@ -94,10 +108,9 @@ def bench_afd(device: str, iters: int, reps: int, mode: str, spin_us: float) -> 
     small = _tensor(SMALL, device)
     rtt = statistics.median([ping(small) for _ in range(iters)][iters // 10 :])
     rows = [_row("afd", SMALL, rtt_s=rtt)]
-    rows += [
-        _row("afd", MEDIUM, bw=stream(_tensor(MEDIUM, device), reps)),
-        _row("afd", LARGE, bw=stream(_tensor(LARGE, device), max(2, reps // 4))),
-    ]
+    for size, n in _streams(reps):
+        x = _tensor(size, device)
+        rows.append(_row("afd", size, bw=_bandwidth(lambda x=x, n=n: stream(x, n), trials)))
     peer.join(60)
     node.close()
     return rows
@@ -132,7 +145,7 @@ def _on_device(data: bytes | object, device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_grpc(iters: int, reps: int, device: str = "cpu") -> list[dict]:
+def bench_grpc(iters: int, reps: int, trials: int, device: str = "cpu") -> list[dict]:
     """With device cuda, every message starts as a GPU tensor (copied to the host to send) and
     an echo ends on the GPU again; the server keeps what it receives in host memory."""
     import grpc
@@ -151,19 +164,23 @@ def bench_grpc(iters: int, reps: int, device: str = "cpu") -> list[dict]:
         _on_device(echo(small.cpu().numpy().tobytes(), timeout=60), device)
         rtts.append(time.perf_counter() - start)
     rows = [_row("grpc", SMALL, rtt_s=statistics.median(rtts[iters // 10 :]))]
-    for size, n in ((MEDIUM, reps), (LARGE, max(2, reps // 4))):
+    for size, n in _streams(reps):
         payload = _tensor(size, device)
-        start = time.perf_counter()
-        for _ in range(n):
-            sink(payload.cpu().numpy().tobytes(), timeout=60)
-        rows.append(_row("grpc", size, bw=n * size / (time.perf_counter() - start)))
+
+        def stream(payload: torch.Tensor = payload, n: int = n) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                sink(payload.cpu().numpy().tobytes(), timeout=60)
+            return n * payload.nbytes / (time.perf_counter() - start)
+
+        rows.append(_row("grpc", size, bw=_bandwidth(stream, trials)))
     channel.close()
     server.kill()
     return rows
 
 
 # ---- Ray actor call -------------------------------------------------------------------------
-def bench_ray(iters: int, reps: int, device: str = "cpu") -> list[dict]:
+def bench_ray(iters: int, reps: int, trials: int, device: str = "cpu") -> list[dict]:
     """GPU rows as for gRPC: host copies at the sender, the echo back onto the GPU."""
     import numpy as np
     import ray
@@ -187,11 +204,15 @@ def bench_ray(iters: int, reps: int, device: str = "cpu") -> list[dict]:
         _on_device(ray.get(peer.echo.remote(small.cpu().numpy())), device)
         rtts.append(time.perf_counter() - start)
     rows = [_row("ray", SMALL, rtt_s=statistics.median(rtts[iters // 10 :]))]
-    for size, n in ((MEDIUM, reps), (LARGE, max(2, reps // 4))):
+    for size, n in _streams(reps):
         payload = _tensor(size, device)
-        start = time.perf_counter()
-        ray.get([peer.sink.remote(payload.cpu().numpy()) for _ in range(n)])
-        rows.append(_row("ray", size, bw=n * size / (time.perf_counter() - start)))
+
+        def stream(payload: torch.Tensor = payload, n: int = n) -> float:
+            start = time.perf_counter()
+            ray.get([peer.sink.remote(payload.cpu().numpy()) for _ in range(n)])
+            return n * payload.nbytes / (time.perf_counter() - start)
+
+        rows.append(_row("ray", size, bw=_bandwidth(stream, trials)))
     ray.shutdown()
     return rows
 
@@ -211,6 +232,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--iters", type=int, default=500)
     parser.add_argument("--reps", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=TRIALS)
     parser.add_argument("--only", choices=["afd", "grpc", "ray"], action="append")
     parser.add_argument("--progress-mode", default="blocking", choices=["blocking", "polling"])
     parser.add_argument("--spin-us", type=float, default=200.0)
@@ -218,11 +240,13 @@ def main() -> None:
     only = set(args.only or ["afd", "grpc", "ray"])
     rows = []
     if "afd" in only:
-        rows += bench_afd(args.device, args.iters, args.reps, args.progress_mode, args.spin_us)
+        rows += bench_afd(
+            args.device, args.iters, args.reps, args.progress_mode, args.spin_us, args.trials
+        )
     if "grpc" in only:
-        rows += bench_grpc(args.iters, args.reps, args.device)
+        rows += bench_grpc(args.iters, args.reps, args.trials, args.device)
     if "ray" in only:
-        rows += bench_ray(args.iters, args.reps, args.device)
+        rows += bench_ray(args.iters, args.reps, args.trials, args.device)
     if args.json:
         print(json.dumps({"device": args.device, "rows": rows}))
         return

@@ -4,6 +4,11 @@ For each (step, layer, micro-batch) it waits for a frame from every attention no
 empty), runs its experts once over all their tokens together (this aggregation is the point
 of disaggregation), and sends each attention node back its partial sums.
 
+With expert replicas it also answers failover frames (tokens an attention node sends again
+because the expert node it first sent them to died) whenever they come, and ends its step only
+once every attention node has sent its end-of-step marker: an attention node may fail over to
+this node in its last layer, after this node's own last exchange.
+
 Shape legend: T = tokens from all attention nodes, D = hidden, K = top-k.
 """
 
@@ -19,8 +24,8 @@ from models.checkpoint import Checkpoint
 from models.config import load_config
 from models.generation import DTYPES
 from models.moe import ExpertShard
-from transport.endpoint import Transport, TransportError, TransportSettings
-from transport.wire import RoundKey
+from transport.endpoint import PeerAddress, Transport, TransportError, TransportSettings
+from transport.wire import END_OF_STEP_LAYER, RoundKey, is_failover
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,7 @@ class ExpertNodeSettings:
     round_timeout_s: float = 30.0
     transport: TransportSettings = field(default_factory=TransportSettings)
     device: str = "cpu"  # "cuda": the GPU Ray gave this actor
+    serve_failovers: bool = False  # expert replicas: answer failover frames, await step markers
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +61,7 @@ class ExpertNode:
         self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self.attention_peers: list[int] = []
 
-    def address(self) -> tuple[str, int]:
+    def address(self) -> PeerAddress:
         return self.transport.address
 
     def loaded_tensor_names(self) -> list[str]:
@@ -91,24 +97,14 @@ class ExpertNode:
             for mb in range(self.settings.micro_batches):
                 key = RoundKey(step_id, layer, mb)
                 t0 = time.perf_counter()
-                frames = [
-                    self._checked(p, self.transport.recv(p, key, self.settings.round_timeout_s))
-                    for p in self.attention_peers
-                ]
+                frames = self._gather(key)
                 t1 = time.perf_counter()
-                x_TD = torch.cat([f[0] for f in frames])
-                ids_TK = torch.cat([f[1] for f in frames]).long()
-                weights_TK = torch.cat([f[2] for f in frames]).to(x_TD.dtype)
-                counts += torch.bincount(ids_TK[ids_TK >= 0], minlength=len(counts))
-                y_TD = self.shard.forward(layer, x_TD, ids_TK, weights_TK)
-                for peer, y_nD in zip(
-                    self.attention_peers,
-                    torch.split(y_TD, [f[0].shape[0] for f in frames]),
-                    strict=True,
-                ):
-                    self.transport.send(peer, key, [y_nD])
-                compute += time.perf_counter() - t1
+                compute += self._answer(key, self.attention_peers, frames, counts)
                 wait += t1 - t0
+        if self.settings.serve_failovers:
+            t0 = time.perf_counter()
+            self._gather(RoundKey(step_id, END_OF_STEP_LAYER, 0))
+            wait += time.perf_counter() - t0
         self.transport.flush(self.settings.round_timeout_s)
         per_expert = dict(zip(self.shard.expert_ids, counts.tolist(), strict=True))
         stats = self.transport.stats
@@ -119,6 +115,53 @@ class ExpertNode:
             time.perf_counter() - start,
             stats.bytes_sent + stats.bytes_received,
         )
+
+    def _gather(self, key: RoundKey) -> list[list[torch.Tensor]]:
+        """One frame from every attention node under `key`, answering failovers meanwhile."""
+        timeout = self.settings.round_timeout_s
+        if not self.settings.serve_failovers:
+            return [
+                self._frame(p, key, self.transport.recv(p, key, timeout))
+                for p in self.attention_peers
+            ]
+        frames: dict[int, list[torch.Tensor]] = {}
+        waiting = set(self.attention_peers)
+        while waiting:
+            peer, got, frame = self.transport.recv_any(
+                lambda p, k: (k == key and p in waiting) or (k.step == key.step and is_failover(k)),
+                timeout,
+            )
+            if got == key:
+                frames[peer] = self._frame(peer, key, frame)
+                waiting.discard(peer)
+            else:
+                self._answer(got, [peer], [self._frame(peer, got, frame)], None)
+        return [frames[p] for p in self.attention_peers]
+
+    def _answer(
+        self,
+        key: RoundKey,
+        peers: list[int],
+        frames: list[list[torch.Tensor]],
+        counts: torch.Tensor | None,
+    ) -> float:
+        """Runs the experts over the frames' tokens at once and sends each peer its partial
+        sums; returns the compute time."""
+        start = time.perf_counter()
+        x_TD = torch.cat([f[0] for f in frames])
+        ids_TK = torch.cat([f[1] for f in frames]).long()
+        weights_TK = torch.cat([f[2] for f in frames]).to(x_TD.dtype)
+        if counts is not None:
+            counts += torch.bincount(ids_TK[ids_TK >= 0], minlength=len(counts))
+        y_TD = self.shard.forward(key.layer, x_TD, ids_TK, weights_TK)
+        for peer, y_nD in zip(
+            peers, torch.split(y_TD, [f[0].shape[0] for f in frames]), strict=True
+        ):
+            self.transport.send(peer, key, [y_nD])
+        return time.perf_counter() - start
+
+    def _frame(self, peer: int, key: RoundKey, frame: list[torch.Tensor]) -> list[torch.Tensor]:
+        return frame if key.layer == END_OF_STEP_LAYER else self._checked(peer, frame)
 
     def _checked(self, peer: int, frame: list[torch.Tensor]) -> list[torch.Tensor]:
         """A dispatch frame is x [n, D], local ids [n, K] within this shard, weights [n, K]."""

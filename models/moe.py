@@ -53,7 +53,9 @@ class ExpertShard:
         expert_ids: Sequence[int],
         dtype: torch.dtype,
     ) -> ExpertShard:
-        ids = sorted(set(expert_ids))
+        ids = list(expert_ids)  # in the placement's order: local id i is ids[i]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"expert ids {ids} repeat an expert")
         tensors = checkpoint.load(tensor_specs(config, ["experts"], experts=ids), dtype)
         layers = {}
         for layer in config.moe_layers:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import ray
+from ray._private.state import state as ray_state
 
 from attention_nodes.node import (
     AttentionNode,
@@ -32,7 +33,7 @@ from models.placement import ExpertPlacement
 from models.sampling import SamplingParams
 from orchestrator.config import Deployment
 from orchestrator.placement import PoolDemand, check_fits, in_group, remove_placement_group, reserve
-from transport.endpoint import TransportSettings
+from transport.endpoint import PeerAddress, TransportSettings
 
 log = logging.getLogger(__name__)
 EXPERT_PEER_BASE = 1000  # transport ids: attention nodes 0..M-1, expert nodes 1000..1000+N-1
@@ -75,6 +76,8 @@ class ClusterState:
     queued: int  # submitted, not yet handed to a node
     steps: int
     expert_tokens: dict[int, int]  # global expert id -> tokens routed to it, all time
+    failed_steps: int = 0  # rounds abandoned because a node died or stalled
+    expert_failovers: int = 0  # expert node deaths absorbed by replicas, without a failed round
 
 
 class RequestStream:
@@ -135,9 +138,13 @@ class Cluster:
         self.config = load_config(deployment.model.path)
         d = deployment
         if d.experts.assignment is not None:
-            self.placement = ExpertPlacement.explicit(self.config.num_experts, d.experts.assignment)
+            self.placement = ExpertPlacement.explicit(
+                self.config.num_experts, d.experts.assignment, d.experts.replicas
+            )
         else:
-            self.placement = ExpertPlacement.even(self.config.num_experts, d.experts.nodes)
+            self.placement = ExpertPlacement.even(
+                self.config.num_experts, d.experts.nodes, d.experts.replicas
+            )
         init_ray(d)
         log.info(
             "placing %d expert node(s) and %d attention node(s); each loads its own weights",
@@ -175,6 +182,11 @@ class Cluster:
         self._last_attention: list[AttentionStepResult | None] = [None] * len(self.attention)
         self._attention_tokens = [0] * len(self.attention)
         self._expert_tokens: dict[int, int] = dict.fromkeys(range(self.config.num_experts), 0)
+        self.failed_steps = 0
+        self.expert_failovers = 0
+        self._down: set[int] = set()  # expert nodes dead, their experts served by replicas
+        self._revivals: dict[int, object] = {}  # expert node -> pending pid call (back yet?)
+        self._gone: set[int] = set()  # down expert nodes Ray will not restart
         self._engine = threading.Thread(target=self._run, name="afd-engine", daemon=True)
         self._engine.start()
 
@@ -187,6 +199,7 @@ class Cluster:
             spin_us=t.spin_us,
             max_frame_bytes=t.max_frame_bytes,
             connect_timeout_s=t.connect_timeout_s,
+            shared_memory=t.shared_memory,
         )
 
     def _start_expert(self, j: int):  # noqa: ANN202 - a Ray actor handle
@@ -200,6 +213,7 @@ class Cluster:
             d.transport.round_timeout_s,
             self._transport(),
             "cuda" if d.experts.num_gpus > 0 else "cpu",
+            serve_failovers=self.placement.replicas > 1,
         )
         return self._actor(ExpertNode, "experts", j).remote(settings)
 
@@ -232,11 +246,11 @@ class Cluster:
             max_concurrency=2,  # so that abort() reaches a node blocked in its step
         )
 
-    def _expert_peers(self, addresses: list | None = None) -> list[tuple[int, str, int]]:
+    def _expert_peers(self, addresses: list | None = None) -> list[tuple[int, PeerAddress]]:
         if addresses is None:
             timeout = self.deployment.transport.recovery_timeout_s
             addresses = ray.get([e.address.remote() for e in self.experts], timeout=timeout)
-        return [(EXPERT_PEER_BASE + j, host, port) for j, (host, port) in enumerate(addresses)]
+        return [(EXPERT_PEER_BASE + j, address) for j, address in enumerate(addresses)]
 
     def _wire(self) -> None:
         timeout = self.deployment.ray.startup_timeout_s
@@ -309,13 +323,21 @@ class Cluster:
                 self._fail_all(RequestFailed(f"step {self.step_id} failed: {err}"))
 
     def _step(self, new: list[list[NewRequest]], aborts: list[list[str]]) -> None:
+        if self._down:
+            self._revive_experts()
         self.step_id += 1
         s = self.step_id
         calls = {
             ("attention", i): a.step.remote(s, new[i], aborts[i])
             for i, a in enumerate(self.attention)
         }
-        calls.update({("expert", j): e.run_step.remote(s) for j, e in enumerate(self.experts)})
+        calls.update(
+            {
+                ("expert", j): e.run_step.remote(s)
+                for j, e in enumerate(self.experts)
+                if j not in self._down
+            }
+        )
         start = time.perf_counter()
         results, errors = self._collect(calls)
         wall = time.perf_counter() - start
@@ -327,7 +349,7 @@ class Cluster:
             self._recover(s, errors)
             return
         attention = [results["attention", i] for i in range(len(self.attention))]
-        experts = [results["expert", j] for j in range(len(self.experts))]
+        experts = [results[k] for k in sorted(results) if k[0] == "expert"]
         record = StepRecord(s, wall, attention, experts)
         if self.keep_history:
             self.history.append(record)
@@ -360,6 +382,11 @@ class Cluster:
                 key = pending.pop(ref)
                 try:
                     results[key] = ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    if key[0] == "expert" and self._can_fail_over(key[1]):
+                        self._fail_over(key[1], err)
+                    else:
+                        errors[key] = err
                 except Exception as err:  # noqa: BLE001 - sorted out by _recover
                     errors[key] = err
             if not ready and left <= 0:
@@ -374,10 +401,47 @@ class Cluster:
                 break
         return results, errors
 
+    def _can_fail_over(self, j: int) -> bool:
+        return self.placement.replicas > 1 and self.placement.covers(self._down | {j})
+
+    def _fail_over(self, j: int, err: Exception) -> None:
+        """Expert node j died and every expert it held has a live replica: the attention nodes
+        route around it within the round in progress; it rejoins once Ray has restarted it."""
+        log.warning("expert-%d died (%s); its experts' replicas take over", j, type(err).__name__)
+        self._down.add(j)
+        self._revivals.pop(j, None)
+        self.expert_failovers += 1
+        for a in self.attention:
+            a.expert_lost.remote(EXPERT_PEER_BASE + j)
+
+    def _revive_experts(self) -> None:
+        """At a step boundary: rewires the down expert nodes that Ray has brought back."""
+        timeout = self.deployment.transport.recovery_timeout_s
+        for j in sorted(self._down - self._gone):
+            ref = self._revivals.get(j)
+            if ref is None:
+                self._revivals[j] = self.experts[j].pid.remote()
+                continue
+            if not ray.wait([ref], timeout=0)[0]:
+                continue
+            del self._revivals[j]
+            try:
+                pid = ray.get(ref)
+                self._rewire_expert(j, timeout)
+            except Exception as err:  # noqa: BLE001 - not back yet: asked again next step
+                if self._out_of_restarts():
+                    log.error("expert-%d will not come back (replicas serve on): %s", j, err)
+                    self._gone.add(j)
+                continue
+            self._pids["expert", j] = pid
+            self._down.discard(j)
+            log.info("expert-%d is back and rewired", j)
+
     def _recover(self, step: int, errors: dict) -> None:
         """Restarts dead nodes (Ray re-runs their __init__, so they reload their weights),
         rewires them, clears the abandoned round everywhere and moves the requests of a dead
         attention node to live ones, to continue from their prompt plus the tokens streamed."""
+        self.failed_steps += 1
         dead = {key for key, err in errors.items() if isinstance(err, ray.exceptions.RayActorError)}
         log.warning(
             "step %d failed on %s; dead: %s",
@@ -402,10 +466,12 @@ class Cluster:
                         self._rewire_attention(i, left)
                         moved_from.add(i)
                 self._pids = pids
+                self._down.clear()  # every node answered: down expert nodes are back, rewired
+                self._revivals.clear()
                 break
             except Exception as err:  # noqa: BLE001 - retried until the deadline
-                # ActorDiedError: out of restarts, it will not come back; anything else may pass
-                if time.monotonic() > deadline or isinstance(err, ray.exceptions.ActorDiedError):
+                # a node out of restarts will not come back; anything else may pass
+                if time.monotonic() > deadline or self._out_of_restarts():
                     self._healthy = False
                     raise RequestFailed(
                         f"the cluster could not recover from the failure of step {step} "
@@ -416,6 +482,18 @@ class Cluster:
         for i in sorted(moved_from):
             self._resubmit_from(i)
 
+    def _out_of_restarts(self) -> bool:
+        """Whether Ray has given up on a node. A call to a node that died fails with
+        ActorDiedError whether or not Ray restarts it, so the GCS actor table is asked."""
+        for node in self._nodes().values():
+            try:
+                entry = ray_state.actor_table(node._actor_id.hex())  # noqa: SLF001
+            except Exception:  # noqa: BLE001 - unknown: keep retrying until the deadline
+                continue
+            if entry and entry.get("State") == "DEAD":
+                return True
+        return False
+
     def _nodes(self) -> dict[tuple[str, int], object]:
         nodes: dict[tuple[str, int], object] = {
             ("attention", i): a for i, a in enumerate(self.attention)
@@ -424,12 +502,12 @@ class Cluster:
         return nodes
 
     def _rewire_expert(self, j: int, timeout: float) -> None:
-        host, port = ray.get(self.experts[j].address.remote(), timeout=timeout)
+        address = ray.get(self.experts[j].address.remote(), timeout=timeout)
         wait = self.experts[j].wait_for_attention_nodes.remote(
             list(range(len(self.attention))), timeout
         )
         ray.get(
-            [a.reconnect.remote(EXPERT_PEER_BASE + j, host, port) for a in self.attention],
+            [a.reconnect.remote(EXPERT_PEER_BASE + j, address) for a in self.attention],
             timeout=timeout,
         )
         ray.get(wait, timeout=timeout)
@@ -501,14 +579,21 @@ class Cluster:
                 NodeState(
                     f"expert-{j}",
                     "expert",
-                    self._healthy,
+                    self._healthy and j not in self._down,
                     expert_ids=tuple(experts),
                     tokens=sum(self._expert_tokens[e] for e in experts),
                 )
             )
         with self._wake:
             queued = sum(len(q) for q in self._incoming)
-        return ClusterState(nodes, queued, self.step_id, dict(self._expert_tokens))
+        return ClusterState(
+            nodes,
+            queued,
+            self.step_id,
+            dict(self._expert_tokens),
+            self.failed_steps,
+            self.expert_failovers,
+        )
 
     def loaded_tensor_names(self) -> dict[str, list[str]]:
         names = ray.get(

@@ -49,6 +49,7 @@ class ExpertSection:
     resources: dict | None = None  # custom Ray resources per actor, e.g. {"afd_expert_host": 1}
     strategy: str = "spread"  # spread: actors on as many nodes as possible; pack: on few
     assignment: list | None = None  # explicit expert ids per node; default: even contiguous ranges
+    replicas: int = 1  # nodes holding each expert: with 2, an expert node's death costs no round
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,7 @@ class TransportSection:
     recovery_timeout_s: float = 120.0  # a dead node must be back (restarted, loaded) by then
     max_frame_bytes: int = 256 << 20
     connect_timeout_s: float = 30.0
+    shared_memory: bool = True  # same-machine peers over shared memory (transport/endpoint.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +187,11 @@ def _check(d: Deployment, source: str) -> None:
         ("model.dtype", d.model.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
         ("attention.nodes", d.attention.nodes >= 1, ">= 1"),
         ("experts.nodes", d.experts.nodes >= 1, ">= 1"),
+        (
+            "experts.replicas",
+            1 <= d.experts.replicas <= d.experts.nodes,
+            f"between 1 and experts.nodes ({d.experts.nodes})",
+        ),
         ("pipeline.micro_batches", 1 <= d.pipeline.micro_batches <= 16, "between 1 and 16"),
         ("attention.kv_blocks", d.attention.kv_blocks >= 1, ">= 1"),
         ("attention.block_size", d.attention.block_size >= 1, ">= 1"),

@@ -7,6 +7,14 @@ and then sleeping on the worker's epoll descriptor until the call's deadline. Me
 of hundreds: the asyncio API hands every message between an event-loop thread and the caller
 under the GIL, and that hand-off was the whole cost.
 
+Two listeners: peers on the same machine connect to one whose endpoints run without UCX's
+peer-failure handling, because that mode excludes UCX's shared-memory transports (measured on
+the 2-core host, bench/NOTES.md: 16 GB/s and 18 µs round trips over shared memory against
+1.2 GB/s and 49 µs over loopback TCP); peers on other machines connect to one with it. UCX's
+cross-memory-attach transport is left out, because a read from a process that died is fatal to
+the reader without failure handling; nodes that die are found by the orchestrator through Ray,
+and every receive has a deadline anyway.
+
 Connections: a peer opens an endpoint to our listener and sends a hello on the endpoint's
 stream (its node id and the tag under which it wants our frames); we answer with the tag it must
 use for its frames to us. Both tags are random 60-bit values, so frames of one peer cannot be
@@ -29,10 +37,13 @@ import logging
 import os
 import secrets
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,10 +66,35 @@ _TAG_BYTES = 8
 HELLO_BYTES = HEADER_BYTES + _TAG_BYTES  # hello header + the tag the peer wants our frames on
 _HEADER_CHANNEL, _PAYLOAD_CHANNEL = 0, 1
 _MAX_SLEEP_S = 0.05  # epoll may miss an event (ucx-py#413); never sleep longer than this
+_BUSY_SPIN_S = 0.05  # how long a wait keeps spinning for a big frame in flight (256 MiB at 5 GB/s)
+
+
+class PeerAddress(NamedTuple):
+    """Where a transport listens: what a peer needs to connect, as a picklable value."""
+
+    host: str
+    port: int  # endpoints with UCX peer-failure handling: peers on any machine
+    local_port: int  # endpoints over shared memory: peers on the same machine only
+    machine: str  # which machine (and container) the listeners are on
+
+
+@cache
+def machine_id() -> str:
+    """Processes that can share memory see the same boot id and host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 class TransportError(RuntimeError):
     """A peer failed (bad frame, closed connection) or did not answer in time."""
+
+
+class PeerLost(TransportError):
+    """The orchestrator said the peer died (`mark_lost`): whoever waits on it can stop now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +105,7 @@ class TransportSettings:
     max_frame_bytes: int = 256 << 20
     max_pending_frames: int = 256  # frames of one peer received but not yet asked for
     connect_timeout_s: float = 10.0
+    shared_memory: bool = True  # same-machine peers over shared memory (see the module docstring)
 
 
 @dataclass
@@ -99,16 +136,21 @@ def _shared_context():  # noqa: ANN202 - one UCX context per process, one worker
     with _context_lock:
         if _context is None:
             ucx, _ = _ucx()
+            # without cross-memory attach unless the operator chose the transports himself
+            config = {} if "UCX_TLS" in os.environ else {"TLS": "^cma"}
             _context = ucx.UCXContext(
-                {}, feature_flags=(ucx.Feature.TAG, ucx.Feature.STREAM, ucx.Feature.WAKEUP)
+                config, feature_flags=(ucx.Feature.TAG, ucx.Feature.STREAM, ucx.Feature.WAKEUP)
             )
         return _context
 
 
 def _wire_view(t: torch.Tensor):  # noqa: ANN202 - numpy array or CUDA tensor
     """The tensor's own memory as bytes: zero-copy, host or GPU (via __cuda_array_interface__)."""
-    flat = t.reshape(-1).view(torch.uint8)
-    return flat if flat.is_cuda else flat.numpy()
+    if t.is_cuda:
+        return t.reshape(-1).view(torch.uint8)
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+        return t.reshape(-1).view(torch.uint8).numpy()
+    return t.numpy().reshape(-1).view(np.uint8)
 
 
 def _new_tag_base() -> int:
@@ -195,22 +237,31 @@ class Transport:
         self._mail: dict[tuple[int, RoundKey], list[torch.Tensor]] = {}
         self._pending: dict[int, int] = {}
         self._failed: dict[int, str] = {}
+        self._lost: set[int] = set()  # peers the orchestrator reported dead; set from any thread
         self._aborted = threading.Event()  # set from another thread to end a wait at once
         self._min_step = 0  # frames of earlier (abandoned) steps are dropped on arrival
         self._graveyard: list[PendingSend] = []  # abandoned sends: UCX may still read them
         self._listener = self._ucx.UCXListener.create(
-            worker=self._worker, port=0, cb_func=self._on_connection
+            worker=self._worker, port=0, cb_func=self._on_connection, cb_args=(True,)
+        )
+        self._local_listener = self._ucx.UCXListener.create(
+            worker=self._worker, port=0, cb_func=self._on_connection, cb_args=(False,)
         )
 
     # ---- API ---------------------------------------------------------------------------
     @property
-    def address(self) -> tuple[str, int]:
-        return self.settings.host, self._listener.port
+    def address(self) -> PeerAddress:
+        return PeerAddress(
+            self.settings.host, self._listener.port, self._local_listener.port, machine_id()
+        )
 
-    def connect(self, peer: int, host: str, port: int) -> None:
+    def connect(self, peer: int, address: PeerAddress) -> None:
         with self._lock:
             deadline = time.monotonic() + self.settings.connect_timeout_s
-            ep = self._ucx.UCXEndpoint.create(self._worker, host, port, True)
+            host = address.host
+            local = self.settings.shared_memory and address.machine == machine_id()
+            port = address.local_port if local else address.port
+            ep = self._ucx.UCXEndpoint.create(self._worker, host, port, not local)
             recv_tag = _new_tag_base()
             hello = Header(KIND_HELLO, self.node_id, _HELLO_KEY, ()).pack()
             out = np.frombuffer(hello + recv_tag.to_bytes(_TAG_BYTES, "little"), np.uint8)
@@ -255,14 +306,22 @@ class Transport:
                     tensors = [t.cpu() for t in tensors]
                 else:
                     torch.cuda.current_stream().synchronize()  # UCX reads memory, not the stream
-            header = np.frombuffer(
-                Header(KIND_TENSORS, self.node_id, key, metas, inline).pack(), np.uint8
-            )
-            views = [_wire_view(t) for t in tensors if t.numel()]
-            if inline:
-                parts = [(np.concatenate([header, *views]) if views else header, _HEADER_CHANNEL)]
+            header = Header(KIND_TENSORS, self.node_id, key, metas, inline)
+            if inline:  # one message: the header with the payload packed behind it
+                frame = np.empty(HEADER_BYTES + payload, np.uint8)
+                header.pack_into(frame)
+                offset = HEADER_BYTES
+                for t, m in zip(tensors, metas, strict=True):
+                    if m.nbytes:
+                        frame[offset : offset + m.nbytes] = _wire_view(t)
+                        offset += m.nbytes
+                parts = [(frame, _HEADER_CHANNEL)]
             else:
-                parts = [(header, _HEADER_CHANNEL)] + [(v, _PAYLOAD_CHANNEL) for v in views]
+                frame = np.empty(HEADER_BYTES, np.uint8)
+                header.pack_into(frame)
+                parts = [(frame, _HEADER_CHANNEL)] + [
+                    (_wire_view(t), _PAYLOAD_CHANNEL) for t in tensors if t.numel()
+                ]
             tag = self._ucx.UCXXTag
             requests = [p.ep.tag_send(self._array(buf), tag(p.send_tag | ch)) for buf, ch in parts]
             handle = PendingSend(self, peer, requests, [parts, tensors])
@@ -275,10 +334,15 @@ class Transport:
         with self._lock:
             slot = (peer, key)
             deadline = time.monotonic() + timeout_s
-            self._progress_until(lambda: slot in self._mail or peer in self._failed, deadline)
+            lost, failed = self._lost, self._failed
+            self._progress_until(
+                lambda: slot in self._mail or peer in failed or peer in lost, deadline
+            )
             if slot in self._mail:
                 self._pending[peer] -= 1
                 return self._mail.pop(slot)
+            if peer in lost:
+                raise PeerLost(f"node {self.node_id}: peer {peer} was lost")
             if peer in self._failed:
                 raise TransportError(
                     f"node {self.node_id}: peer {peer} failed: {self._failed[peer]}"
@@ -286,6 +350,36 @@ class Transport:
             raise TransportError(
                 f"node {self.node_id}: no frame {key} from peer {peer} within {timeout_s}s"
             )
+
+    def recv_any(
+        self, match: Callable[[int, RoundKey], bool], timeout_s: float
+    ) -> tuple[int, RoundKey, list[torch.Tensor]]:
+        """The first frame in the mailbox that `match(peer, key)` accepts, whoever sent it: how an
+        expert node serves a failover's frames while it waits for its regular ones."""
+        with self._lock:
+            found: list[tuple[int, RoundKey]] = []
+            seen = -1
+
+            def scan() -> bool:
+                nonlocal seen
+                if seen != self.stats.frames_received:  # rescan only when mail came in
+                    seen = self.stats.frames_received
+                    found[:] = [slot for slot in self._mail if match(*slot)][:1]
+                return bool(found)
+
+            if not self._progress_until(scan, time.monotonic() + timeout_s):
+                raise TransportError(f"node {self.node_id}: no awaited frame within {timeout_s}s")
+            peer, key = found[0]
+            self._pending[peer] -= 1
+            return peer, key, self._mail.pop((peer, key))
+
+    def mark_lost(self, peer: int) -> None:
+        """The orchestrator found the peer dead: waits on it end with PeerLost, and its unsent
+        frames are given up. Thread-safe (the node's own thread may be blocked in recv)."""
+        self._lost.add(peer)
+
+    def is_lost(self, peer: int) -> bool:
+        return peer in self._lost
 
     def abort(self) -> None:
         """Ends the wait in progress (and every later one until `reset`) with a TransportError.
@@ -310,6 +404,9 @@ class Transport:
         """Drops a peer that died, so that its restarted process may connect under its id."""
         with self._lock:
             p = self._peers.pop(peer, None)
+            for slot in [slot for slot in self._mail if slot[0] == peer]:
+                del self._mail[slot]  # frames of its previous life
+            self._pending[peer] = 0
             if p is not None:
                 self._graveyard.extend(p.sends)
                 if p.closed is None:
@@ -321,10 +418,15 @@ class Transport:
         while the sender progresses, so a node must flush before it stops calling in."""
         with self._lock:
             deadline = time.monotonic() + timeout_s
+            for p in self._peers.values():
+                if p.id in self._lost:  # a dead peer will never take them
+                    self._graveyard.extend(p.sends)
+                    p.sends = []
             if not self._progress_until(
-                lambda: not any(p.sends for p in self._peers.values()), deadline
+                lambda: not any(p.sends for p in self._peers.values() if p.id not in self._lost),
+                deadline,
             ):
-                stuck = [p.id for p in self._peers.values() if p.sends]
+                stuck = [p.id for p in self._peers.values() if p.sends and p.id not in self._lost]
                 raise TransportError(
                     f"node {self.node_id}: sends to peers {stuck} not done within {timeout_s}s"
                 )
@@ -346,7 +448,9 @@ class Transport:
 
     # ---- progress ----------------------------------------------------------------------
     def _progress_until(self, done: Callable[[], bool], deadline: float) -> bool:
-        spin_until = time.monotonic() + self.settings.spin_us * 1e-6
+        start = time.monotonic()
+        spin_until = start + self.settings.spin_us * 1e-6
+        busy_until = start + _BUSY_SPIN_S
         polling = self.settings.progress_mode == "polling"
         while True:
             self._worker.progress()
@@ -358,18 +462,30 @@ class Transport:
             now = time.monotonic()
             if now >= deadline:
                 return False
-            if polling or now < spin_until:
+            if polling or now < spin_until or (now < busy_until and self._in_flight()):
                 continue
             if self._worker.arm():  # nothing left to progress: sleep until UCX has news
                 select.select([self._epoll_fd], [], [], min(deadline - now, _MAX_SLEEP_S))
 
+    def _in_flight(self) -> bool:
+        """A big frame is moving: UCX's shared-memory rendezvous advances only when both sides
+        progress and does not wake a sleeping worker, so a wait keeps spinning while one is in
+        flight (bench/NOTES.md: 8 MiB at half the rate otherwise), for a bounded time: a peer
+        that stopped progressing must not keep this node's core busy."""
+        return any(p.payload_reqs or p.sends for p in self._peers.values())
+
     def _wait_send(self, handle: PendingSend, timeout_s: float) -> None:
         with self._lock:
-            if not self._progress_until(handle.done, time.monotonic() + timeout_s):
+            lost = self._lost
+            if not self._progress_until(
+                lambda: handle.done() or handle.peer in lost, time.monotonic() + timeout_s
+            ):
                 raise TransportError(
                     f"node {self.node_id}: a send to peer {handle.peer} did not complete "
                     f"within {timeout_s}s"
                 )
+            if not handle.done():
+                raise PeerLost(f"node {self.node_id}: peer {handle.peer} was lost")
             handle._settle()
             if handle.error is not None:
                 raise TransportError(
@@ -408,7 +524,7 @@ class Transport:
                 return
             req, p.header_req = p.header_req, None
             req.check_error()
-            header = unpack(p.header_buf[:HEADER_BYTES].tobytes(), self.settings.max_frame_bytes)
+            header = unpack(p.header_buf, self.settings.max_frame_bytes)
             if header.kind != KIND_TENSORS or header.sender != p.id:
                 raise WireError(
                     f"frame of kind {header.kind} from sender {header.sender} under peer {p.id}'s tag"
@@ -455,9 +571,11 @@ class Transport:
         p.sends = still
 
     # ---- connections -------------------------------------------------------------------
-    def _on_connection(self, conn_request) -> None:  # noqa: ANN001 - called inside progress
+    def _on_connection(self, conn_request, handle_errors: bool) -> None:  # noqa: ANN001
+        """Called inside progress, by the listener for remote (handle_errors) or local peers."""
+        listener = self._listener if handle_errors else self._local_listener
         try:
-            ep = self._listener.create_endpoint_from_conn_request(conn_request, True)
+            ep = listener.create_endpoint_from_conn_request(conn_request, handle_errors)
         except Exception as err:  # noqa: BLE001 - the caller is gone already
             self.stats.rejected_peers += 1
             log.warning("node %d: rejected a connection: %s", self.node_id, err)
@@ -522,6 +640,7 @@ class Transport:
         ep.set_close_callback(self._on_peer_closed, cb_args=(p,))
         self._peers[peer] = p
         self._failed.pop(peer, None)
+        self._lost.discard(peer)  # connected again: a restarted peer under its old id
         self._pending[peer] = 0
 
     @staticmethod

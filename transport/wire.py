@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -40,17 +42,26 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
+FAILOVER_STRIDE = 1000  # a failover's frames: micro-batch FAILOVER_STRIDE * attempt + mb
+END_OF_STEP_LAYER = 0xFFFF  # the layer of the marker by which an attention node ends a step
+
+
 class WireError(ValueError):
     """A frame that breaks the protocol; fatal for the peer that sent it, never for the node."""
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class RoundKey:
-    """Which exchange a frame belongs to: one (step, layer, micro-batch)."""
+class RoundKey(NamedTuple):
+    """Which exchange a frame belongs to: one (step, layer, micro-batch). A tuple, so that the
+    mailbox hashes and compares it in C while a receive spins."""
 
     step: int
     layer: int
     micro_batch: int
+
+
+def is_failover(key: RoundKey) -> bool:
+    """A frame resent to a replica because the expert node it first went to died."""
+    return key.micro_batch >= FAILOVER_STRIDE and key.layer != END_OF_STEP_LAYER
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +91,12 @@ class Header:
 
     def pack(self) -> bytes:
         out = bytearray(HEADER_BYTES)
+        self.pack_into(out)
+        return bytes(out)
+
+    def pack_into(self, out: bytearray | memoryview | object) -> None:
+        """Writes the header at the start of `out` (a frame's buffer: no separate bytes object
+        on the per-layer path)."""
         k = self.key
         _FIXED.pack_into(
             out,
@@ -94,12 +111,17 @@ class Header:
             k.layer,
             k.micro_batch,
         )
-        for i, t in enumerate(self.tensors):
-            dims = (*t.shape, 0, 0, 0)[:MAX_RANK]
-            _TENSOR.pack_into(
-                out, _FIXED.size + i * _TENSOR.size, DTYPE_CODES[t.dtype], len(t.shape), *dims
-            )
-        return bytes(out)
+        memoryview(out)[_FIXED.size : HEADER_BYTES] = _pack_tensors(self.tensors)
+
+
+@lru_cache(maxsize=1024)
+def _pack_tensors(tensors: tuple[TensorMeta, ...]) -> bytes:
+    """The tensor descriptors of a header, zero-padded; decode repeats the same few shapes."""
+    out = bytearray(HEADER_BYTES - _FIXED.size)
+    for i, t in enumerate(tensors):
+        dims = (*t.shape, 0, 0, 0)[:MAX_RANK]
+        _TENSOR.pack_into(out, i * _TENSOR.size, DTYPE_CODES[t.dtype], len(t.shape), *dims)
+    return bytes(out)
 
 
 def describe(tensors: list[torch.Tensor]) -> tuple[TensorMeta, ...]:
@@ -126,22 +148,28 @@ def unpack(frame: bytes | bytearray | memoryview, max_frame_bytes: int) -> Heade
         raise WireError(f"unknown frame kind {kind}")
     if count > MAX_TENSORS:
         raise WireError(f"frame declares {count} tensors, at most {MAX_TENSORS} allowed")
+    if flags & ~FLAG_INLINE:
+        raise WireError(f"unknown flags {flags:#x}")
+    metas, payload_bytes = _unpack_tensors(
+        bytes(frame[_FIXED.size : _FIXED.size + count * _TENSOR.size])
+    )
+    inline = bool(flags & FLAG_INLINE)
+    limit = INLINE_BYTES if inline else max_frame_bytes
+    if payload_bytes > limit:
+        raise WireError(f"frame payload of {payload_bytes} bytes exceeds the limit of {limit}")
+    return Header(kind, sender, RoundKey(step, layer, mb), metas, inline)
+
+
+@lru_cache(maxsize=1024)
+def _unpack_tensors(descriptors: bytes) -> tuple[tuple[TensorMeta, ...], int]:
+    """Checked tensor descriptors and their payload size. Cached by their bytes: a bad one
+    raises (and is not cached), a good one parses once per shape."""
     metas = []
-    for i in range(count):
-        code, rank, *dims = _TENSOR.unpack_from(frame, _FIXED.size + i * _TENSOR.size)
+    for i in range(len(descriptors) // _TENSOR.size):
+        code, rank, *dims = _TENSOR.unpack_from(descriptors, i * _TENSOR.size)
         if code not in CODE_DTYPES:
             raise WireError(f"tensor {i}: unknown dtype code {code}")
         if rank > MAX_RANK:
             raise WireError(f"tensor {i}: rank {rank} exceeds {MAX_RANK}")
         metas.append(TensorMeta(CODE_DTYPES[code], tuple(dims[:rank])))
-    if flags & ~FLAG_INLINE:
-        raise WireError(f"unknown flags {flags:#x}")
-    header = Header(
-        kind, sender, RoundKey(step, layer, mb), tuple(metas), bool(flags & FLAG_INLINE)
-    )
-    limit = INLINE_BYTES if header.inline else max_frame_bytes
-    if header.payload_bytes > limit:
-        raise WireError(
-            f"frame payload of {header.payload_bytes} bytes exceeds the limit of {limit}"
-        )
-    return header
+    return tuple(metas), sum(m.nbytes for m in metas)

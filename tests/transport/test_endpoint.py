@@ -16,10 +16,10 @@ from transport.wire import RoundKey
 ECHO_PEER = textwrap.dedent(
     """
     import sys, torch
-    from transport.endpoint import Transport
+    from transport.endpoint import PeerAddress, Transport
     from transport.wire import RoundKey
     t = Transport(int(sys.argv[1]))
-    t.connect(0, sys.argv[2], int(sys.argv[3]))
+    t.connect(0, PeerAddress(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))
     for step in range(3):
         key = RoundKey(step, 1, 0)
         frames = t.recv(0, key, 30)
@@ -33,8 +33,9 @@ ROGUE_PEER = textwrap.dedent(
     import ucxx._lib.libucxx as ucx
     from ucxx._lib.arr import Array
     worker = ucx.UCXWorker(ucx.UCXContext({}))
-    ep = ucx.UCXEndpoint.create(worker, sys.argv[1], int(sys.argv[2]), True)
-    req = ep.stream_send(Array(np.frombuffer(bytes.fromhex(sys.argv[3]), np.uint8)))
+    handle_errors = sys.argv[3] == "remote"
+    ep = ucx.UCXEndpoint.create(worker, sys.argv[1], int(sys.argv[2]), handle_errors)
+    req = ep.stream_send(Array(np.frombuffer(bytes.fromhex(sys.argv[4]), np.uint8)))
     deadline = time.monotonic() + 10
     while not req.completed and time.monotonic() < deadline:
         worker.progress()
@@ -82,15 +83,23 @@ WRONG_VERSION = (b"AFDW" + bytes([9, 0]) + bytes(HELLO_BYTES - 6)).hex()
 
 
 @pytest.mark.parametrize(
-    "payload",
-    ["00" * HELLO_BYTES, WRONG_VERSION, "ff" * 4096, "00" * 3],
-    ids=["zeros", "version", "garbage", "short"],
+    ("listener", "payload"),
+    [
+        ("remote", "00" * HELLO_BYTES),
+        ("remote", WRONG_VERSION),
+        ("remote", "ff" * 4096),
+        ("remote", "00" * 3),
+        ("local", "ff" * 4096),
+        ("local", "00" * 3),
+    ],
+    ids=["zeros", "version", "garbage", "short", "local-garbage", "local-short"],
 )
 def test_a_rogue_connection_is_rejected_and_the_node_keeps_serving(
-    node: Transport, payload: str
+    node: Transport, listener: str, payload: str
 ) -> None:
     before = node.stats.rejected_peers
-    rogue = _spawn(ROGUE_PEER, *node.address, payload)
+    port = node.address.port if listener == "remote" else node.address.local_port
+    rogue = _spawn(ROGUE_PEER, node.address.host, port, listener, payload)
     deadline = time.monotonic() + 30
     while rogue.poll() is None and time.monotonic() < deadline:
         node.progress(0.05)  # a live node progresses all the time

@@ -48,7 +48,7 @@ def _exchange_ok(node: ServedNode) -> None:
     peer_id = next(_ids)
     good = Transport(peer_id)
     try:
-        good.connect(0, *node.t.address)
+        good.connect(0, node.t.address)
         good.send(0, RoundKey(1, 2, 3), [torch.arange(6.0)]).result(10)
         assert torch.equal(node.t.recv(peer_id, RoundKey(1, 2, 3), 10)[0], torch.arange(6.0))
     finally:
@@ -74,7 +74,7 @@ def test_random_frames_from_a_connected_peer(node: ServedNode, frame: bytes) -> 
     rogue_id = next(_ids)
     rogue = Transport(rogue_id)
     try:
-        rogue.connect(0, *node.t.address)
+        rogue.connect(0, node.t.address)
         peer = rogue._peers[0]  # noqa: SLF001 - the raw endpoint, to send what send() never would
         buf = np.frombuffer(frame, np.uint8).copy() if frame else np.zeros(0, np.uint8)
         req = peer.ep.tag_send(rogue._array(buf), rogue._ucx.UCXXTag(peer.send_tag))  # noqa: SLF001
@@ -98,12 +98,12 @@ def test_random_hellos(node: ServedNode, hello: bytes) -> None:
 
     before = node.t.stats.rejected_peers
     worker = ucx.UCXWorker(ucx.UCXContext({}))
-    ep = ucx.UCXEndpoint.create(worker, *node.t.address, True)
+    ep = ucx.UCXEndpoint.create(worker, node.t.address.host, node.t.address.port, True)
     req = ep.stream_send(Array(np.frombuffer(hello, np.uint8).copy()))
-    for _ in range(10000):
-        if req.completed:
-            break
+    deadline = time.monotonic() + 10  # until the hello is out: only then has the node seen it
+    while not req.completed and time.monotonic() < deadline:
         worker.progress()
+    assert req.completed
     ep.close()
     for _ in range(100):
         worker.progress()
