@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -102,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--kill-every", type=float, default=0.0, help="SIGKILL a random node every K s (0: never)"
     )
+    p.add_argument("--expert-nodes", type=int, default=2)
+    p.add_argument(
+        "--replicas", type=int, default=1, help="nodes per expert (2: expert deaths fail no round)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="model directory (default: the demo's tiny model)")
     p.add_argument("--json", action="store_true")
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model) if args.model else DEMO_MODEL_DIR
     if not (model / "config.json").is_file():
         make_tiny_model(model)
-    d = with_ports(Deployment(model=ModelSection(path=str(model))).with_shape(2, 2, 2), None, 0, 0)
+    d = Deployment(model=ModelSection(path=str(model))).with_shape(2, args.expert_nodes, 2)
+    d = with_ports(replace(d, experts=replace(d.experts, replicas=args.replicas)), None, 0, 0)
     server = BackgroundServer(d)
     endpoints = server.start()
     cluster = server.server.cluster
@@ -159,11 +165,15 @@ def main(argv: list[str] | None = None) -> int:
                 break
             time.sleep(0.2)
     rss_after = {name: rss_mb(ray.get(n.pid.remote(), timeout=60)) for name, n in nodes.items()}
+    state = cluster.status()
     server.stop()
     report = {
         **counts,
         "kills": kills,
         "leaked_kv_blocks": held,
+        "failed_steps": state.failed_steps,
+        "expert_failovers": state.expert_failovers,
+        "replicas": args.replicas,
         "rss_growth_mb": {k: round(rss_after[k] - rss_before[k], 1) for k in nodes},
         "duration_s": args.duration,
         "rate": args.rate,

@@ -153,6 +153,13 @@ def _wire_view(t: torch.Tensor):  # noqa: ANN202 - numpy array or CUDA tensor
     return t.numpy().reshape(-1).view(np.uint8)
 
 
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A GPU tensor's bytes in page-locked host memory (a copy to pageable memory is slow)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t)
+    return host
+
+
 def _new_tag_base() -> int:
     return secrets.randbits(60) << 4
 
@@ -303,7 +310,7 @@ class Transport:
             inline = payload <= INLINE_BYTES
             if any(t.is_cuda for t in tensors):
                 if inline:  # a small frame: one host copy beats UCX's GPU rendezvous by far
-                    tensors = [t.cpu() for t in tensors]
+                    tensors = [_pinned_copy(t) for t in tensors]
                 else:
                     torch.cuda.current_stream().synchronize()  # UCX reads memory, not the stream
             header = Header(KIND_TENSORS, self.node_id, key, metas, inline)
@@ -529,21 +536,29 @@ class Transport:
                 raise WireError(
                     f"frame of kind {header.kind} from sender {header.sender} under peer {p.id}'s tag"
                 )
-            tensors = [torch.empty(m.shape, dtype=m.dtype) for m in header.tensors]
             if header.inline:
+                # GPU nodes stage through pinned memory: a copy from pageable memory took
+                # ~180 µs per 8 KiB frame on the H100 host (bench/NOTES.md), from pinned a few
+                pinned = self.device.type != "cpu"
+                tensors = [
+                    torch.empty(m.shape, dtype=m.dtype, pin_memory=pinned) for m in header.tensors
+                ]
                 offset = HEADER_BYTES
                 for t in tensors:
                     _wire_view(t)[:] = p.header_buf[offset : offset + t.nbytes]
                     offset += t.nbytes
-                if self.device.type != "cpu":
-                    tensors = [t.to(self.device) for t in tensors]
+                if pinned:
+                    tensors = [t.to(self.device, non_blocking=True) for t in tensors]
                 self._deliver(p, header, tensors)
                 # the next receive is posted on the next pass, after the caller has had this
                 # frame (and maybe answered it): posting costs ~8 µs, and a frame that comes
                 # first waits in UCX's unexpected queue meanwhile
                 return
             p.header = header
-            p.payload = [t.to(self.device) for t in tensors]  # allocated where the node computes
+            # received straight into memory where the node computes
+            p.payload = [
+                torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in header.tensors
+            ]
             tag = self._ucx.UCXXTag(p.recv_tag | _PAYLOAD_CHANNEL)
             p.payload_reqs = [
                 p.ep.tag_recv(self._array(_wire_view(t)), tag) for t in p.payload if t.numel()
