@@ -212,6 +212,65 @@ def test_a_full_server_answers_resource_exhausted_at_once(
     _wait_all_blocks_free(channel(server.server.endpoints.grpc))
 
 
+def _timed_streams(target: str, n: int, max_tokens: int) -> list[tuple[str, float, list[float]]]:
+    """n concurrent streams at once: (outcome, seconds to the outcome's first sign, token times)."""
+    import threading
+
+    out: list[tuple[str, float, list[float]]] = [("", 0.0, [])] * n
+    go = threading.Event()
+
+    def one(k: int) -> None:
+        with channel(target) as c:
+            go.wait()
+            start, times = time.monotonic(), []
+            try:
+                req = request(text="Hi there", max_tokens=max_tokens, ignore_eos=True)
+                for _ in generate(c, req, timeout_s=120):
+                    times.append(time.monotonic())
+                out[k] = ("ok", times[0] - start, times)
+            except grpc.RpcError as err:
+                out[k] = (err.code().name, time.monotonic() - start, times)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    go.set()
+    for t in threads:
+        t.join(180)
+    return out
+
+
+def _median_gap(results: list[tuple[str, float, list[float]]]) -> float:
+    gaps = sorted(b - a for _, _, ts in results for a, b in zip(ts, ts[1:], strict=False))
+    return gaps[len(gaps) // 2]
+
+
+def test_ten_times_the_limit_refuses_the_excess_at_once_and_serves_the_rest(
+    server: BackgroundServer, tiny_models: dict[str, Path]
+) -> None:
+    limit, tokens = 8, 24
+    small = BackgroundServer(
+        _deployment(tiny_models["qwen3_moe"], max_requests=limit), cluster=server.server.cluster
+    )
+    endpoints = small.start()
+    try:
+        alone = _timed_streams(endpoints.grpc, limit, tokens)  # the limit: all admitted
+        assert [o for o, _, _ in alone] == ["ok"] * limit
+        flood = _timed_streams(endpoints.grpc, 10 * limit, tokens)
+    finally:
+        assert small.stop()
+    admitted = [r for r in flood if r[0] == "ok"]
+    refused = [r for r in flood if r[0] != "ok"]
+    assert {o for o, _, _ in refused} <= {"RESOURCE_EXHAUSTED"}
+    assert len(admitted) >= limit and len(admitted) + len(refused) == 10 * limit
+    assert all(len(ts) == tokens for _, _, ts in admitted)  # every admitted stream whole
+    assert max(t for _, t, _ in refused) < 2.0  # refused at once, never queued
+    # admitted streams keep their pace: the time between tokens stays within a small factor
+    # of the same load without the flood (a loose bound: this is a 2-core CI host)
+    assert _median_gap(admitted) <= 3 * _median_gap(alone) + 0.05
+    _wait_all_blocks_free(channel(server.server.endpoints.grpc))
+
+
 def test_bearer_token_when_configured(
     server: BackgroundServer, tiny_models: dict[str, Path]
 ) -> None:
