@@ -56,7 +56,8 @@ from transport.wire import (
     Header,
     RoundKey,
     WireError,
-    describe,
+    layout,
+    pack_header,
     unpack,
 )
 
@@ -305,27 +306,26 @@ class Transport:
                 state = f"failed: {self._failed[peer]}" if peer in self._failed else "not connected"
                 raise TransportError(f"node {self.node_id}: peer {peer} is {state}")
             tensors = [t.contiguous() for t in tensors]
-            metas = describe(tensors)
-            payload = sum(m.nbytes for m in metas)
+            frame_layout = layout(tuple((t.dtype, t.shape) for t in tensors))
+            payload = frame_layout.payload
             inline = payload <= INLINE_BYTES
             if any(t.is_cuda for t in tensors):
                 if inline:  # a small frame: one host copy beats UCX's GPU rendezvous by far
                     tensors = [_pinned_copy(t) for t in tensors]
                 else:
                     torch.cuda.current_stream().synchronize()  # UCX reads memory, not the stream
-            header = Header(KIND_TENSORS, self.node_id, key, metas, inline)
             if inline:  # one message: the header with the payload packed behind it
                 frame = np.empty(HEADER_BYTES + payload, np.uint8)
-                header.pack_into(frame)
+                pack_header(frame, KIND_TENSORS, self.node_id, key, frame_layout, inline)
                 offset = HEADER_BYTES
-                for t, m in zip(tensors, metas, strict=True):
-                    if m.nbytes:
-                        frame[offset : offset + m.nbytes] = _wire_view(t)
-                        offset += m.nbytes
+                for t, n in zip(tensors, frame_layout.sizes, strict=True):
+                    if n:
+                        frame[offset : offset + n] = _wire_view(t)
+                        offset += n
                 parts = [(frame, _HEADER_CHANNEL)]
             else:
                 frame = np.empty(HEADER_BYTES, np.uint8)
-                header.pack_into(frame)
+                pack_header(frame, KIND_TENSORS, self.node_id, key, frame_layout, inline)
                 parts = [(frame, _HEADER_CHANNEL)] + [
                     (_wire_view(t), _PAYLOAD_CHANNEL) for t in tensors if t.numel()
                 ]

@@ -95,23 +95,8 @@ class Header:
         return bytes(out)
 
     def pack_into(self, out: bytearray | memoryview | object) -> None:
-        """Writes the header at the start of `out` (a frame's buffer: no separate bytes object
-        on the per-layer path)."""
-        k = self.key
-        _FIXED.pack_into(
-            out,
-            0,
-            MAGIC,
-            VERSION,
-            self.kind,
-            len(self.tensors),
-            FLAG_INLINE if self.inline else 0,
-            self.sender,
-            k.step,
-            k.layer,
-            k.micro_batch,
-        )
-        memoryview(out)[_FIXED.size : HEADER_BYTES] = _pack_tensors(self.tensors)
+        frame = layout(tuple((m.dtype, m.shape) for m in self.tensors))
+        pack_header(out, self.kind, self.sender, self.key, frame, self.inline)
 
 
 @lru_cache(maxsize=1024)
@@ -125,14 +110,52 @@ def _pack_tensors(tensors: tuple[TensorMeta, ...]) -> bytes:
 
 
 def describe(tensors: list[torch.Tensor]) -> tuple[TensorMeta, ...]:
-    if len(tensors) > MAX_TENSORS:
-        raise WireError(f"a frame carries at most {MAX_TENSORS} tensors, got {len(tensors)}")
+    return layout(tuple((t.dtype, t.shape) for t in tensors)).metas
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A frame's tensors as the wire sees them, computed once per combination of dtypes and
+    shapes (decode sends the same few again and again)."""
+
+    metas: tuple[TensorMeta, ...]
+    descriptors: bytes  # the header's packed tensor descriptors
+    sizes: tuple[int, ...]  # bytes of each tensor
+    payload: int
+
+
+@lru_cache(maxsize=1024)
+def layout(signature: tuple[tuple[torch.dtype, tuple[int, ...]], ...]) -> Layout:
+    """The checked layout of tensors of these (dtype, shape)s; raises WireError (uncached)."""
+    if len(signature) > MAX_TENSORS:
+        raise WireError(f"a frame carries at most {MAX_TENSORS} tensors, got {len(signature)}")
     metas = []
-    for t in tensors:
-        if t.dtype not in DTYPE_CODES or t.dim() > MAX_RANK:
-            raise WireError(f"cannot send a {t.dtype} tensor of rank {t.dim()}")
-        metas.append(TensorMeta(t.dtype, tuple(t.shape)))
-    return tuple(metas)
+    for dtype, shape in signature:
+        if dtype not in DTYPE_CODES or len(shape) > MAX_RANK:
+            raise WireError(f"cannot send a {dtype} tensor of rank {len(shape)}")
+        metas.append(TensorMeta(dtype, tuple(shape)))
+    sizes = tuple(m.nbytes for m in metas)
+    return Layout(tuple(metas), _pack_tensors(tuple(metas)), sizes, sum(sizes))
+
+
+def pack_header(
+    out: object, kind: int, sender: int, key: RoundKey, frame: Layout, inline: bool
+) -> None:
+    """Writes a header at the start of `out` (a frame's buffer) without building a Header."""
+    _FIXED.pack_into(
+        out,
+        0,
+        MAGIC,
+        VERSION,
+        kind,
+        len(frame.metas),
+        FLAG_INLINE if inline else 0,
+        sender,
+        key.step,
+        key.layer,
+        key.micro_batch,
+    )
+    memoryview(out)[_FIXED.size : HEADER_BYTES] = frame.descriptors
 
 
 def unpack(frame: bytes | bytearray | memoryview, max_frame_bytes: int) -> Header:
