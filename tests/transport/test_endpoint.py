@@ -16,9 +16,10 @@ from transport.wire import RoundKey
 ECHO_PEER = textwrap.dedent(
     """
     import sys, torch
-    from transport.endpoint import PeerAddress, Transport
+    from transport.endpoint import PeerAddress, Transport, TransportSettings
     from transport.wire import RoundKey
-    t = Transport(int(sys.argv[1]))
+    shared = len(sys.argv) < 7 or sys.argv[6] == "shared"
+    t = Transport(int(sys.argv[1]), TransportSettings(shared_memory=shared))
     t.connect(0, PeerAddress(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))
     for step in range(3):
         key = RoundKey(step, 1, 0)
@@ -61,15 +62,21 @@ def _spawn(script: str, *args: object) -> subprocess.Popen:
     )
 
 
-def test_tensors_of_every_dtype_cross_processes_intact(node: Transport) -> None:
-    peer = _spawn(ECHO_PEER, 5, *node.address)
-    node.wait_for_peers([5], 30)
+@pytest.mark.parametrize(("lane", "peer_id"), [("shared", 5), ("remote", 6)])
+def test_tensors_of_every_dtype_cross_processes_intact(
+    node: Transport, lane: str, peer_id: int
+) -> None:
+    """Over shared memory (same machine) and over the failure-handling lane other machines use;
+    small frames go inline, a 1 MiB one as a separate payload message."""
+    peer = _spawn(ECHO_PEER, peer_id, *node.address, lane)
+    node.wait_for_peers([peer_id], 30)
     for step in range(3):
         key = RoundKey(step, 1, 0)
-        x = torch.randn(7, 16, dtype=torch.bfloat16)
-        ids = torch.randint(-1, 8, (7, 2), dtype=torch.int16)
-        node.send(5, key, [x, ids, torch.empty(0, 16)]).result(30)
-        y, ids_back, empty = node.recv(5, key, 30)
+        rows = 7 if step < 2 else 16384  # the last frame is past the inline limit
+        x = torch.randn(rows, 16, dtype=torch.bfloat16)
+        ids = torch.randint(-1, 8, (rows, 2), dtype=torch.int16)
+        node.send(peer_id, key, [x, ids, torch.empty(0, 16)]).result(30)
+        y, ids_back, empty = node.recv(peer_id, key, 30)
         assert torch.equal(y, x * 2) and torch.equal(ids_back, ids) and empty.shape == (0, 16)
     assert peer.wait(30) == 0
 
