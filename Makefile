@@ -29,8 +29,13 @@ test: lint
 
 # The generated code is checked in (tests/test_protos.py keeps it current); regenerate after
 # editing protos/afd_v1.proto.
+# The proto is compiled from a tree where it sits at afd/protos/, so the generated imports name
+# the installed package (`afd.protos`).
 protos: install
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/afd_v1.proto
+	rm -rf build/protos && mkdir -p build/protos/afd/protos
+	cp protos/afd_v1.proto build/protos/afd/protos/
+	cd build/protos && ../../$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. afd/protos/afd_v1.proto
+	cp build/protos/afd/protos/afd_v1_pb2*.py* protos/
 
 clean:
 	rm -rf $(VENV) .afd build *.egg-info

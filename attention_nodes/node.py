@@ -10,20 +10,19 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-
-from attention_nodes.kv_cache import PagedKVCache
-from attention_nodes.pipeline import PingPongPipeline, StepTimings
-from attention_nodes.remote_dispatch import RemoteDispatcher
-from attention_nodes.scheduler import Chunk, Scheduler, Sequence
-from models.batch import TokenBatch
-from models.checkpoint import Checkpoint
-from models.config import load_config
-from models.generation import DTYPES, FinishReason, RequestState, check_prompt
-from models.model import AttentionSideModel
-from models.placement import ExpertPlacement
-from models.sampling import SamplingParams
-from models.tokenizer import Tokenizer
-from transport.endpoint import PeerAddress, Transport, TransportSettings
+from afd.attention_nodes.kv_cache import PagedKVCache
+from afd.attention_nodes.pipeline import PingPongPipeline, StepTimings
+from afd.attention_nodes.remote_dispatch import RemoteDispatcher
+from afd.attention_nodes.scheduler import Chunk, Scheduler, Sequence
+from afd.models.batch import TokenBatch
+from afd.models.checkpoint import Checkpoint
+from afd.models.config import load_config
+from afd.models.generation import DTYPES, FinishReason, RequestState, check_prompt
+from afd.models.model import AttentionSideModel
+from afd.models.placement import ExpertPlacement
+from afd.models.sampling import SamplingParams
+from afd.models.tokenizer import Tokenizer
+from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
 
 
 @dataclass(frozen=True, slots=True)

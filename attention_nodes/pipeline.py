@@ -12,12 +12,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-from attention_nodes.remote_dispatch import DispatchPlan, RemoteDispatcher
-from models.batch import TokenBatch
-from models.kv_cache import KVCache
-from models.model import AttentionSideModel, Routed
-from transport.wire import RoundKey
+from afd.attention_nodes.remote_dispatch import DispatchPlan, RemoteDispatcher
+from afd.models.batch import TokenBatch
+from afd.models.kv_cache import KVCache
+from afd.models.model import AttentionSideModel, Routed
+from afd.transport.wire import RoundKey
 
 
 @dataclass

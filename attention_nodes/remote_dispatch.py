@@ -21,10 +21,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-from models.placement import ExpertPlacement
-from transport.endpoint import PeerLost, PendingSend, Transport, TransportError
-from transport.wire import END_OF_STEP_LAYER, FAILOVER_STRIDE, RoundKey
+from afd.models.placement import ExpertPlacement
+from afd.transport.endpoint import PeerLost, PendingSend, Transport, TransportError
+from afd.transport.wire import END_OF_STEP_LAYER, FAILOVER_STRIDE, RoundKey
 
 LOCAL_ID_DTYPE = torch.int16
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from attention_nodes.kv_cache import PagedKVCache
-from models.generation import RequestState
+from afd.attention_nodes.kv_cache import PagedKVCache
+from afd.models.generation import RequestState
 
 
 @dataclass(eq=False)

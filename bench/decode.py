@@ -27,15 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import torch  # noqa: E402
-
-from models.config import load_config  # noqa: E402
-from models.model import AttentionSideModel  # noqa: E402
-from models.moe import ExpertShard, StackedExperts  # noqa: E402
-from models.static_decode import StaticDecoder  # noqa: E402
-from models.weights import ATTENTION_SIDE_KINDS, tensor_specs  # noqa: E402
+import torch
+from afd.models.config import load_config
+from afd.models.model import AttentionSideModel
+from afd.models.moe import ExpertShard, StackedExperts
+from afd.models.static_decode import StaticDecoder
+from afd.models.weights import ATTENTION_SIDE_KINDS, tensor_specs
 
 QWEN3_30B_A3B = {
     "model_type": "qwen3_moe",
@@ -163,8 +160,8 @@ STOP_LAYER = 65535  # a control frame's layer: [m] = a step of m micro-batches f
 def _expert_process(
     raw: dict, dtype_name: str, seed: int, micro_batches: int, ports, device: str
 ) -> None:  # noqa: ANN001
-    from transport.endpoint import Transport
-    from transport.wire import RoundKey
+    from afd.transport.endpoint import Transport
+    from afd.transport.wire import RoundKey
 
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(raw))
@@ -194,7 +191,7 @@ class RemoteExperts:
     ) -> None:
         import multiprocessing as mp
 
-        from transport.endpoint import Transport
+        from afd.transport.endpoint import Transport
 
         ctx = mp.get_context("spawn")
         ports = ctx.Queue()
@@ -212,7 +209,7 @@ class RemoteExperts:
         self, decoder: StaticDecoder, tokens_B: torch.Tensor, positions_B: torch.Tensor, m: int
     ) -> torch.Tensor:
         """One decode step, ping-ponging m micro-batches of slots between the two processes."""
-        from transport.wire import RoundKey
+        from afd.transport.wire import RoundKey
 
         s = self.step_id
         self.step_id += 1
@@ -235,7 +232,7 @@ class RemoteExperts:
         return torch.cat([decoder.logits(mb) for mb in mbs])
 
     def close(self) -> None:
-        from transport.wire import RoundKey
+        from afd.transport.wire import RoundKey
 
         self.t.send(
             1000, RoundKey(self.step_id, STOP_LAYER, 0), [torch.zeros(1, dtype=torch.uint8)]

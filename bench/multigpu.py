@@ -26,13 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import torch  # noqa: E402
-
-from bench.decode import QWEN3_30B_A3B, TINY, build_attention, build_experts  # noqa: E402
-from models.config import load_config  # noqa: E402
-from models.static_decode import StaticDecoder  # noqa: E402
+import torch
+from afd.models.config import load_config
+from afd.models.static_decode import StaticDecoder
+from decode import QWEN3_30B_A3B, TINY, build_attention, build_experts
 
 QWEN3_235B_A22B = {
     **QWEN3_30B_A3B,
@@ -70,8 +67,8 @@ def expert_worker(  # noqa: ANN001
     j: int, gpu: int, raw: dict, n_attention: int, n_expert: int, queue, device: str
 ) -> None:
     dtype = _pin(gpu, device)
-    from transport.endpoint import Transport
-    from transport.wire import RoundKey
+    from afd.transport.endpoint import Transport
+    from afd.transport.wire import RoundKey
 
     config = _config(raw)
     shard = build_experts(config, dtype, device, 1, _experts_of(j, config.num_experts, n_expert))
@@ -112,8 +109,8 @@ def attention_worker(  # noqa: ANN001
 ) -> None:
     """Runs each (m, steps) of `plan` in turn and reports (ms per step, wait share) for each."""
     dtype = _pin(gpu, device)
-    from transport.endpoint import Transport
-    from transport.wire import RoundKey
+    from afd.transport.endpoint import Transport
+    from afd.transport.wire import RoundKey
 
     config = _config(raw)
     model = build_attention(config, dtype, device, 0)
@@ -256,7 +253,7 @@ def run_config(  # noqa: ANN001
 def predicted_ms(
     raw: dict, gpu_type: str, n_att: int, n_exp: int, m: int, batch: int, context: int
 ) -> float:
-    from orchestrator.planner import Shape, load_catalog, model_step
+    from afd.orchestrator.planner import Shape, load_catalog, model_step
 
     catalog = load_catalog(Path(__file__).resolve().parents[1] / "configs" / "gpu-catalog.yaml")
     config = _config(raw)

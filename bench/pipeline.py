@@ -13,19 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 # bench/transport.py would shadow afd's `transport` package; import from the repository root.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import ray  # noqa: E402
-
-from models.sampling import SamplingParams  # noqa: E402
-from models.tiny import make_tiny_model  # noqa: E402
-from orchestrator.cluster import Cluster  # noqa: E402
-from orchestrator.config import Deployment, ModelSection  # noqa: E402
+import ray
+from afd.models.sampling import SamplingParams
+from afd.models.tiny import make_tiny_model
+from afd.orchestrator.cluster import Cluster
+from afd.orchestrator.config import Deployment, ModelSection
 
 MODELS = {
     "tiny": {"layers": 2, "experts": 8, "top_k": 2, "hidden": 64},

@@ -19,14 +19,10 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # afd's packages, not bench/
-
-import grpc  # noqa: E402
-
-from orchestrator.client import request  # noqa: E402
-from protos import afd_v1_pb2_grpc as pb_grpc  # noqa: E402
+import grpc
+from afd.orchestrator.client import request
+from afd.protos import afd_v1_pb2_grpc as pb_grpc
 
 WORDS = [
     "the",
@@ -213,10 +209,10 @@ def main() -> int:
     server = None
     target = args.target
     if args.local:
-        from models.tiny import make_tiny_model
-        from orchestrator.cli import DEMO_MODEL_DIR
-        from orchestrator.config import Deployment, ModelSection
-        from orchestrator.server import BackgroundServer, with_ports
+        from afd.models.tiny import make_tiny_model
+        from afd.orchestrator.cli import DEMO_MODEL_DIR
+        from afd.orchestrator.config import Deployment, ModelSection
+        from afd.orchestrator.server import BackgroundServer, with_ports
 
         if not (DEMO_MODEL_DIR / "config.json").is_file():
             make_tiny_model(DEMO_MODEL_DIR)

@@ -21,14 +21,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import grpc  # noqa: E402
-import ray  # noqa: E402
-
-from orchestrator.client import request  # noqa: E402
-from protos import afd_v1_pb2 as pb  # noqa: E402
-from protos import afd_v1_pb2_grpc as pb_grpc  # noqa: E402
+import grpc
+import ray
+from afd.orchestrator.client import request
+from afd.protos import afd_v1_pb2 as pb
+from afd.protos import afd_v1_pb2_grpc as pb_grpc
 
 WORDS = [
     "soak",
@@ -112,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
-    from models.tiny import make_tiny_model
-    from orchestrator.cli import DEMO_MODEL_DIR
-    from orchestrator.config import Deployment, ModelSection
-    from orchestrator.server import BackgroundServer, with_ports
+    from afd.models.tiny import make_tiny_model
+    from afd.orchestrator.cli import DEMO_MODEL_DIR
+    from afd.orchestrator.config import Deployment, ModelSection
+    from afd.orchestrator.server import BackgroundServer, with_ports
 
     model = Path(args.model) if args.model else DEMO_MODEL_DIR
     if not (model / "config.json").is_file():

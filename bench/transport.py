@@ -14,15 +14,11 @@ import argparse
 import json
 import multiprocessing as mp
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from concurrent import futures
-from pathlib import Path
 
 # This script is named like afd's `transport` package; import the package, not the script.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import torch  # noqa: E402 - after the sys.path fix above
 
 SMALL, MEDIUM, LARGE = 8 << 10, 8 << 20, 64 << 20
@@ -50,8 +46,8 @@ def _tensor(nbytes: int, device: str) -> torch.Tensor:
 
 # ---- afd transport --------------------------------------------------------------------------
 def _afd_peer(address: object, device: str, plan: list[tuple[int, int]], settings: object) -> None:
-    from transport.endpoint import Transport
-    from transport.wire import RoundKey
+    from afd.transport.endpoint import Transport
+    from afd.transport.wire import RoundKey
 
     t = Transport(1, settings, device=device)
     t.connect(0, address)
@@ -73,8 +69,8 @@ def _afd_peer(address: object, device: str, plan: list[tuple[int, int]], setting
 def bench_afd(
     device: str, iters: int, reps: int, mode: str, spin_us: float, trials: int
 ) -> list[dict]:
-    from transport.endpoint import Transport, TransportSettings
-    from transport.wire import RoundKey
+    from afd.transport.endpoint import Transport, TransportSettings
+    from afd.transport.wire import RoundKey
 
     settings = TransportSettings(progress_mode=mode, spin_us=spin_us)
     node = Transport(0, settings, device=device)

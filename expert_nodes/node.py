@@ -19,13 +19,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
-from models.checkpoint import Checkpoint
-from models.config import load_config
-from models.generation import DTYPES
-from models.moe import ExpertShard
-from transport.endpoint import PeerAddress, Transport, TransportError, TransportSettings
-from transport.wire import END_OF_STEP_LAYER, RoundKey, is_failover
+from afd.models.checkpoint import Checkpoint
+from afd.models.config import load_config
+from afd.models.generation import DTYPES
+from afd.models.moe import ExpertShard
+from afd.transport.endpoint import PeerAddress, Transport, TransportError, TransportSettings
+from afd.transport.wire import END_OF_STEP_LAYER, RoundKey, is_failover
 
 
 @dataclass(frozen=True, slots=True)

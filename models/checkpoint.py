@@ -12,10 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from afd.models.config import ModelConfig
+from afd.models.weights import ALL_KINDS, IGNORED_SUFFIXES, TensorSpec, tensor_specs
 from safetensors import safe_open
-
-from models.config import ModelConfig
-from models.weights import ALL_KINDS, IGNORED_SUFFIXES, TensorSpec, tensor_specs
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

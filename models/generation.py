@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-
-from models.batch import TokenBatch
-from models.checkpoint import Checkpoint
-from models.config import ModelConfig, load_config
-from models.kv_cache import ContiguousKVCache
-from models.model import AttentionSideModel
-from models.moe import ExpertShard, LocalDispatcher
-from models.sampling import Sampler, SamplingParams
-from models.tokenizer import IncrementalDetokenizer, Tokenizer
+from afd.models.batch import TokenBatch
+from afd.models.checkpoint import Checkpoint
+from afd.models.config import ModelConfig, load_config
+from afd.models.kv_cache import ContiguousKVCache
+from afd.models.model import AttentionSideModel
+from afd.models.moe import ExpertShard, LocalDispatcher
+from afd.models.sampling import Sampler, SamplingParams
+from afd.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 FinishReason = Literal["length", "stop"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

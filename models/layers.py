@@ -10,8 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from models.config import ModelConfig, RopeConfig
+from afd.models.config import ModelConfig, RopeConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

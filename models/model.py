@@ -15,14 +15,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from models.batch import TokenBatch
-from models.checkpoint import Checkpoint
-from models.config import ModelConfig
-from models.kv_cache import KVCache
-from models.layers import Rope, apply_rope, causal_attention, rms_norm, route, swiglu
-from models.moe import Dispatcher
-from models.weights import ATTENTION_SIDE_KINDS, tensor_specs
+from afd.models.batch import TokenBatch
+from afd.models.checkpoint import Checkpoint
+from afd.models.config import ModelConfig
+from afd.models.kv_cache import KVCache
+from afd.models.layers import Rope, apply_rope, causal_attention, rms_norm, route, swiglu
+from afd.models.moe import Dispatcher
+from afd.models.weights import ATTENTION_SIDE_KINDS, tensor_specs
 
 
 @dataclass(frozen=True, slots=True)

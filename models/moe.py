@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from models.checkpoint import Checkpoint
-from models.config import ModelConfig
-from models.weights import expert_tensor_name, tensor_specs
+from afd.models.checkpoint import Checkpoint
+from afd.models.config import ModelConfig
+from afd.models.weights import expert_tensor_name, tensor_specs
 
 
 @dataclass(frozen=True, slots=True)

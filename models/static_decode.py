@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from models.layers import apply_rope, rms_norm, route
-from models.model import AttentionSideModel, Routed
-from models.moe import ExpertShard, grouped_experts
+from afd.models.layers import apply_rope, rms_norm, route
+from afd.models.model import AttentionSideModel, Routed
+from afd.models.moe import ExpertShard, grouped_experts
 
 
 class StaticDecoder:

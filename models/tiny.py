@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from afd.models.config import SUPPORTED_ARCHS, parse_config
+from afd.models.weights import tensor_specs
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from models.config import SUPPORTED_ARCHS, parse_config
-from models.weights import tensor_specs
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from models.config import ModelConfig
+from afd.models.config import ModelConfig
 
 Kind = Literal[
     "embed", "attention", "router", "shared_expert", "dense_mlp", "experts", "final_norm", "lm_head"

@@ -11,20 +11,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-
-from attention_nodes.node import TokenOutput
-from models.checkpoint import CheckpointError
-from models.config import SUPPORTED_ARCHS, ConfigError, load_config
-from models.generation import DTYPES, GenerationResult, PromptError, ReferenceEngine, TokenEvent
-from models.placement import PlacementError
-from models.sampling import SamplingError, SamplingParams
-from models.tiny import make_tiny_model
-from models.tokenizer import Tokenizer, TokenizerError
-from orchestrator.client import channel, generate, request
-from orchestrator.cluster import Cluster, RequestFailed
-from orchestrator.config import Deployment, DeploymentError, ModelSection, load_deployment
-from orchestrator.placement import PlacementError as PoolPlacementError
-from orchestrator.planner import (
+from afd.attention_nodes.node import TokenOutput
+from afd.models.checkpoint import CheckpointError
+from afd.models.config import SUPPORTED_ARCHS, ConfigError, load_config
+from afd.models.generation import DTYPES, GenerationResult, PromptError, ReferenceEngine, TokenEvent
+from afd.models.placement import PlacementError
+from afd.models.sampling import SamplingError, SamplingParams
+from afd.models.tiny import make_tiny_model
+from afd.models.tokenizer import Tokenizer, TokenizerError
+from afd.orchestrator.client import channel, generate, request
+from afd.orchestrator.cluster import Cluster, RequestFailed
+from afd.orchestrator.config import Deployment, DeploymentError, ModelSection, load_deployment
+from afd.orchestrator.placement import PlacementError as PoolPlacementError
+from afd.orchestrator.planner import (
     PlanError,
     deployment_yaml,
     load_catalog,
@@ -32,7 +31,7 @@ from orchestrator.planner import (
     table,
     with_measured,
 )
-from orchestrator.server import BackgroundServer, Server, with_ports
+from afd.orchestrator.server import BackgroundServer, Server, with_ports
 
 DEMO_MODEL_DIR = Path(".afd/tiny-qwen3_moe")
 USER_ERRORS = (

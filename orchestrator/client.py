@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
-
-from protos import afd_v1_pb2 as pb
-from protos import afd_v1_pb2_grpc as pb_grpc
+from afd.protos import afd_v1_pb2 as pb
+from afd.protos import afd_v1_pb2_grpc as pb_grpc
 
 
 def channel(target: str, tls_ca: str | None = None) -> grpc.Channel:

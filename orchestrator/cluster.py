@@ -17,23 +17,28 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import ray
-from ray._private.state import state as ray_state
-
-from attention_nodes.node import (
+from afd.attention_nodes.node import (
     AttentionNode,
     AttentionNodeSettings,
     AttentionStepResult,
     NewRequest,
     TokenOutput,
 )
-from expert_nodes.node import ExpertNode, ExpertNodeSettings, ExpertStepResult
-from models.config import load_config
-from models.generation import check_prompt
-from models.placement import ExpertPlacement
-from models.sampling import SamplingParams
-from orchestrator.config import Deployment
-from orchestrator.placement import PoolDemand, check_fits, in_group, remove_placement_group, reserve
-from transport.endpoint import PeerAddress, TransportSettings
+from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings, ExpertStepResult
+from afd.models.config import load_config
+from afd.models.generation import check_prompt
+from afd.models.placement import ExpertPlacement
+from afd.models.sampling import SamplingParams
+from afd.orchestrator.config import Deployment
+from afd.orchestrator.placement import (
+    PoolDemand,
+    check_fits,
+    in_group,
+    remove_placement_group,
+    reserve,
+)
+from afd.transport.endpoint import PeerAddress, TransportSettings
+from ray._private.state import state as ray_state
 
 log = logging.getLogger(__name__)
 EXPERT_PEER_BASE = 1000  # transport ids: attention nodes 0..M-1, expert nodes 1000..1000+N-1

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 import yaml
-
-from models.generation import DTYPES
+from afd.models.generation import DTYPES
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
 

@@ -13,12 +13,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
+from afd.orchestrator.service import Finished, InvalidRequest, Overloaded, Service, Unavailable
+from afd.protos import afd_v1_pb2 as pb
+from afd.protos import afd_v1_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from orchestrator.service import Finished, InvalidRequest, Overloaded, Service, Unavailable
-from protos import afd_v1_pb2 as pb
-from protos import afd_v1_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Afd"].full_name

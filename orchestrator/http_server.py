@@ -15,10 +15,8 @@ import time
 import uuid
 from typing import Any
 
-from aiohttp import web
-
-from models.tokenizer import ChatTemplateError, render_chat
-from orchestrator.service import (
+from afd.models.tokenizer import ChatTemplateError, render_chat
+from afd.orchestrator.service import (
     Finished,
     InvalidRequest,
     Overloaded,
@@ -26,6 +24,7 @@ from orchestrator.service import (
     Service,
     Unavailable,
 )
+from aiohttp import web
 
 _SERVICE = web.AppKey("service", Service)
 

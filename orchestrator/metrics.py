@@ -7,9 +7,8 @@ engine's step records. One registry per server, so tests can run several in one 
 
 from __future__ import annotations
 
+from afd.orchestrator.cluster import StepRecord
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from orchestrator.cluster import StepRecord
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)

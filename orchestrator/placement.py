@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import ray
+from afd.orchestrator.config import AttentionSection, ExpertSection
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-from orchestrator.config import AttentionSection, ExpertSection
 
 ACCELERATOR_PREFIX = "accelerator_type:"  # how Ray names a node's GPU model as a resource
 

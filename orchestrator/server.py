@@ -13,15 +13,14 @@ import signal
 import threading
 from dataclasses import dataclass, replace
 
+from afd.models.tokenizer import Tokenizer
+from afd.orchestrator.cluster import Cluster, init_ray
+from afd.orchestrator.config import Deployment
+from afd.orchestrator.grpc_server import SERVICE_NAME, _auth_token, start_grpc
+from afd.orchestrator.http_server import make_app
+from afd.orchestrator.service import Service
 from aiohttp import web
 from grpc_health.v1 import health_pb2
-
-from models.tokenizer import Tokenizer
-from orchestrator.cluster import Cluster, init_ray
-from orchestrator.config import Deployment
-from orchestrator.grpc_server import SERVICE_NAME, _auth_token, start_grpc
-from orchestrator.http_server import make_app
-from orchestrator.service import Service
 
 log = logging.getLogger(__name__)
 

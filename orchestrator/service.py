@@ -14,12 +14,12 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from attention_nodes.node import TokenOutput
-from models.sampling import SamplingError, SamplingParams
-from models.tokenizer import Tokenizer
-from orchestrator.cluster import Cluster, RequestFailed, StepRecord
-from orchestrator.config import Deployment
-from orchestrator.metrics import Metrics
+from afd.attention_nodes.node import TokenOutput
+from afd.models.sampling import SamplingError, SamplingParams
+from afd.models.tokenizer import Tokenizer
+from afd.orchestrator.cluster import Cluster, RequestFailed, StepRecord
+from afd.orchestrator.config import Deployment
+from afd.orchestrator.metrics import Metrics
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import afd_v1_pb2 as protos_dot_afd__v1__pb2
+from afd.protos import afd_v1_pb2 as afd_dot_protos_dot_afd__v1__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/afd_v1_pb2_grpc.py depends on'
+        + ' but the generated code in afd/protos/afd_v1_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class AfdStub:
         """
         self.Generate = channel.unary_stream(
                 '/afd.v1.Afd/Generate',
-                request_serializer=protos_dot_afd__v1__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_afd__v1__pb2.GenerateResponse.FromString,
+                request_serializer=afd_dot_protos_dot_afd__v1__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=afd_dot_protos_dot_afd__v1__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/afd.v1.Afd/ModelInfo',
-                request_serializer=protos_dot_afd__v1__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_afd__v1__pb2.ModelInfoResponse.FromString,
+                request_serializer=afd_dot_protos_dot_afd__v1__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=afd_dot_protos_dot_afd__v1__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
         self.ClusterStatus = channel.unary_unary(
                 '/afd.v1.Afd/ClusterStatus',
-                request_serializer=protos_dot_afd__v1__pb2.ClusterStatusRequest.SerializeToString,
-                response_deserializer=protos_dot_afd__v1__pb2.ClusterStatusResponse.FromString,
+                request_serializer=afd_dot_protos_dot_afd__v1__pb2.ClusterStatusRequest.SerializeToString,
+                response_deserializer=afd_dot_protos_dot_afd__v1__pb2.ClusterStatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -78,18 +78,18 @@ def add_AfdServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_afd__v1__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_afd__v1__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=afd_dot_protos_dot_afd__v1__pb2.GenerateRequest.FromString,
+                    response_serializer=afd_dot_protos_dot_afd__v1__pb2.GenerateResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
-                    request_deserializer=protos_dot_afd__v1__pb2.ModelInfoRequest.FromString,
-                    response_serializer=protos_dot_afd__v1__pb2.ModelInfoResponse.SerializeToString,
+                    request_deserializer=afd_dot_protos_dot_afd__v1__pb2.ModelInfoRequest.FromString,
+                    response_serializer=afd_dot_protos_dot_afd__v1__pb2.ModelInfoResponse.SerializeToString,
             ),
             'ClusterStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ClusterStatus,
-                    request_deserializer=protos_dot_afd__v1__pb2.ClusterStatusRequest.FromString,
-                    response_serializer=protos_dot_afd__v1__pb2.ClusterStatusResponse.SerializeToString,
+                    request_deserializer=afd_dot_protos_dot_afd__v1__pb2.ClusterStatusRequest.FromString,
+                    response_serializer=afd_dot_protos_dot_afd__v1__pb2.ClusterStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -117,8 +117,8 @@ class Afd:
             request,
             target,
             '/afd.v1.Afd/Generate',
-            protos_dot_afd__v1__pb2.GenerateRequest.SerializeToString,
-            protos_dot_afd__v1__pb2.GenerateResponse.FromString,
+            afd_dot_protos_dot_afd__v1__pb2.GenerateRequest.SerializeToString,
+            afd_dot_protos_dot_afd__v1__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -144,8 +144,8 @@ class Afd:
             request,
             target,
             '/afd.v1.Afd/ModelInfo',
-            protos_dot_afd__v1__pb2.ModelInfoRequest.SerializeToString,
-            protos_dot_afd__v1__pb2.ModelInfoResponse.FromString,
+            afd_dot_protos_dot_afd__v1__pb2.ModelInfoRequest.SerializeToString,
+            afd_dot_protos_dot_afd__v1__pb2.ModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -171,8 +171,8 @@ class Afd:
             request,
             target,
             '/afd.v1.Afd/ClusterStatus',
-            protos_dot_afd__v1__pb2.ClusterStatusRequest.SerializeToString,
-            protos_dot_afd__v1__pb2.ClusterStatusResponse.FromString,
+            afd_dot_protos_dot_afd__v1__pb2.ClusterStatusRequest.SerializeToString,
+            afd_dot_protos_dot_afd__v1__pb2.ClusterStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from models.tiny import make_tiny_model
+from afd.models.tiny import make_tiny_model
 
 ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 

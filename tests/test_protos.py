@@ -1,4 +1,4 @@
-"""The checked-in gRPC code is what protos/afd_v1.proto generates today."""
+"""The checked-in gRPC code is what protos/afd_v1.proto generates today (as `afd.protos`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ GENERATED = ["afd_v1_pb2.py", "afd_v1_pb2_grpc.py", "afd_v1_pb2.pyi"]
 
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
-    (tmp_path / "protos").mkdir()
-    shutil.copy(ROOT / "protos" / "afd_v1.proto", tmp_path / "protos")
+    out = tmp_path / "afd" / "protos"
+    out.mkdir(parents=True)
+    shutil.copy(ROOT / "protos" / "afd_v1.proto", out)
     subprocess.run(
         [
             sys.executable,
@@ -23,11 +24,11 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
             "--python_out=.",
             "--grpc_python_out=.",
             "--pyi_out=.",
-            "protos/afd_v1.proto",
+            "afd/protos/afd_v1.proto",
         ],
         cwd=tmp_path,
         check=True,
     )
     for name in GENERATED:
-        fresh = (tmp_path / "protos" / name).read_text()
+        fresh = (out / name).read_text()
         assert fresh == (ROOT / "protos" / name).read_text(), f"run `make protos`: {name} is stale"

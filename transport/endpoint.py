@@ -47,8 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-
-from transport.wire import (
+from afd.transport.wire import (
     HEADER_BYTES,
     INLINE_BYTES,
     KIND_HELLO,

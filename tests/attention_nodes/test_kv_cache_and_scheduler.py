@@ -1,15 +1,14 @@
 from __future__ import annotations
 
 import torch
-
-from attention_nodes.kv_cache import PagedKVCache
-from attention_nodes.node import split_micro_batches
-from attention_nodes.scheduler import Chunk, Scheduler, Sequence
-from models.config import parse_config
-from models.generation import RequestState
-from models.kv_cache import ContiguousKVCache
-from models.sampling import SamplingParams
-from models.tiny import tiny_config
+from afd.attention_nodes.kv_cache import PagedKVCache
+from afd.attention_nodes.node import split_micro_batches
+from afd.attention_nodes.scheduler import Chunk, Scheduler, Sequence
+from afd.models.config import parse_config
+from afd.models.generation import RequestState
+from afd.models.kv_cache import ContiguousKVCache
+from afd.models.sampling import SamplingParams
+from afd.models.tiny import tiny_config
 
 
 def test_paged_cache_returns_what_a_contiguous_cache_returns() -> None:
@@ -36,7 +35,7 @@ def _sequence(seq_id: int, prompt_len: int, tokenizer) -> Sequence:  # noqa: ANN
 
 
 def test_full_cache_preempts_the_youngest_and_keeps_the_oldest(tiny_model) -> None:  # noqa: ANN001
-    from models.tokenizer import Tokenizer
+    from afd.models.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(tiny_model)
     cache = PagedKVCache(1, 4, 4, 1, 4, torch.float32)  # room for 16 tokens
@@ -57,7 +56,7 @@ def test_full_cache_preempts_the_youngest_and_keeps_the_oldest(tiny_model) -> No
 
 
 def test_token_budget_caps_a_step_and_prefill_continues_in_chunks(tiny_model) -> None:  # noqa: ANN001
-    from models.tokenizer import Tokenizer
+    from afd.models.tokenizer import Tokenizer
 
     seq = _sequence(0, 20, Tokenizer(tiny_model))
     scheduler = Scheduler(

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from expert_nodes.node import ExpertNode, ExpertNodeSettings
-from transport.endpoint import TransportError
+from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
+from afd.transport.endpoint import TransportError
 
 
 def test_malformed_dispatch_frames_are_rejected_naming_the_peer(tiny_model: Path) -> None:

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import pytest
-
-from models.placement import ExpertPlacement, PlacementError
+from afd.models.placement import ExpertPlacement, PlacementError
 
 
 def test_even_split_gives_the_first_nodes_the_remainder() -> None:

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from models.generation import ReferenceEngine
-from models.sampling import SamplingParams
-from orchestrator.cluster import Cluster
-from orchestrator.config import Deployment, ModelSection
+from afd.models.generation import ReferenceEngine
+from afd.models.sampling import SamplingParams
+from afd.orchestrator.cluster import Cluster
+from afd.orchestrator.config import Deployment, ModelSection
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 

@@ -5,13 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from afd.models.checkpoint import Checkpoint, CheckpointError
+from afd.models.config import load_config
+from afd.models.moe import ExpertShard
+from afd.models.tiny import make_tiny_model
+from afd.models.weights import tensor_specs
 from safetensors.torch import load_file, save_file
-
-from models.checkpoint import Checkpoint, CheckpointError
-from models.config import load_config
-from models.moe import ExpertShard
-from models.tiny import make_tiny_model
-from models.weights import tensor_specs
 
 
 def _rewrite(model_dir: Path, edit) -> None:  # noqa: ANN001

@@ -4,9 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from models.config import ConfigError, load_config, parse_config
-from models.tiny import tiny_config
+from afd.models.config import ConfigError, load_config, parse_config
+from afd.models.tiny import tiny_config
 
 
 def _write(tmp_path: Path, raw: dict) -> Path:

@@ -3,10 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from models.generation import PromptError, ReferenceEngine
-from models.sampling import SamplingParams
-from models.tokenizer import IncrementalDetokenizer, Tokenizer
+from afd.models.generation import PromptError, ReferenceEngine
+from afd.models.sampling import SamplingParams
+from afd.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from afd.models.batch import TokenBatch
+from afd.models.generation import ReferenceEngine
+from afd.models.kv_cache import ContiguousKVCache
+from afd.models.sampling import SamplingParams
+from afd.models.tiny import make_tiny_model
 
-from models.batch import TokenBatch
-from models.generation import ReferenceEngine
-from models.kv_cache import ContiguousKVCache
-from models.sampling import SamplingParams
-from models.tiny import make_tiny_model
 from tests.conftest import ARCHS
 
 PROMPT = "The quick brown fox jumps over the lazy dog."

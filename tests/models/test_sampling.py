@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models.sampling import Sampler, SamplingError, SamplingParams
+from afd.models.sampling import Sampler, SamplingError, SamplingParams
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from models.generation import ReferenceEngine
-from models.moe import grouped_experts
-from models.sampling import SamplingParams
-from models.static_decode import StaticDecoder
+from afd.models.generation import ReferenceEngine
+from afd.models.moe import grouped_experts
+from afd.models.sampling import SamplingParams
+from afd.models.static_decode import StaticDecoder
 
 PROMPTS = ["Hello, world!", "The capital of France is", "one two three", "def add(a, b):"]
 STARTS = [0, 3, 1, 6]  # slots join at different steps, so their positions differ every step

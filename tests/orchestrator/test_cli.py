@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from models.generation import ReferenceEngine
-from models.sampling import SamplingParams
+from afd.models.generation import ReferenceEngine
+from afd.models.sampling import SamplingParams
 
 
 def _afd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
+        [sys.executable, "-m", "afd.orchestrator.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -117,13 +116,13 @@ def test_serve_streams_to_the_client_and_sigterm_drains(tiny_model: Path) -> Non
     import signal
     import threading
 
-    from orchestrator.client import channel, generate, request
+    from afd.orchestrator.client import channel, generate, request
 
     server = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "orchestrator.cli",
+            "afd.orchestrator.cli",
             "serve",
             "configs/tiny-cpu.yaml",
             "--model",

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from afd.orchestrator.config import load_deployment
 from jsonschema import ValidationError
 from ray.autoscaler._private.util import prepare_config, validate_config
-
-from orchestrator.config import load_deployment
 
 ROOT = Path(__file__).resolve().parents[2]
 

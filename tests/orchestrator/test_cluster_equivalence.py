@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from models.generation import ReferenceEngine
-from models.sampling import SamplingParams
-from orchestrator.cluster import Cluster
-from orchestrator.config import Deployment, ModelSection
+from afd.models.generation import ReferenceEngine
+from afd.models.sampling import SamplingParams
+from afd.orchestrator.cluster import Cluster
+from afd.orchestrator.config import Deployment, ModelSection
 
 SHAPES = [
     (1, 1, 1),

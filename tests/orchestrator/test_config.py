@@ -3,8 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from orchestrator.config import DeploymentError, load_deployment
+from afd.orchestrator.config import DeploymentError, load_deployment
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import ray
-
-from models.generation import ReferenceEngine
-from models.sampling import SamplingParams
-from orchestrator.cluster import Cluster
-from orchestrator.config import Deployment, ModelSection
+from afd.models.generation import ReferenceEngine
+from afd.models.sampling import SamplingParams
+from afd.orchestrator.cluster import Cluster
+from afd.orchestrator.config import Deployment, ModelSection
 
 WORDS = [
     "the",
@@ -107,7 +106,7 @@ def test_a_node_that_cannot_come_back_fails_requests_with_a_message(
 ) -> None:  # noqa: ANN001
     from dataclasses import replace
 
-    from orchestrator.cluster import RequestFailed
+    from afd.orchestrator.cluster import RequestFailed
 
     d = Deployment(model=ModelSection(path=str(tiny_model))).with_shape(1, 1, 1)
     d = replace(d, ray=replace(d.ray, max_restarts=0))

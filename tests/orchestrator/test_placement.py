@@ -17,12 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from models.generation import ReferenceEngine
-from models.sampling import SamplingParams
-from orchestrator.cluster import Cluster
-from orchestrator.config import Deployment, ModelSection
-from orchestrator.placement import PlacementError
+from afd.models.generation import ReferenceEngine
+from afd.models.sampling import SamplingParams
+from afd.orchestrator.cluster import Cluster
+from afd.orchestrator.config import Deployment, ModelSection
+from afd.orchestrator.placement import PlacementError
 
 
 def _deployment(model: Path, **pools: dict) -> Deployment:
@@ -64,9 +63,9 @@ DRIVER = textwrap.dedent(
     """
     import json, sys
     import ray
-    from orchestrator.cluster import Cluster
-    from orchestrator.config import load_deployment
-    from models.sampling import SamplingParams
+    from afd.orchestrator.cluster import Cluster
+    from afd.orchestrator.config import load_deployment
+    from afd.models.sampling import SamplingParams
     cluster = Cluster(load_deployment(sys.argv[1]))
     try:
         out = cluster.generate([(json.loads(sys.argv[2]), SamplingParams(max_tokens=8, ignore_eos=True))])

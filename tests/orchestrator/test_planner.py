@@ -6,9 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from models.config import load_config
-from orchestrator.planner import (
+from afd.models.config import load_config
+from afd.orchestrator.planner import (
     Catalog,
     GpuType,
     PlanError,
@@ -93,17 +92,17 @@ def test_afd_plan_writes_a_config_that_starts(
     import subprocess
     import sys
 
-    from models.generation import ReferenceEngine
-    from models.sampling import SamplingParams
-    from orchestrator.cluster import Cluster
-    from orchestrator.config import load_deployment
+    from afd.models.generation import ReferenceEngine
+    from afd.models.sampling import SamplingParams
+    from afd.orchestrator.cluster import Cluster
+    from afd.orchestrator.config import load_deployment
 
     model, out = tiny_models["qwen3_moe"], tmp_path / "plan.yaml"
     run = subprocess.run(
         [
             sys.executable,
             "-m",
-            "orchestrator.cli",
+            "afd.orchestrator.cli",
             "plan",
             "--model",
             str(model),
@@ -140,7 +139,7 @@ def test_afd_plan_writes_a_config_that_starts(
 def test_measured_rates_replace_the_datasheet(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     import json
 
-    from orchestrator.planner import with_measured
+    from afd.orchestrator.planner import with_measured
 
     catalog = load_catalog(ROOT / "configs" / "gpu-catalog.yaml")
     result = tmp_path / "decode.json"

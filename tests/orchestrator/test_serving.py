@@ -11,16 +11,15 @@ from pathlib import Path
 import grpc
 import openai
 import pytest
+from afd.models.generation import ReferenceEngine
+from afd.models.sampling import SamplingParams
+from afd.orchestrator.client import channel, generate, request
+from afd.orchestrator.config import Deployment, ModelSection, ServeSection
+from afd.orchestrator.server import BackgroundServer
+from afd.protos import afd_v1_pb2 as pb
+from afd.protos import afd_v1_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from models.generation import ReferenceEngine
-from models.sampling import SamplingParams
-from orchestrator.client import channel, generate, request
-from orchestrator.config import Deployment, ModelSection, ServeSection
-from orchestrator.server import BackgroundServer
-from protos import afd_v1_pb2 as pb
-from protos import afd_v1_pb2_grpc as pb_grpc
 
 TOKEN = "s3cret-token"
 

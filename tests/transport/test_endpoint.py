@@ -9,15 +9,14 @@ import time
 
 import pytest
 import torch
-
-from transport.endpoint import HELLO_BYTES, Transport, TransportError, TransportSettings
-from transport.wire import RoundKey
+from afd.transport.endpoint import HELLO_BYTES, Transport, TransportError, TransportSettings
+from afd.transport.wire import RoundKey
 
 ECHO_PEER = textwrap.dedent(
     """
     import sys, torch
-    from transport.endpoint import PeerAddress, Transport, TransportSettings
-    from transport.wire import RoundKey
+    from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
+    from afd.transport.wire import RoundKey
     shared = len(sys.argv) < 7 or sys.argv[6] == "shared"
     t = Transport(int(sys.argv[1]), TransportSettings(shared_memory=shared))
     t.connect(0, PeerAddress(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))

@@ -11,11 +11,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from afd.transport.endpoint import HELLO_BYTES, Transport, TransportError, TransportSettings
+from afd.transport.wire import HEADER_BYTES, MAGIC, VERSION, RoundKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from transport.endpoint import HELLO_BYTES, Transport, TransportError, TransportSettings
-from transport.wire import HEADER_BYTES, MAGIC, VERSION, RoundKey
 
 _ids = itertools.count(100)
 

@@ -4,8 +4,7 @@ import struct
 
 import pytest
 import torch
-
-from transport.wire import (
+from afd.transport.wire import (
     HEADER_BYTES,
     INLINE_BYTES,
     KIND_TENSORS,
