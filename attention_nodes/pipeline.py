@@ -58,7 +58,10 @@ class PingPongPipeline:
                 plan = None
                 if self.model.config.is_moe_layer(layer):
                     plan = self.dispatcher.dispatch(
-                        RoundKey(step, layer, j), routed.x_TD, routed.ids_TK, routed.weights_TK
+                        RoundKey.exchange(step, layer, j),
+                        routed.x_TD,
+                        routed.ids_TK,
+                        routed.weights_TK,
                     )
                 inflight[j] = _InFlight(layer, routed, plan)
         h = [self._finish(f) for f in inflight if f is not None]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from afd.models.placement import ExpertPlacement
 from afd.transport.endpoint import PeerLost, PendingSend, Transport, TransportError
-from afd.transport.wire import END_OF_STEP_LAYER, FAILOVER_STRIDE, RoundKey
+from afd.transport.wire import RoundKey
 
 LOCAL_ID_DTYPE = torch.int16
 
@@ -119,8 +119,7 @@ class RemoteDispatcher:
         x_TD, ids_TK, weights_TK = plan.x_TD[rows], plan.ids_TK[rows], plan.weights_TK[rows]
         was_lost_TK = lost.slots
         now_TK = self.node_of_E[ids_TK]
-        k = plan.key
-        key = RoundKey(k.step, k.layer, FAILOVER_STRIDE * attempt + k.micro_batch)
+        key = plan.key.failover(attempt)
         return [
             self._send_slots(key, x_TD, ids_TK, weights_TK, was_lost_TK & (now_TK == j), rows, j)
             for j in sorted(set(now_TK[was_lost_TK].tolist()))
@@ -159,7 +158,7 @@ class RemoteDispatcher:
         marker keeps them serving failovers until every attention node is through)."""
         if self.placement.replicas == 1:
             return
-        key = RoundKey(step, END_OF_STEP_LAYER, 0)
+        key = RoundKey.end_of_step(step)
         for j, peer in enumerate(self.expert_peers):
             if j not in self.dead and not self.transport.is_lost(peer):
                 self.transport.send(peer, key, [])

@@ -154,7 +154,6 @@ def build_experts(  # noqa: ANN001
 
 
 # ---- disaggregated on one GPU: this process runs attention, a child process the experts -----
-STOP_LAYER = 65535  # a control frame's layer: [m] = a step of m micro-batches follows, [0] = stop
 
 
 def _expert_process(
@@ -172,10 +171,10 @@ def _expert_process(
     t.wait_for_peers([0], 120)
     step = 0
     with torch.inference_mode():
-        while m := int(t.recv(0, RoundKey(step, STOP_LAYER, 0), 600)[0].item()):
+        while m := int(t.recv(0, RoundKey.control(step), 600)[0].item()):
             for layer in config.moe_layers:
                 for mb in range(m):
-                    key = RoundKey(step, layer, mb)
+                    key = RoundKey.exchange(step, layer, mb)
                     x, ids, weights = t.recv(0, key, 120)
                     t.send(0, key, [shard.forward(layer, x, ids.long(), weights)])
             t.flush(120)
@@ -213,7 +212,7 @@ class RemoteExperts:
 
         s = self.step_id
         self.step_id += 1
-        self.t.send(1000, RoundKey(s, STOP_LAYER, 0), [torch.full((1,), m, dtype=torch.uint8)])
+        self.t.send(1000, RoundKey.control(s), [torch.full((1,), m, dtype=torch.uint8)])
         groups = torch.arange(tokens_B.shape[0]).chunk(m)
         mbs = [decoder.micro_batch(int(g[0]), tokens_B[g], positions_B[g]) for g in groups]
         for layer in range(decoder.config.num_layers):
@@ -224,9 +223,9 @@ class RemoteExperts:
                 routed.append(r)
                 if moe:
                     ids = r.ids_TK.to(torch.int16)
-                    self.t.send(1000, RoundKey(s, layer, i), [r.x_TD, ids, r.weights_TK])
+                    self.t.send(1000, RoundKey.exchange(s, layer, i), [r.x_TD, ids, r.weights_TK])
             for i, (mb, r) in enumerate(zip(mbs, routed, strict=True)):
-                y = self.t.recv(1000, RoundKey(s, layer, i), 120)[0] if moe else None
+                y = self.t.recv(1000, RoundKey.exchange(s, layer, i), 120)[0] if moe else None
                 decoder.post_experts(layer, mb, r, y)
         self.t.flush(120)
         return torch.cat([decoder.logits(mb) for mb in mbs])
@@ -234,9 +233,7 @@ class RemoteExperts:
     def close(self) -> None:
         from afd.transport.wire import RoundKey
 
-        self.t.send(
-            1000, RoundKey(self.step_id, STOP_LAYER, 0), [torch.zeros(1, dtype=torch.uint8)]
-        )
+        self.t.send(1000, RoundKey.control(self.step_id), [torch.zeros(1, dtype=torch.uint8)])
         self.t.flush(60)
         self.proc.join(120)
         self.t.close()

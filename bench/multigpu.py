@@ -41,7 +41,6 @@ QWEN3_235B_A22B = {
     "head_dim": 128,
 }
 SHAPES = {"30b": QWEN3_30B_A3B, "235b": QWEN3_235B_A22B, "tiny": TINY}
-CONTROL = 65535  # a control frame's layer: [m] = a step of m micro-batches follows, [0] = stop
 EXPERT_BASE = 1000
 
 
@@ -78,10 +77,10 @@ def expert_worker(  # noqa: ANN001
     t.wait_for_peers(peers, 600)
     step = 0
     with torch.inference_mode():
-        while m := max(int(t.recv(p, RoundKey(step, CONTROL, 0), 1800)[0].item()) for p in peers):
+        while m := max(int(t.recv(p, RoundKey.control(step), 1800)[0].item()) for p in peers):
             for layer in config.moe_layers:
                 for mb in range(m):
-                    key = RoundKey(step, layer, mb)
+                    key = RoundKey.exchange(step, layer, mb)
                     frames = [t.recv(p, key, 300) for p in peers]
                     x = torch.cat([f[0] for f in frames])
                     ids = torch.cat([f[1] for f in frames]).long()
@@ -137,7 +136,7 @@ def attention_worker(  # noqa: ANN001
                 for j in range(len(experts)):
                     t.send(
                         EXPERT_BASE + j,
-                        RoundKey(step, CONTROL, 0),
+                        RoundKey.control(step),
                         [torch.full((1,), m, dtype=torch.uint8)],
                     )
                 positions = torch.full((batch,), min(s, prompt + steps), device=device)
@@ -160,7 +159,7 @@ def attention_worker(  # noqa: ANN001
                                 wts = torch.where(on_j[rows], r.weights_TK[rows], 0)
                                 t.send(
                                     EXPERT_BASE + j,
-                                    RoundKey(step, layer, k),
+                                    RoundKey.exchange(step, layer, k),
                                     [r.x_TD[rows], lid, wts],
                                 )
                                 rows_per.append(rows)
@@ -171,7 +170,9 @@ def attention_worker(  # noqa: ANN001
                             t0 = time.perf_counter()
                             out = torch.zeros_like(r.x_TD)
                             for j, rows in enumerate(rows_per):
-                                (y,) = t.recv(EXPERT_BASE + j, RoundKey(step, layer, k), 300)
+                                (y,) = t.recv(
+                                    EXPERT_BASE + j, RoundKey.exchange(step, layer, k), 300
+                                )
                                 out.index_add_(0, rows, y)
                             waited += time.perf_counter() - t0
                         decoder.post_experts(layer, mb, r, out)
@@ -182,7 +183,7 @@ def attention_worker(  # noqa: ANN001
             wall = time.perf_counter() - start
             queue.put(("result", i, m, wall / steps * 1e3, waited / wall))
     for j in range(len(experts)):  # every expert process reads every attention node's control
-        t.send(EXPERT_BASE + j, RoundKey(step, CONTROL, 0), [torch.zeros(1, dtype=torch.uint8)])
+        t.send(EXPERT_BASE + j, RoundKey.control(step), [torch.zeros(1, dtype=torch.uint8)])
     t.flush(60)
     t.close()
 

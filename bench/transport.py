@@ -54,13 +54,13 @@ def _afd_peer(address: object, device: str, plan: list[tuple[int, int]], setting
     step = 0
     for count, echo in plan:
         for _ in range(count):
-            (x,) = t.recv(0, RoundKey(step, 0, 0), 60)
+            (x,) = t.recv(0, RoundKey.exchange(step, 0, 0), 60)
             if echo:
-                t.send(0, RoundKey(step, 0, 0), [x]).result(60)
+                t.send(0, RoundKey.exchange(step, 0, 0), [x]).result(60)
             step += 1
         if not echo:
             t.send(
-                0, RoundKey(step, 0, 0), [torch.ones(1, dtype=torch.uint8, device=device)]
+                0, RoundKey.exchange(step, 0, 0), [torch.ones(1, dtype=torch.uint8, device=device)]
             ).result(60)
             step += 1
     t.close()
@@ -85,19 +85,19 @@ def bench_afd(
     def ping(x: torch.Tensor) -> float:
         nonlocal step
         start = time.perf_counter()
-        node.send(1, RoundKey(step, 0, 0), [x])
-        node.recv(1, RoundKey(step, 0, 0), 60)
+        node.send(1, RoundKey.exchange(step, 0, 0), [x])
+        node.recv(1, RoundKey.exchange(step, 0, 0), 60)
         step += 1
         return time.perf_counter() - start
 
     def stream(x: torch.Tensor, n: int) -> float:
         nonlocal step
         start = time.perf_counter()
-        sends = [node.send(1, RoundKey(step + i, 0, 0), [x]) for i in range(n)]
+        sends = [node.send(1, RoundKey.exchange(step + i, 0, 0), [x]) for i in range(n)]
         for s in sends:
             s.result(60)
         step += n
-        node.recv(1, RoundKey(step, 0, 0), 60)
+        node.recv(1, RoundKey.exchange(step, 0, 0), 60)
         step += 1
         return n * x.nbytes / (time.perf_counter() - start)
 

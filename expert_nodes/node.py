@@ -24,7 +24,7 @@ from afd.models.config import load_config
 from afd.models.generation import DTYPES
 from afd.models.moe import ExpertShard
 from afd.transport.endpoint import PeerAddress, Transport, TransportError, TransportSettings
-from afd.transport.wire import END_OF_STEP_LAYER, RoundKey, is_failover
+from afd.transport.wire import FrameKind, RoundKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +94,7 @@ class ExpertNode:
         compute = wait = 0.0
         for layer in self.config.moe_layers:
             for mb in range(self.settings.micro_batches):
-                key = RoundKey(step_id, layer, mb)
+                key = RoundKey.exchange(step_id, layer, mb)
                 t0 = time.perf_counter()
                 frames = self._gather(key)
                 t1 = time.perf_counter()
@@ -102,7 +102,7 @@ class ExpertNode:
                 wait += t1 - t0
         if self.settings.serve_failovers:
             t0 = time.perf_counter()
-            self._gather(RoundKey(step_id, END_OF_STEP_LAYER, 0))
+            self._gather(RoundKey.end_of_step(step_id))
             wait += time.perf_counter() - t0
         self.transport.flush(self.settings.round_timeout_s)
         per_expert = dict(zip(self.shard.expert_ids, counts.tolist(), strict=True))
@@ -127,7 +127,10 @@ class ExpertNode:
         waiting = set(self.attention_peers)
         while waiting:
             peer, got, frame = self.transport.recv_any(
-                lambda p, k: (k == key and p in waiting) or (k.step == key.step and is_failover(k)),
+                lambda p, k: (
+                    (k == key and p in waiting)
+                    or (k.step == key.step and k.kind == FrameKind.FAILOVER)
+                ),
                 timeout,
             )
             if got == key:
@@ -160,7 +163,7 @@ class ExpertNode:
         return time.perf_counter() - start
 
     def _frame(self, peer: int, key: RoundKey, frame: list[torch.Tensor]) -> list[torch.Tensor]:
-        return frame if key.layer == END_OF_STEP_LAYER else self._checked(peer, frame)
+        return frame if key.kind == FrameKind.END_OF_STEP else self._checked(peer, frame)
 
     def _checked(self, peer: int, frame: list[torch.Tensor]) -> list[torch.Tensor]:
         """A dispatch frame is x [n, D], local ids [n, K] within this shard, weights [n, K]."""

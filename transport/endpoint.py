@@ -50,8 +50,7 @@ import torch
 from afd.transport.wire import (
     HEADER_BYTES,
     INLINE_BYTES,
-    KIND_HELLO,
-    KIND_TENSORS,
+    FrameKind,
     Header,
     RoundKey,
     WireError,
@@ -61,7 +60,6 @@ from afd.transport.wire import (
 )
 
 log = logging.getLogger(__name__)
-_HELLO_KEY = RoundKey(0, 0, 0)
 _TAG_BYTES = 8
 HELLO_BYTES = HEADER_BYTES + _TAG_BYTES  # hello header + the tag the peer wants our frames on
 _HEADER_CHANNEL, _PAYLOAD_CHANNEL = 0, 1
@@ -270,7 +268,7 @@ class Transport:
             port = address.local_port if local else address.port
             ep = self._ucx.UCXEndpoint.create(self._worker, host, port, not local)
             recv_tag = _new_tag_base()
-            hello = Header(KIND_HELLO, self.node_id, _HELLO_KEY, ()).pack()
+            hello = Header(self.node_id, RoundKey.hello(), ()).pack()
             out = np.frombuffer(hello + recv_tag.to_bytes(_TAG_BYTES, "little"), np.uint8)
             reply = np.zeros(_TAG_BYTES, np.uint8)
             reqs = [ep.stream_send(self._array(out)), ep.stream_recv(self._array(reply))]
@@ -315,7 +313,7 @@ class Transport:
                     torch.cuda.current_stream().synchronize()  # UCX reads memory, not the stream
             if inline:  # one message: the header with the payload packed behind it
                 frame = np.empty(HEADER_BYTES + payload, np.uint8)
-                pack_header(frame, KIND_TENSORS, self.node_id, key, frame_layout, inline)
+                pack_header(frame, self.node_id, key, frame_layout, inline)
                 offset = HEADER_BYTES
                 for t, n in zip(tensors, frame_layout.sizes, strict=True):
                     if n:
@@ -324,7 +322,7 @@ class Transport:
                 parts = [(frame, _HEADER_CHANNEL)]
             else:
                 frame = np.empty(HEADER_BYTES, np.uint8)
-                pack_header(frame, KIND_TENSORS, self.node_id, key, frame_layout, inline)
+                pack_header(frame, self.node_id, key, frame_layout, inline)
                 parts = [(frame, _HEADER_CHANNEL)] + [
                     (_wire_view(t), _PAYLOAD_CHANNEL) for t in tensors if t.numel()
                 ]
@@ -531,7 +529,7 @@ class Transport:
             req, p.header_req = p.header_req, None
             req.check_error()
             header = unpack(p.header_buf, self.settings.max_frame_bytes)
-            if header.kind != KIND_TENSORS or header.sender != p.id:
+            if header.kind == FrameKind.HELLO or header.sender != p.id:
                 raise WireError(
                     f"frame of kind {header.kind} from sender {header.sender} under peer {p.id}'s tag"
                 )
@@ -643,7 +641,7 @@ class Transport:
 
     def _answer_hello(self, h: _Handshake) -> None:
         hello = unpack(h.buf[:HEADER_BYTES].tobytes(), self.settings.max_frame_bytes)
-        if hello.kind != KIND_HELLO or hello.tensors:
+        if hello.kind != FrameKind.HELLO or hello.tensors:
             raise WireError(f"first frame must be a hello, got kind {hello.kind}")
         if hello.sender in self._peers:
             raise WireError(f"peer id {hello.sender} is already connected")

@@ -11,21 +11,34 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import lru_cache
 from typing import NamedTuple
 
 import torch
 
 MAGIC = b"AFDW"
-VERSION = 1
+VERSION = 2  # 2: the frame kind says what a frame is for; the key carries a failover attempt
 MAX_TENSORS = 4
 MAX_RANK = 3
-KIND_HELLO, KIND_TENSORS = 1, 2
 FLAG_INLINE = 1
 INLINE_BYTES = 64 << 10
 
-# magic, version, kind, tensor count, flags, sender, step, layer, micro-batch
-_FIXED = struct.Struct("<4sHBBBHQHH")
+
+class FrameKind(IntEnum):
+    """What a frame is for. The receiver's mailbox keys on it, so frames of different kinds
+    never answer for each other."""
+
+    HELLO = 1  # the first frame of a connection: the sender's id (and, behind it, its tag)
+    EXCHANGE = 2  # dispatch rows to an expert node, or its partial sums back
+    FAILOVER = 3  # an exchange resent to replicas because its first expert node died
+    END_OF_STEP = 4  # an attention node is through with a step (expert replicas wait on it)
+    CONTROL = 5  # a driver's instruction to a node outside the decode protocol (benches)
+
+
+# magic, version, kind, tensor count, flags, sender, step, layer, micro-batch, attempt
+_FIXED = struct.Struct("<4sHBBBHQHHH")
+FIXED_BYTES = _FIXED.size
 # per tensor: dtype code, rank, three dims
 _TENSOR = struct.Struct("<BB3I")
 HEADER_BYTES = _FIXED.size + MAX_TENSORS * _TENSOR.size
@@ -42,26 +55,45 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
-FAILOVER_STRIDE = 1000  # a failover's frames: micro-batch FAILOVER_STRIDE * attempt + mb
-END_OF_STEP_LAYER = 0xFFFF  # the layer of the marker by which an attention node ends a step
-
-
 class WireError(ValueError):
     """A frame that breaks the protocol; fatal for the peer that sent it, never for the node."""
 
 
 class RoundKey(NamedTuple):
-    """Which exchange a frame belongs to: one (step, layer, micro-batch). A tuple, so that the
-    mailbox hashes and compares it in C while a receive spins."""
+    """Which exchange a frame belongs to. A tuple, so that the mailbox hashes and compares it
+    in C while a receive spins. Make keys with the named constructors below, never by hand."""
 
+    kind: FrameKind
     step: int
     layer: int
     micro_batch: int
+    attempt: int  # FAILOVER: 1 for the first resend of an exchange, 2 for the next, ...
+
+    @classmethod
+    def exchange(cls, step: int, layer: int, micro_batch: int) -> RoundKey:
+        """One (step, layer, micro-batch) of M2N dispatch and its N2M combine."""
+        return cls(FrameKind.EXCHANGE, step, layer, micro_batch, 0)
+
+    def failover(self, attempt: int) -> RoundKey:
+        """This exchange resent to replicas, for the `attempt`-th time (from 1)."""
+        return self._replace(kind=FrameKind.FAILOVER, attempt=attempt)
+
+    @classmethod
+    def end_of_step(cls, step: int) -> RoundKey:
+        """The marker by which an attention node ends a step."""
+        return cls(FrameKind.END_OF_STEP, step, 0, 0, 0)
+
+    @classmethod
+    def control(cls, step: int) -> RoundKey:
+        """A driver's instruction for `step` (the benches' step and stop orders)."""
+        return cls(FrameKind.CONTROL, step, 0, 0, 0)
+
+    @classmethod
+    def hello(cls) -> RoundKey:
+        return cls(FrameKind.HELLO, 0, 0, 0, 0)
 
 
-def is_failover(key: RoundKey) -> bool:
-    """A frame resent to a replica because the expert node it first went to died."""
-    return key.micro_batch >= FAILOVER_STRIDE and key.layer != END_OF_STEP_LAYER
+_KINDS = frozenset(int(k) for k in FrameKind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +111,14 @@ class TensorMeta:
 
 @dataclass(frozen=True, slots=True)
 class Header:
-    kind: int
     sender: int
     key: RoundKey
     tensors: tuple[TensorMeta, ...]
     inline: bool = False
+
+    @property
+    def kind(self) -> FrameKind:
+        return self.key.kind
 
     @property
     def payload_bytes(self) -> int:
@@ -96,7 +131,7 @@ class Header:
 
     def pack_into(self, out: bytearray | memoryview | object) -> None:
         frame = layout(tuple((m.dtype, m.shape) for m in self.tensors))
-        pack_header(out, self.kind, self.sender, self.key, frame, self.inline)
+        pack_header(out, self.sender, self.key, frame, self.inline)
 
 
 @lru_cache(maxsize=1024)
@@ -138,22 +173,21 @@ def layout(signature: tuple[tuple[torch.dtype, tuple[int, ...]], ...]) -> Layout
     return Layout(tuple(metas), _pack_tensors(tuple(metas)), sizes, sum(sizes))
 
 
-def pack_header(
-    out: object, kind: int, sender: int, key: RoundKey, frame: Layout, inline: bool
-) -> None:
+def pack_header(out: object, sender: int, key: RoundKey, frame: Layout, inline: bool) -> None:
     """Writes a header at the start of `out` (a frame's buffer) without building a Header."""
     _FIXED.pack_into(
         out,
         0,
         MAGIC,
         VERSION,
-        kind,
+        key.kind,
         len(frame.metas),
         FLAG_INLINE if inline else 0,
         sender,
         key.step,
         key.layer,
         key.micro_batch,
+        key.attempt,
     )
     memoryview(out)[_FIXED.size : HEADER_BYTES] = frame.descriptors
 
@@ -162,12 +196,14 @@ def unpack(frame: bytes | bytearray | memoryview, max_frame_bytes: int) -> Heade
     """Parses and checks a header; raises WireError saying exactly what is wrong."""
     if len(frame) < HEADER_BYTES:
         raise WireError(f"header is {len(frame)} bytes, expected {HEADER_BYTES}")
-    magic, version, kind, count, flags, sender, step, layer, mb = _FIXED.unpack_from(frame, 0)
+    magic, version, kind, count, flags, sender, step, layer, mb, attempt = _FIXED.unpack_from(
+        frame, 0
+    )
     if magic != MAGIC:
         raise WireError(f"bad magic {magic!r}, expected {MAGIC!r}: not an afd peer")
     if version != VERSION:
         raise WireError(f"protocol version {version}, this node speaks {VERSION}")
-    if kind not in (KIND_HELLO, KIND_TENSORS):
+    if kind not in _KINDS:
         raise WireError(f"unknown frame kind {kind}")
     if count > MAX_TENSORS:
         raise WireError(f"frame declares {count} tensors, at most {MAX_TENSORS} allowed")
@@ -180,7 +216,9 @@ def unpack(frame: bytes | bytearray | memoryview, max_frame_bytes: int) -> Heade
     limit = INLINE_BYTES if inline else max_frame_bytes
     if payload_bytes > limit:
         raise WireError(f"frame payload of {payload_bytes} bytes exceeds the limit of {limit}")
-    return Header(kind, sender, RoundKey(step, layer, mb), metas, inline)
+    if (kind == FrameKind.FAILOVER) != (attempt > 0):
+        raise WireError(f"frame of kind {kind} with failover attempt {attempt}")
+    return Header(sender, RoundKey(FrameKind(kind), step, layer, mb, attempt), metas, inline)
 
 
 @lru_cache(maxsize=1024)

@@ -21,7 +21,7 @@ ECHO_PEER = textwrap.dedent(
     t = Transport(int(sys.argv[1]), TransportSettings(shared_memory=shared))
     t.connect(0, PeerAddress(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))
     for step in range(3):
-        key = RoundKey(step, 1, 0)
+        key = RoundKey.exchange(step, 1, 0)
         frames = t.recv(0, key, 30)
         t.send(0, key, [f * 2 if f.is_floating_point() else f for f in frames]).result(30)
     t.close()
@@ -70,7 +70,7 @@ def test_tensors_of_every_dtype_cross_processes_intact(
     peer = _spawn(ECHO_PEER, peer_id, *node.address, lane)
     node.wait_for_peers([peer_id], 30)
     for step in range(3):
-        key = RoundKey(step, 1, 0)
+        key = RoundKey.exchange(step, 1, 0)
         rows = 7 if step < 2 else 16384  # the last frame is past the inline limit
         x = torch.randn(rows, 16, dtype=torch.bfloat16)
         ids = torch.randint(-1, 8, (rows, 2), dtype=torch.int16)
@@ -82,7 +82,7 @@ def test_tensors_of_every_dtype_cross_processes_intact(
 
 def test_recv_has_a_deadline(node: Transport) -> None:
     with pytest.raises(TransportError, match=r"no frame .* from peer 99 within 0.2s"):
-        node.recv(99, RoundKey(1, 2, 3), 0.2)
+        node.recv(99, RoundKey.exchange(1, 2, 3), 0.2)
 
 
 WRONG_VERSION = (b"AFDW" + bytes([9, 0]) + bytes(HELLO_BYTES - 6)).hex()
@@ -113,8 +113,10 @@ def test_a_rogue_connection_is_rejected_and_the_node_keeps_serving(
     good = _spawn(ECHO_PEER, peer_id, *node.address)
     node.wait_for_peers([peer_id], 30)
     for step in range(3):
-        node.send(peer_id, RoundKey(step, 1, 0), [torch.ones(2, 2)]).result(30)
-        assert torch.equal(node.recv(peer_id, RoundKey(step, 1, 0), 30)[0], torch.full((2, 2), 2.0))
+        node.send(peer_id, RoundKey.exchange(step, 1, 0), [torch.ones(2, 2)]).result(30)
+        assert torch.equal(
+            node.recv(peer_id, RoundKey.exchange(step, 1, 0), 30)[0], torch.full((2, 2), 2.0)
+        )
     assert good.wait(30) == 0
     deadline = time.monotonic() + 10  # a short hello is judged when it closes or times out
     while node.stats.rejected_peers == before and time.monotonic() < deadline:

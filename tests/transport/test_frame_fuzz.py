@@ -48,8 +48,10 @@ def _exchange_ok(node: ServedNode) -> None:
     good = Transport(peer_id)
     try:
         good.connect(0, node.t.address)
-        good.send(0, RoundKey(1, 2, 3), [torch.arange(6.0)]).result(10)
-        assert torch.equal(node.t.recv(peer_id, RoundKey(1, 2, 3), 10)[0], torch.arange(6.0))
+        good.send(0, RoundKey.exchange(1, 2, 3), [torch.arange(6.0)]).result(10)
+        assert torch.equal(
+            node.t.recv(peer_id, RoundKey.exchange(1, 2, 3), 10)[0], torch.arange(6.0)
+        )
     finally:
         good.close()
 
@@ -79,7 +81,7 @@ def test_random_frames_from_a_connected_peer(node: ServedNode, frame: bytes) -> 
         req = peer.ep.tag_send(rogue._array(buf), rogue._ucx.UCXXTag(peer.send_tag))  # noqa: SLF001
         rogue._progress_until(lambda: req.completed, time.monotonic() + 5)  # noqa: SLF001
         try:  # either the node took it as a frame, or it failed that peer: never anything else
-            node.t.recv(rogue_id, RoundKey(0, 0, 0), 0.3)
+            node.t.recv(rogue_id, RoundKey.exchange(0, 0, 0), 0.3)
         except TransportError as err:
             assert f"peer {rogue_id}" in str(err)
     finally:
