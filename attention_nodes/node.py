@@ -10,17 +10,17 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from afd.attention_nodes.kv_cache import PagedKVCache
-from afd.attention_nodes.pipeline import PingPongPipeline, StepTimings
+from afd.attention_nodes.paged_kv_cache import PagedKVCache
+from afd.attention_nodes.pipeline import PingPongPipeline
 from afd.attention_nodes.remote_dispatch import RemoteDispatcher
-from afd.attention_nodes.scheduler import Chunk, Scheduler, Sequence
+from afd.attention_nodes.scheduler import Chunk, ScheduledSequence, Scheduler
 from afd.models.batch import TokenBatch
 from afd.models.checkpoint import Checkpoint
-from afd.models.config import load_config
-from afd.models.generation import DTYPES, FinishReason, RequestState, check_prompt
+from afd.models.config import DTYPES, load_config
+from afd.models.expert_placement import ExpertPlacement
+from afd.models.messages import AttentionStepResult, NewRequest, TokenOutput
 from afd.models.model import AttentionSideModel
-from afd.models.placement import ExpertPlacement
-from afd.models.sampling import SamplingParams
+from afd.models.request_state import RequestState, check_prompt
 from afd.models.tokenizer import Tokenizer
 from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
 
@@ -31,40 +31,13 @@ class AttentionNodeSettings:
     model_dir: str
     dtype: str = "float32"
     micro_batches: int = 1
-    num_kv_blocks: int = 256
+    kv_blocks: int = 256
     block_size: int = 16
     max_batch_tokens: int = 512
     max_running: int = 64
     round_timeout_s: float = 30.0
     transport: TransportSettings = field(default_factory=TransportSettings)
     device: str = "cpu"  # "cuda": the GPU Ray gave this actor
-
-
-@dataclass(frozen=True, slots=True)
-class NewRequest:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass(frozen=True, slots=True)
-class TokenOutput:
-    request_id: str
-    token_id: int
-    logprob: float
-    text_delta: str
-    finish_reason: FinishReason | None
-
-
-@dataclass(frozen=True, slots=True)
-class AttentionStepResult:
-    outputs: list[TokenOutput]
-    timings: StepTimings
-    tokens: int  # tokens computed this step (prefill + decode)
-    running: int
-    waiting: int
-    free_kv_blocks: int
-    transport_bytes: int  # sent and received since the node started
 
 
 def split_micro_batches(chunks: list[Chunk], m: int) -> list[list[Chunk]]:
@@ -93,7 +66,7 @@ class AttentionNode:
         c = self.config
         self.cache = PagedKVCache(
             c.num_layers,
-            settings.num_kv_blocks,
+            settings.kv_blocks,
             settings.block_size,
             c.num_kv_heads,
             c.head_dim,
@@ -182,8 +155,8 @@ class AttentionNode:
 
     def _admit(self, r: NewRequest) -> None:
         check_prompt(r.prompt_ids, r.params, self.config)
-        state = RequestState(r.prompt_ids, r.params, self.tokenizer, self.config)
-        self.scheduler.add(Sequence(r.request_id, self._next_seq_id, state))
+        state = RequestState(r.request_id, r.prompt_ids, r.params, self.tokenizer, self.config)
+        self.scheduler.add(ScheduledSequence(self._next_seq_id, state))
         self._next_seq_id += 1
 
     def _advance(self, group: list[Chunk], logits_BV: torch.Tensor) -> list[TokenOutput]:
@@ -194,18 +167,10 @@ class AttentionNode:
             c.seq.num_computed += c.num_tokens
             if not samples:
                 continue
-            event = c.seq.state.accept(logits_BV[row])
+            token = c.seq.state.accept(logits_BV[row])
             row += 1
-            outputs.append(
-                TokenOutput(
-                    c.seq.request_id,
-                    event.token_id,
-                    event.logprob,
-                    event.text_delta,
-                    event.finish_reason,
-                )
-            )
-            if event.finish_reason is not None:
+            outputs.append(token)
+            if token.finish_reason is not None:
                 self.scheduler.finish(c.seq)
         return outputs
 

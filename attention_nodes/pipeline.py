@@ -15,17 +15,9 @@ import torch
 from afd.attention_nodes.remote_dispatch import DispatchPlan, RemoteDispatcher
 from afd.models.batch import TokenBatch
 from afd.models.kv_cache import KVCache
+from afd.models.messages import StepTimings
 from afd.models.model import AttentionSideModel, Routed
 from afd.transport.wire import RoundKey
-
-
-@dataclass
-class StepTimings:
-    total_s: float = 0.0
-    attention_s: float = 0.0  # everything computed on this node
-    expert_wait_s: float = 0.0  # blocked waiting for expert nodes' answers
-    rounds: int = 0  # (layer, micro-batch) exchanges with the expert pool
-    round_trip_s: float = 0.0  # dispatch sent to combine done, summed over the rounds
 
 
 @dataclass(frozen=True, slots=True)

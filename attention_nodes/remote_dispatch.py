@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from afd.models.placement import ExpertPlacement
+from afd.models.expert_placement import ExpertPlacement
 from afd.transport.endpoint import PeerLost, PendingSend, Transport, TransportError
 from afd.transport.wire import RoundKey
 
@@ -74,7 +74,7 @@ class RemoteDispatcher:
         self.round_trip_s = 0.0  # dispatch sent to combine done, summed over rounds
 
     def _route_around(self, dead: frozenset[int]) -> None:
-        """Routes every expert to its first live holder (PlacementError if one has none)."""
+        """Routes every expert to its first live holder (ExpertPlacementError if one has none)."""
         self.node_of_E, self.local_of_E = (t.to(self.device) for t in self.placement.tables(dead))
         self.dead = dead
 

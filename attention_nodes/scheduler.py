@@ -11,16 +11,21 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from afd.attention_nodes.kv_cache import PagedKVCache
-from afd.models.generation import RequestState
+from afd.attention_nodes.paged_kv_cache import PagedKVCache
+from afd.models.request_state import RequestState
 
 
 @dataclass(eq=False)
-class Sequence:
-    request_id: str
-    seq_id: int
-    state: RequestState
+class ScheduledSequence:
+    """A request as the scheduler sees it: its KV cache id and how far its cache is filled."""
+
+    seq_id: int  # the KV cache's name for it; new on each admission (a re-prefill gets another)
+    state: RequestState  # prompt, output so far, sampler, stop rules
     num_computed: int = 0  # tokens whose K/V are in the cache
+
+    @property
+    def request_id(self) -> str:
+        return self.state.request_id
 
     @property
     def pending(self) -> list[int]:
@@ -29,7 +34,7 @@ class Sequence:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    seq: Sequence
+    seq: ScheduledSequence
     num_tokens: int
 
     @property
@@ -43,21 +48,21 @@ class Scheduler:
     cache: PagedKVCache
     max_batch_tokens: int
     max_running: int
-    waiting: deque[Sequence] = field(default_factory=deque)
-    running: list[Sequence] = field(default_factory=list)  # oldest first
+    waiting: deque[ScheduledSequence] = field(default_factory=deque)
+    running: list[ScheduledSequence] = field(default_factory=list)  # oldest first
     preemptions: int = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: ScheduledSequence) -> None:
         self.waiting.append(seq)
 
-    def remove(self, request_id: str) -> Sequence | None:
+    def remove(self, request_id: str) -> ScheduledSequence | None:
         for seq in [*self.running, *self.waiting]:
             if seq.request_id == request_id:
                 self._drop(seq)
                 return seq
         return None
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: ScheduledSequence) -> None:
         self._drop(seq)
 
     def schedule(self) -> list[Chunk]:
@@ -80,7 +85,7 @@ class Scheduler:
             budget -= n
         return chunks
 
-    def _reserve_or_preempt(self, seq: Sequence, total: int) -> bool:
+    def _reserve_or_preempt(self, seq: ScheduledSequence, total: int) -> bool:
         while not self.cache.reserve(seq.seq_id, total):
             victim = self.running[-1]
             self._preempt(victim)
@@ -88,14 +93,14 @@ class Scheduler:
                 return False
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: ScheduledSequence) -> None:
         self.running.remove(seq)
         self.cache.free(seq.seq_id)
         seq.num_computed = 0
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
-    def _drop(self, seq: Sequence) -> None:
+    def _drop(self, seq: ScheduledSequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

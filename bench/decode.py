@@ -124,7 +124,7 @@ def _random(
     return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
 
 
-def build_attention(config, dtype: torch.dtype, device: str, seed: int) -> AttentionSideModel:  # noqa: ANN001
+def build_attention(config, dtype: torch.dtype, device: str, seed: int) -> AttentionSideModel:
     gen = torch.Generator(device=device).manual_seed(seed)
     tensors = {}
     for spec in tensor_specs(config, ATTENTION_SIDE_KINDS):
@@ -135,7 +135,7 @@ def build_attention(config, dtype: torch.dtype, device: str, seed: int) -> Atten
     return AttentionSideModel(config, tensors)
 
 
-def build_experts(  # noqa: ANN001
+def build_experts(
     config, dtype: torch.dtype, device: str, seed: int, expert_ids: list[int] | None = None
 ) -> ExpertShard:
     """Each (layer, expert) from its own seed, so that an expert process holding any subset
@@ -158,7 +158,7 @@ def build_experts(  # noqa: ANN001
 
 def _expert_process(
     raw: dict, dtype_name: str, seed: int, micro_batches: int, ports, device: str
-) -> None:  # noqa: ANN001
+) -> None:
     from afd.transport.endpoint import Transport
     from afd.transport.wire import RoundKey
 
@@ -239,7 +239,7 @@ class RemoteExperts:
         self.t.close()
 
 
-def bench_disaggregated(  # noqa: ANN001
+def bench_disaggregated(
     raw: dict, model, batches, steps, prompt, dtype, micro_batches, check, device
 ) -> list[dict]:
     rows = []
@@ -277,7 +277,7 @@ def bench_disaggregated(  # noqa: ANN001
     return rows
 
 
-def floor_bytes(config, batch: int, context: int, dtype_bytes: int = 2) -> float:  # noqa: ANN001
+def floor_bytes(config, batch: int, context: int, dtype_bytes: int = 2) -> float:
     """What one decode step must read at least: every attention-side weight but the embedding
     table (one row per token), the experts the batch is expected to touch, and the KV cache."""
     c = config
@@ -294,7 +294,7 @@ def floor_bytes(config, batch: int, context: int, dtype_bytes: int = 2) -> float
     return (c.num_layers * per_layer + lm_head) * dtype_bytes
 
 
-def bench_afd(model, shard, batches, steps, prompt, device, graphs: bool) -> list[dict]:  # noqa: ANN001
+def bench_afd(model, shard, batches, steps, prompt, device, graphs: bool) -> list[dict]:
     rows = []
     max_len = prompt + steps + 8
     decoder = StaticDecoder(model, shard, max(batches), max_len)
@@ -322,7 +322,7 @@ def bench_afd(model, shard, batches, steps, prompt, device, graphs: bool) -> lis
     return rows
 
 
-def bench_hf(raw: dict, batches, steps, prompt, device, dtype) -> list[dict]:  # noqa: ANN001
+def bench_hf(raw: dict, batches, steps, prompt, device, dtype) -> list[dict]:
     import transformers
 
     config = transformers.AutoConfig.for_model(**raw)
@@ -348,7 +348,7 @@ def bench_hf(raw: dict, batches, steps, prompt, device, dtype) -> list[dict]:  #
     return rows
 
 
-def profile_step(config, dtype: torch.dtype, device: str, batch: int, prompt: int) -> int:  # noqa: ANN001
+def profile_step(config, dtype: torch.dtype, device: str, batch: int, prompt: int) -> int:
     """Where one eager decode step spends GPU time, by kernel (for the notes)."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -44,7 +44,7 @@ SHAPES = {"30b": QWEN3_30B_A3B, "235b": QWEN3_235B_A22B, "tiny": TINY}
 EXPERT_BASE = 1000
 
 
-def _config(raw: dict):  # noqa: ANN202
+def _config(raw: dict):
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(raw))
         return load_config(d)
@@ -62,7 +62,7 @@ def _pin(gpu: int, device: str) -> torch.dtype:
     return torch.float32  # the CPU smoke run
 
 
-def expert_worker(  # noqa: ANN001
+def expert_worker(
     j: int, gpu: int, raw: dict, n_attention: int, n_expert: int, queue, device: str
 ) -> None:
     dtype = _pin(gpu, device)
@@ -95,7 +95,7 @@ def expert_worker(  # noqa: ANN001
     t.close()
 
 
-def attention_worker(  # noqa: ANN001
+def attention_worker(
     i: int,
     gpu: int,
     raw: dict,
@@ -193,7 +193,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_config(  # noqa: ANN001
+def run_config(
     raw: dict,
     attention_gpus: list[int],
     expert_gpus: list[int],

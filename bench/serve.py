@@ -50,7 +50,7 @@ class Outcome:
     status: str = "OK"
 
 
-def _traffic(n: int, prompt_words: tuple[int, int], output: tuple[int, int], seed: int):  # noqa: ANN202
+def _traffic(n: int, prompt_words: tuple[int, int], output: tuple[int, int], seed: int):
     rng = random.Random(seed)
     return [
         (

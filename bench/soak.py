@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 os.kill(ray.get(nodes[name].pid.remote(), timeout=60), signal.SIGKILL)
                 kills.append(name)
-            except Exception as err:  # noqa: BLE001 - a node still restarting: try the next time
+            except Exception as err:
                 print(f"kill of {name} skipped: {err}", file=sys.stderr)
 
     import threading

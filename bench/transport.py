@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent import futures
 
 # This script is named like afd's `transport` package; import the package, not the script.
-import torch  # noqa: E402 - after the sys.path fix above
+import torch
 
 SMALL, MEDIUM, LARGE = 8 << 10, 8 << 20, 64 << 20
 TRIALS = 5
@@ -116,10 +116,10 @@ def bench_afd(
 def _grpc_server(port_queue: mp.Queue) -> None:
     import grpc
 
-    def echo(request: bytes, context) -> bytes:  # noqa: ANN001
+    def echo(request: bytes, context) -> bytes:
         return request
 
-    def sink(request: bytes, context) -> bytes:  # noqa: ANN001
+    def sink(request: bytes, context) -> bytes:
         return b"k"
 
     handlers = {

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 from afd.models.checkpoint import Checkpoint
-from afd.models.config import load_config
-from afd.models.generation import DTYPES
+from afd.models.config import DTYPES, load_config
+from afd.models.messages import ExpertStepResult
 from afd.models.moe import ExpertShard
 from afd.transport.endpoint import PeerAddress, Transport, TransportError, TransportSettings
 from afd.transport.wire import FrameKind, RoundKey
@@ -38,15 +38,6 @@ class ExpertNodeSettings:
     transport: TransportSettings = field(default_factory=TransportSettings)
     device: str = "cpu"  # "cuda": the GPU Ray gave this actor
     serve_failovers: bool = False  # expert replicas: answer failover frames, await step markers
-
-
-@dataclass(frozen=True, slots=True)
-class ExpertStepResult:
-    tokens_per_expert: dict[int, int]  # global expert id -> tokens routed to it this step
-    compute_s: float
-    wait_s: float
-    total_s: float
-    transport_bytes: int  # sent and received since the node started
 
 
 class ExpertNode:

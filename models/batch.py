@@ -44,9 +44,5 @@ class TokenBatch:
     def to(self, device: str | torch.device) -> TokenBatch:
         return TokenBatch(self.token_ids.to(device), self.positions.to(device), self.segments)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.token_ids.shape[0])
-
     def last_token_indices(self) -> torch.Tensor:
         return torch.tensor([s.start + s.length - 1 for s in self.segments], dtype=torch.int64)

@@ -73,7 +73,7 @@ class Checkpoint:
                     out[spec.name] = self._read(f, spec, dtype)
         return out
 
-    def _read(self, f, spec: TensorSpec, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
+    def _read(self, f, spec: TensorSpec, dtype: torch.dtype) -> torch.Tensor:
         shape = tuple(f.get_slice(spec.name).get_shape())
         if shape != spec.shape:
             raise CheckpointError(

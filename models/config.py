@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes a model may run in, by the name configs and the command line use."""
+
 SUPPORTED_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 
@@ -67,11 +72,6 @@ class ModelConfig:
     @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
-
-    @property
-    def softmax_before_topk(self) -> bool:
-        """Mixtral renormalises over the top k, which equals softmax after top-k."""
-        return self.arch != "mixtral"
 
     @property
     def renormalize_topk(self) -> bool:

@@ -49,7 +49,3 @@ class ContiguousKVCache:
             )
         self._kv[key] = (k_NGDh, v_NGDh)
         return k_NGDh, v_NGDh
-
-    def free(self, seq_id: int) -> None:
-        for key in [k for k in self._kv if k[0] == seq_id]:
-            del self._kv[key]

@@ -6,39 +6,71 @@ runs alone in the reference or batched on any attention node.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
 
 class SamplingError(ValueError):
-    """A sampling parameter outside its allowed range; the message names it."""
+    """A sampling parameter outside its allowed range; `field` names it, `detail` says why."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
+    """How one request samples and when it stops. Every rule on these values is checked here,
+    whoever builds them (command line, gRPC, HTTP); rules that depend on the model or the
+    prompt (vocabulary, context room) are the front door's."""
+
     max_tokens: int = 16
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k filter
-    seed: int | None = None
+    seed: int | None = None  # None: a fresh random stream per request
     stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings; the text ends before the first one
     ignore_eos: bool = False
     logprobs: bool = True
 
     def __post_init__(self) -> None:
-        checks = [
-            ("max_tokens", self.max_tokens >= 1, ">= 1", self.max_tokens),
-            ("temperature", self.temperature >= 0, ">= 0", self.temperature),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p),
-            ("top_k", self.top_k >= 0, ">= 0 (0 disables it)", self.top_k),
+        rules = [
+            ("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1"),
+            (
+                "temperature",
+                self.temperature,
+                math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+                f"in [0, {MAX_TEMPERATURE:g}]",
+            ),
+            ("top_p", self.top_p, math.isfinite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 turns it off)"),
+            ("seed", self.seed, self.seed is None or 0 <= self.seed < 2**63, "in [0, 2**63)"),
+            (
+                "stop",
+                len(self.stop),
+                len(self.stop) <= MAX_STOP_STRINGS,
+                f"at most {MAX_STOP_STRINGS} strings",
+            ),
+            (
+                "stop_token_ids",
+                list(self.stop_token_ids),
+                all(t >= 0 for t in self.stop_token_ids),
+                "token ids >= 0",
+            ),
         ]
-        for name, ok, allowed, value in checks:
+        for name, value, ok, allowed in rules:
             if not ok:
-                raise SamplingError(f"{name} must be {allowed}, got {value}")
-        if any(s == "" for s in self.stop):
-            raise SamplingError("stop strings must be non-empty")
+                raise SamplingError(name, f"is {value}; must be {allowed}")
+        if any(not 1 <= len(s) <= MAX_STOP_CHARS for s in self.stop):
+            raise SamplingError("stop", f"strings must have 1 to {MAX_STOP_CHARS} characters")
 
 
 @dataclass

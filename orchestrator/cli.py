@@ -11,18 +11,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from afd.attention_nodes.node import TokenOutput
 from afd.models.checkpoint import CheckpointError
-from afd.models.config import SUPPORTED_ARCHS, ConfigError, load_config
-from afd.models.generation import DTYPES, GenerationResult, PromptError, ReferenceEngine, TokenEvent
-from afd.models.placement import PlacementError
+from afd.models.config import DTYPES, SUPPORTED_ARCHS, ConfigError, load_config
+from afd.models.expert_placement import ExpertPlacementError
+from afd.models.messages import TokenOutput
+from afd.models.reference import GenerationResult, ReferenceEngine
+from afd.models.request_state import PromptError
 from afd.models.sampling import SamplingError, SamplingParams
 from afd.models.tiny import make_tiny_model
 from afd.models.tokenizer import Tokenizer, TokenizerError
 from afd.orchestrator.client import channel, generate, request
 from afd.orchestrator.cluster import Cluster, RequestFailed
 from afd.orchestrator.config import Deployment, DeploymentError, ModelSection, load_deployment
-from afd.orchestrator.placement import PlacementError as PoolPlacementError
 from afd.orchestrator.planner import (
     PlanError,
     deployment_yaml,
@@ -31,6 +31,7 @@ from afd.orchestrator.planner import (
     table,
     with_measured,
 )
+from afd.orchestrator.pool_placement import PoolPlacementError
 from afd.orchestrator.server import BackgroundServer, Server, with_ports
 
 DEMO_MODEL_DIR = Path(".afd/tiny-qwen3_moe")
@@ -38,7 +39,7 @@ USER_ERRORS = (
     ConfigError,
     CheckpointError,
     DeploymentError,
-    PlacementError,
+    ExpertPlacementError,
     PromptError,
     SamplingError,
     TokenizerError,
@@ -211,7 +212,7 @@ def _generate(args: argparse.Namespace) -> int:
         cluster.shutdown()
 
 
-def _print_stream(events: Iterable[TokenEvent | TokenOutput], as_json: bool) -> int:
+def _print_stream(events: Iterable[TokenOutput], as_json: bool) -> int:
     result = GenerationResult()
     for event in events:
         result.add(event)

@@ -17,31 +17,30 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import ray
-from afd.attention_nodes.node import (
-    AttentionNode,
-    AttentionNodeSettings,
-    AttentionStepResult,
-    NewRequest,
-    TokenOutput,
-)
-from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings, ExpertStepResult
+from afd.attention_nodes.node import AttentionNode
+from afd.expert_nodes.node import ExpertNode
 from afd.models.config import load_config
-from afd.models.generation import check_prompt
-from afd.models.placement import ExpertPlacement
+from afd.models.expert_placement import ExpertPlacement
+from afd.models.messages import AttentionStepResult, ExpertStepResult, NewRequest, TokenOutput
+from afd.models.request_state import check_prompt
 from afd.models.sampling import SamplingParams
 from afd.orchestrator.config import Deployment
-from afd.orchestrator.placement import (
+from afd.orchestrator.node_settings import (
+    EXPERT_PEER_BASE,
+    attention_node_settings,
+    expert_node_settings,
+)
+from afd.orchestrator.pool_placement import (
     PoolDemand,
     check_fits,
     in_group,
     remove_placement_group,
     reserve,
 )
-from afd.transport.endpoint import PeerAddress, TransportSettings
+from afd.transport.endpoint import PeerAddress
 from ray._private.state import state as ray_state
 
 log = logging.getLogger(__name__)
-EXPERT_PEER_BASE = 1000  # transport ids: attention nodes 0..M-1, expert nodes 1000..1000+N-1
 
 
 class RequestFailed(RuntimeError):
@@ -196,50 +195,17 @@ class Cluster:
         self._engine.start()
 
     # ---- placement and wiring ---------------------------------------------------------
-    def _transport(self) -> TransportSettings:
-        t = self.deployment.transport
-        return TransportSettings(
-            host=t.host,
-            progress_mode=t.progress_mode,
-            spin_us=t.spin_us,
-            max_frame_bytes=t.max_frame_bytes,
-            connect_timeout_s=t.connect_timeout_s,
-            shared_memory=t.shared_memory,
-        )
-
-    def _start_expert(self, j: int):  # noqa: ANN202 - a Ray actor handle
-        d = self.deployment
-        settings = ExpertNodeSettings(
-            EXPERT_PEER_BASE + j,
-            d.model.path,
-            self.placement.assignment[j],
-            d.model.dtype,
-            d.pipeline.micro_batches,
-            d.transport.round_timeout_s,
-            self._transport(),
-            "cuda" if d.experts.num_gpus > 0 else "cpu",
-            serve_failovers=self.placement.replicas > 1,
+    def _start_expert(self, j: int):
+        settings = expert_node_settings(
+            self.deployment, j, self.placement.assignment[j], self.placement.replicas > 1
         )
         return self._actor(ExpertNode, "experts", j).remote(settings)
 
-    def _start_attention(self, i: int):  # noqa: ANN202
-        d, a = self.deployment, self.deployment.attention
-        settings = AttentionNodeSettings(
-            i,
-            d.model.path,
-            d.model.dtype,
-            d.pipeline.micro_batches,
-            a.kv_blocks,
-            a.block_size,
-            a.max_batch_tokens,
-            a.max_running,
-            d.transport.round_timeout_s,
-            self._transport(),
-            "cuda" if a.num_gpus > 0 else "cpu",
-        )
+    def _start_attention(self, i: int):
+        settings = attention_node_settings(self.deployment, i)
         return self._actor(AttentionNode, "attention", i).remote(settings, self.placement)
 
-    def _actor(self, cls: type, pool: str, index: int):  # noqa: ANN202 - a Ray actor class
+    def _actor(self, cls: type, pool: str, index: int):
         """The node class as a Ray actor in its pool's placement group, bundle `index`."""
         bundle = self._demands[pool].bundle
         return ray.remote(cls).options(
@@ -322,7 +288,7 @@ class Cluster:
             try:
                 self._step(new, aborts)
                 self._healthy = True
-            except Exception as err:  # noqa: BLE001 - a failed step fails its requests, never the engine
+            except Exception as err:
                 self._healthy = False
                 log.error("step %d failed: %s", self.step_id, err)
                 self._fail_all(RequestFailed(f"step {self.step_id} failed: {err}"))
@@ -367,7 +333,7 @@ class Cluster:
         for hook in list(self.step_hooks):
             try:
                 hook(record)
-            except Exception as err:  # noqa: BLE001 - metrics never stop the engine
+            except Exception as err:
                 log.warning("step hook failed: %s", err)
 
     def _collect(self, calls: dict) -> tuple[dict, dict]:
@@ -392,7 +358,7 @@ class Cluster:
                         self._fail_over(key[1], err)
                     else:
                         errors[key] = err
-                except Exception as err:  # noqa: BLE001 - sorted out by _recover
+                except Exception as err:
                     errors[key] = err
             if not ready and left <= 0:
                 for key in pending.values():
@@ -433,7 +399,7 @@ class Cluster:
             try:
                 pid = ray.get(ref)
                 self._rewire_expert(j, timeout)
-            except Exception as err:  # noqa: BLE001 - not back yet: asked again next step
+            except Exception as err:
                 if self._out_of_restarts():
                     log.error("expert-%d will not come back (replicas serve on): %s", j, err)
                     self._gone.add(j)
@@ -474,7 +440,7 @@ class Cluster:
                 self._down.clear()  # every node answered: down expert nodes are back, rewired
                 self._revivals.clear()
                 break
-            except Exception as err:  # noqa: BLE001 - retried until the deadline
+            except Exception as err:
                 # a node out of restarts will not come back; anything else may pass
                 if time.monotonic() > deadline or self._out_of_restarts():
                     self._healthy = False
@@ -492,8 +458,8 @@ class Cluster:
         ActorDiedError whether or not Ray restarts it, so the GCS actor table is asked."""
         for node in self._nodes().values():
             try:
-                entry = ray_state.actor_table(node._actor_id.hex())  # noqa: SLF001
-            except Exception:  # noqa: BLE001 - unknown: keep retrying until the deadline
+                entry = ray_state.actor_table(node._actor_id.hex())
+            except Exception:
                 continue
             if entry and entry.get("State") == "DEAD":
                 return True
@@ -617,7 +583,7 @@ class Cluster:
         self._engine.join(timeout_s)
         try:
             ray.get([n.shutdown.remote() for n in self.attention + self.experts], timeout=timeout_s)
-        except Exception as err:  # noqa: BLE001 - shutting down anyway
+        except Exception as err:
             log.warning("nodes did not shut down cleanly: %s", err)
         for node in self.attention + self.experts:
             ray.kill(node)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 import yaml
-from afd.models.generation import DTYPES
+from afd.models.config import DTYPES
+from afd.transport.endpoint import TransportSettings
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
 
@@ -26,13 +27,25 @@ class ModelSection:
 
 
 @dataclass(frozen=True, slots=True)
-class AttentionSection:
+class PoolSection:
+    """What the attention and expert pools have in common: how many actors, and where Ray
+    puts them."""
+
     nodes: int = 1
     num_cpus: float = 0.0
     num_gpus: float = 0.0  # GPUs per actor
     accelerator_type: str | None = None  # e.g. "H100": only nodes whose GPUs Ray reports as that
     resources: dict | None = None  # custom Ray resources per actor, e.g. {"afd_expert_host": 1}
     strategy: str = "spread"  # spread: actors on as many nodes as possible; pack: on few
+
+    @property
+    def device(self) -> str:
+        """Where the pool's nodes hold their tensors: "cuda" (the GPU Ray gave the actor)."""
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionSection(PoolSection):
     kv_blocks: int = 256
     block_size: int = 16
     max_batch_tokens: int = 512
@@ -40,13 +53,7 @@ class AttentionSection:
 
 
 @dataclass(frozen=True, slots=True)
-class ExpertSection:
-    nodes: int = 1
-    num_cpus: float = 0.0
-    num_gpus: float = 0.0  # GPUs per actor
-    accelerator_type: str | None = None  # e.g. "H100": only nodes whose GPUs Ray reports as that
-    resources: dict | None = None  # custom Ray resources per actor, e.g. {"afd_expert_host": 1}
-    strategy: str = "spread"  # spread: actors on as many nodes as possible; pack: on few
+class ExpertSection(PoolSection):
     assignment: list | None = None  # explicit expert ids per node; default: even contiguous ranges
     replicas: int = 1  # nodes holding each expert: with 2, an expert node's death costs no round
 
@@ -57,15 +64,18 @@ class PipelineSection:
 
 
 @dataclass(frozen=True, slots=True)
-class TransportSection:
-    host: str = "127.0.0.1"
-    progress_mode: str = "blocking"
-    spin_us: float = 200.0
+class TransportSection(TransportSettings):
+    """The transport's own settings (defaults and meaning in `TransportSettings`) and the
+    orchestrator's deadlines for a round and for a recovery."""
+
     round_timeout_s: float = 30.0
     recovery_timeout_s: float = 120.0  # a dead node must be back (restarted, loaded) by then
-    max_frame_bytes: int = 256 << 20
-    connect_timeout_s: float = 30.0
-    shared_memory: bool = True  # same-machine peers over shared memory (transport/endpoint.py)
+
+    def settings(self) -> TransportSettings:
+        """The part a node's transport takes."""
+        return TransportSettings(
+            **{f.name: getattr(self, f.name) for f in fields(TransportSettings)}
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +190,30 @@ def _resource_map(resources: dict | None) -> bool:
     )
 
 
+def _pool_rules(pool: str, s: PoolSection) -> list[tuple[str, bool, str]]:
+    """The checks every pool section passes (the attention pool's and the experts')."""
+    return [
+        (f"{pool}.nodes", s.nodes >= 1, ">= 1"),
+        (f"{pool}.num_cpus", s.num_cpus >= 0, ">= 0"),
+        (f"{pool}.num_gpus", s.num_gpus >= 0, ">= 0"),
+        (f"{pool}.strategy", s.strategy in ("spread", "pack"), "spread or pack"),
+        (
+            f"{pool}.resources",
+            _resource_map(s.resources),
+            "a mapping of resource names to non-negative numbers",
+        ),
+    ]
+
+
 def _check(d: Deployment, source: str) -> None:
     rules = [
         ("model.path", bool(d.model.path), "a model directory"),
         ("model.dtype", d.model.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
-        ("attention.nodes", d.attention.nodes >= 1, ">= 1"),
-        ("experts.nodes", d.experts.nodes >= 1, ">= 1"),
+        *(
+            rule
+            for pool in ("attention", "experts")
+            for rule in _pool_rules(pool, getattr(d, pool))
+        ),
         (
             "experts.replicas",
             1 <= d.experts.replicas <= d.experts.nodes,
@@ -202,18 +230,6 @@ def _check(d: Deployment, source: str) -> None:
             "blocking or polling",
         ),
         ("transport.spin_us", d.transport.spin_us >= 0, ">= 0"),
-        ("attention.strategy", d.attention.strategy in ("spread", "pack"), "spread or pack"),
-        ("experts.strategy", d.experts.strategy in ("spread", "pack"), "spread or pack"),
-        (
-            "attention.resources",
-            _resource_map(d.attention.resources),
-            "a mapping of resource names to non-negative numbers",
-        ),
-        (
-            "experts.resources",
-            _resource_map(d.experts.resources),
-            "a mapping of resource names to non-negative numbers",
-        ),
         ("serve.grpc_port", 0 <= d.serve.grpc_port < 65536, "a port number (0: any free port)"),
         ("serve.http_port", 0 <= d.serve.http_port < 65536, "a port number (0: any free port)"),
         ("serve.max_requests", d.serve.max_requests >= 1, ">= 1"),
@@ -226,6 +242,10 @@ def _check(d: Deployment, source: str) -> None:
             "given together with serve.tls_cert",
         ),
         ("transport.round_timeout_s", d.transport.round_timeout_s > 0, "> 0"),
+        ("transport.recovery_timeout_s", d.transport.recovery_timeout_s > 0, "> 0"),
+        ("transport.connect_timeout_s", d.transport.connect_timeout_s > 0, "> 0"),
+        ("transport.max_frame_bytes", d.transport.max_frame_bytes >= 1024, ">= 1024"),
+        ("transport.max_pending_frames", d.transport.max_pending_frames >= 1, ">= 1"),
     ]
     for name, ok, must in rules:
         if not ok:

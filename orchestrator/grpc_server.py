@@ -97,7 +97,7 @@ class AfdServicer(pb_grpc.AfdServicer):
             ],
         )
 
-    def _parse(self, request: pb.GenerateRequest):  # noqa: ANN202 - a Prompt
+    def _parse(self, request: pb.GenerateRequest):
         s = request.sampling
         which = request.WhichOneof("prompt")
         return self.service.parse(
@@ -115,7 +115,7 @@ class AfdServicer(pb_grpc.AfdServicer):
         )
 
 
-def _response(item, want_logprobs: bool, usage: pb.Usage | None = None) -> pb.GenerateResponse:  # noqa: ANN001
+def _response(item, want_logprobs: bool, usage: pb.Usage | None = None) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         request_id=item.request_id,
         text=item.text_delta,
@@ -145,7 +145,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(sent.encode(), self._expected):
             return handler
 
-        async def deny(request, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN202
+        async def deny(request, context: grpc.aio.ServicerContext):
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer' token"
             )
@@ -199,7 +199,7 @@ async def start_grpc(
     return server, bound, health_servicer
 
 
-def _auth_token(serve) -> str | None:  # noqa: ANN001 - a ServeSection
+def _auth_token(serve) -> str | None:
     import os
 
     if serve.auth_token_env:

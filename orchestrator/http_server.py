@@ -50,7 +50,7 @@ def make_app(service: Service, token: str | None) -> web.Application:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler) -> web.StreamResponse:  # noqa: ANN001
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
     service = request.app[_SERVICE]
     try:
         return await handler(request)
@@ -67,11 +67,11 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:  # noqa:
         return _error(413, err.text or "request body too large", "invalid_request_error")
 
 
-def _bearer(token: str):  # noqa: ANN202 - an aiohttp middleware
+def _bearer(token: str):
     expected = f"Bearer {token}".encode()
 
     @web.middleware
-    async def check(request: web.Request, handler) -> web.StreamResponse:  # noqa: ANN001
+    async def check(request: web.Request, handler) -> web.StreamResponse:
         if request.path.startswith("/v1/"):
             sent = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(sent, expected):

@@ -56,7 +56,7 @@ class Server:
         await self._runner.setup()
         site = web.TCPSite(self._runner, serve.host, serve.http_port, ssl_context=_ssl(serve))
         await site.start()
-        http_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - the bound port
+        http_port = site._server.sockets[0].getsockname()[1]
         scheme = "https" if serve.tls_cert else "http"
         self.endpoints = Endpoints(
             f"{serve.host}:{grpc_port}", f"{scheme}://{serve.host}:{http_port}"
@@ -152,7 +152,7 @@ def with_ports(
     )
 
 
-def _ssl(serve):  # noqa: ANN001, ANN202 - ServeSection -> SSLContext | None
+def _ssl(serve):
     if not serve.tls_cert:
         return None
     import ssl

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from afd.attention_nodes.node import TokenOutput
+from afd.models.messages import TokenOutput
 from afd.models.sampling import SamplingError, SamplingParams
 from afd.models.tokenizer import Tokenizer
 from afd.orchestrator.cluster import Cluster, RequestFailed, StepRecord
 from afd.orchestrator.config import Deployment
 from afd.orchestrator.metrics import Metrics
-
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
 
 
 class InvalidRequest(ValueError):
@@ -129,22 +125,6 @@ class Service:
             raise InvalidRequest(
                 "max_tokens", f"is {max_tokens}; must be in [1, {room}] for this prompt"
             )
-        temperature = 0.0 if temperature is None else temperature
-        if not (math.isfinite(temperature) and 0 <= temperature <= 100):
-            raise InvalidRequest("temperature", f"is {temperature}; must be in [0, 100]")
-        top_p = 1.0 if top_p is None else top_p
-        if not (math.isfinite(top_p) and 0 < top_p <= 1):
-            raise InvalidRequest("top_p", f"is {top_p}; must be in (0, 1]")
-        top_k = 0 if top_k is None else top_k
-        if top_k < 0:
-            raise InvalidRequest("top_k", f"is {top_k}; must be >= 0 (0 turns it off)")
-        if seed is not None and not 0 <= seed < 2**63:
-            raise InvalidRequest("seed", f"is {seed}; must be in [0, 2**63)")
-        if len(stop) > MAX_STOP_STRINGS:
-            raise InvalidRequest("stop", f"has {len(stop)} strings, at most {MAX_STOP_STRINGS}")
-        for s in stop:
-            if not s or len(s) > MAX_STOP_CHARS:
-                raise InvalidRequest("stop", f"strings must have 1 to {MAX_STOP_CHARS} characters")
         for t in stop_token_ids:
             if not 0 <= t < vocab:
                 raise InvalidRequest(
@@ -153,9 +133,9 @@ class Service:
         try:
             params = SamplingParams(
                 max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
+                temperature=0.0 if temperature is None else temperature,
+                top_p=1.0 if top_p is None else top_p,
+                top_k=0 if top_k is None else top_k,
                 seed=seed,
                 stop=tuple(stop),
                 stop_token_ids=tuple(stop_token_ids),
@@ -163,7 +143,7 @@ class Service:
                 logprobs=logprobs,
             )
         except SamplingError as err:
-            raise InvalidRequest("sampling", str(err)) from err
+            raise InvalidRequest(err.field, err.detail) from err
         return Prompt(ids, params)
 
     # ---- serving -------------------------------------------------------------------------

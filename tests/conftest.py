@@ -22,7 +22,7 @@ def tiny_model(tiny_models: dict[str, Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():  # noqa: ANN201
+def ray_session():
     """One local Ray instance for every cluster test: starting Ray costs seconds."""
     import ray
 

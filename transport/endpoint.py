@@ -97,12 +97,15 @@ class PeerLost(TransportError):
 
 @dataclass(frozen=True, slots=True)
 class TransportSettings:
-    host: str = "127.0.0.1"
+    """A node's transport settings; the deployment's `transport` section extends this class,
+    so its fields and defaults are defined once, here."""
+
+    host: str = "127.0.0.1"  # the address this node's listeners advertise
     progress_mode: str = "blocking"  # "blocking": spin, then sleep on epoll; "polling": spin
     spin_us: float = 200.0  # how long a "blocking" wait spins before it sleeps
     max_frame_bytes: int = 256 << 20
     max_pending_frames: int = 256  # frames of one peer received but not yet asked for
-    connect_timeout_s: float = 10.0
+    connect_timeout_s: float = 30.0  # a peer's hello must be answered by then
     shared_memory: bool = True  # same-machine peers over shared memory (see the module docstring)
 
 
@@ -115,7 +118,7 @@ class TransportStats:
     rejected_peers: int = 0
 
 
-def _ucx():  # noqa: ANN202 - the ucxx core module and its Array type
+def _ucx():
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     try:
         import ucxx._lib.libucxx as ucx
@@ -129,7 +132,7 @@ _context_lock = threading.Lock()
 _context = None
 
 
-def _shared_context():  # noqa: ANN202 - one UCX context per process, one worker per Transport
+def _shared_context():
     global _context
     with _context_lock:
         if _context is None:
@@ -142,7 +145,7 @@ def _shared_context():  # noqa: ANN202 - one UCX context per process, one worker
         return _context
 
 
-def _wire_view(t: torch.Tensor):  # noqa: ANN202 - numpy array or CUDA tensor
+def _wire_view(t: torch.Tensor):
     """The tensor's own memory as bytes: zero-copy, host or GPU (via __cuda_array_interface__)."""
     if t.is_cuda:
         return t.reshape(-1).view(torch.uint8)
@@ -208,7 +211,7 @@ class PendingSend:
             for r in self._requests:
                 try:
                     r.check_error()
-                except Exception as err:  # noqa: BLE001 - recorded, raised by result()
+                except Exception as err:
                     self.error = f"{type(err).__name__}: {err}"
         self._keep = []
 
@@ -280,7 +283,7 @@ class Transport:
             try:
                 for r in reqs:
                     r.check_error()
-            except Exception as err:  # noqa: BLE001 - the peer refused us
+            except Exception as err:
                 raise TransportError(
                     f"node {self.node_id}: peer {peer} at {host}:{port} refused the connection: {err}"
                 ) from err
@@ -506,7 +509,7 @@ class Transport:
                 self._pump(p)
                 if p.sends:
                     self._retire_sends(p)
-            except Exception as err:  # noqa: BLE001 - the peer is at fault, the node goes on
+            except Exception as err:
                 self._fail_peer(p, f"{type(err).__name__}: {err}", isinstance(err, WireError))
 
     def _pump(self, p: _Peer) -> None:
@@ -586,12 +589,12 @@ class Transport:
         p.sends = still
 
     # ---- connections -------------------------------------------------------------------
-    def _on_connection(self, conn_request, handle_errors: bool) -> None:  # noqa: ANN001
+    def _on_connection(self, conn_request, handle_errors: bool) -> None:
         """Called inside progress, by the listener for remote (handle_errors) or local peers."""
         listener = self._listener if handle_errors else self._local_listener
         try:
             ep = listener.create_endpoint_from_conn_request(conn_request, handle_errors)
-        except Exception as err:  # noqa: BLE001 - the caller is gone already
+        except Exception as err:
             self.stats.rejected_peers += 1
             log.warning("node %d: rejected a connection: %s", self.node_id, err)
             return
@@ -632,7 +635,7 @@ class Transport:
                     raise WireError(f"no hello within {self.settings.connect_timeout_s}s")
                 else:
                     waiting.append(h)
-            except Exception as err:  # noqa: BLE001 - any failure rejects this connection only
+            except Exception as err:
                 self.stats.rejected_peers += 1
                 log.warning("node %d: rejected a connection: %s", self.node_id, err)
                 if h.closed is None:
@@ -650,7 +653,7 @@ class Transport:
         h.peer = hello.sender
         h.reply = [h.ep.stream_send(self._array(reply)), reply, recv_tag]
 
-    def _register(self, peer: int, ep, send_tag: int, recv_tag: int) -> None:  # noqa: ANN001
+    def _register(self, peer: int, ep, send_tag: int, recv_tag: int) -> None:
         p = _Peer(peer, ep, send_tag, recv_tag)
         ep.set_close_callback(self._on_peer_closed, cb_args=(p,))
         self._peers[peer] = p
@@ -680,6 +683,6 @@ class Transport:
             self._close_ep(p.ep)
 
     @staticmethod
-    def _close_ep(ep) -> None:  # noqa: ANN001
+    def _close_ep(ep) -> None:
         with contextlib.suppress(Exception):  # already closed
             ep.close()

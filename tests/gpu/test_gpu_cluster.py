@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from afd.models.generation import ReferenceEngine
+from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.orchestrator.cluster import Cluster
 from afd.orchestrator.config import Deployment, ModelSection
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_gpu_nodes_match_the_cpu_reference(
     tiny_model: Path, ray_session, micro_batches: int
-) -> None:  # noqa: ANN001
+) -> None:
     from dataclasses import replace
 
     d = Deployment(model=ModelSection(path=str(tiny_model))).with_shape(1, 1, micro_batches)

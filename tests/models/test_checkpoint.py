@@ -13,7 +13,7 @@ from afd.models.weights import tensor_specs
 from safetensors.torch import load_file, save_file
 
 
-def _rewrite(model_dir: Path, edit) -> None:  # noqa: ANN001
+def _rewrite(model_dir: Path, edit) -> None:
     path = model_dir / "model.safetensors"
     tensors = load_file(path)
     edit(tensors)

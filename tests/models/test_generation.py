@@ -3,7 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from afd.models.generation import PromptError, ReferenceEngine
+from afd.models.reference import ReferenceEngine
+from afd.models.request_state import PromptError
 from afd.models.sampling import SamplingParams
 from afd.models.tokenizer import IncrementalDetokenizer, Tokenizer
 

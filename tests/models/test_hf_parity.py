@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 from afd.models.batch import TokenBatch
-from afd.models.generation import ReferenceEngine
 from afd.models.kv_cache import ContiguousKVCache
+from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.models.tiny import make_tiny_model
 

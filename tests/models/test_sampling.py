@@ -8,11 +8,15 @@ from afd.models.sampling import Sampler, SamplingError, SamplingParams
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("max_tokens", 0, "max_tokens must be >= 1"),
-        ("temperature", -0.5, "temperature must be >= 0"),
-        ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
-        ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
-        ("top_k", -1, "top_k must be >= 0"),
+        ("max_tokens", 0, "max_tokens: is 0; must be >= 1"),
+        ("temperature", -0.5, r"temperature: is -0.5; must be in \[0, 100\]"),
+        ("temperature", float("nan"), r"temperature: is nan; must be in \[0, 100\]"),
+        ("top_p", 0.0, r"top_p: is 0.0; must be in \(0, 1\]"),
+        ("top_p", 1.5, r"top_p: is 1.5; must be in \(0, 1\]"),
+        ("top_k", -1, "top_k: is -1; must be >= 0"),
+        ("seed", -3, r"seed: is -3; must be in \[0, 2\*\*63\)"),
+        ("stop", ("",), "stop: strings must have 1 to 256 characters"),
+        ("stop_token_ids", (-1,), "stop_token_ids: is \\[-1\\]; must be token ids >= 0"),
     ],
 )
 def test_out_of_range_parameters_are_named(field: str, value: float, message: str) -> None:

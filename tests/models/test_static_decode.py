@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from afd.models.generation import ReferenceEngine
 from afd.models.moe import grouped_experts
+from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.models.static_decode import StaticDecoder
 

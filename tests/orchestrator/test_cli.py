@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from afd.models.generation import ReferenceEngine
+from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from afd.models.generation import ReferenceEngine
+from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.orchestrator.cluster import Cluster
 from afd.orchestrator.config import Deployment, ModelSection
@@ -65,7 +65,7 @@ def test_cluster_matches_reference(
     micro_batches: int,
     tiny_models: dict[str, Path],
     ray_session,
-) -> None:  # noqa: ANN001
+) -> None:
     engine = ReferenceEngine(tiny_models[arch])
     requests = _requests(engine)
     deployment = Deployment(model=ModelSection(path=str(tiny_models[arch]))).with_shape(
@@ -86,7 +86,7 @@ def test_cluster_matches_reference(
         assert got[-1].finish_reason == want.finish_reason == "length"
 
 
-def test_each_actor_loads_only_its_own_tensors(tiny_models: dict[str, Path], ray_session) -> None:  # noqa: ANN001
+def test_each_actor_loads_only_its_own_tensors(tiny_models: dict[str, Path], ray_session) -> None:
     model_dir = tiny_models["mixtral"]
     deployment = Deployment(model=ModelSection(path=str(model_dir))).with_shape(2, 3, 2)
     cluster = Cluster(deployment)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from afd.models.generation import ReferenceEngine
+from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.orchestrator.cluster import Cluster
 from afd.orchestrator.config import Deployment, ModelSection
@@ -49,7 +49,7 @@ def _requests(ref: ReferenceEngine) -> list[tuple[list[int], SamplingParams]]:
 
 def test_with_expert_replicas_a_killed_expert_node_fails_no_round(
     tiny_model: Path, ray_session
-) -> None:  # noqa: ANN001
+) -> None:
     ref = ReferenceEngine(tiny_model)
     requests = _requests(ref)
     want = [ref.generate(ids, params).token_ids for ids, params in requests]
@@ -83,7 +83,7 @@ def test_with_expert_replicas_a_killed_expert_node_fails_no_round(
 @pytest.mark.parametrize("pool", ["experts", "attention"])
 def test_a_killed_node_costs_no_request_and_no_token(
     pool: str, tiny_model: Path, ray_session
-) -> None:  # noqa: ANN001
+) -> None:
     ref = ReferenceEngine(tiny_model)
     requests = _requests(ref)
     want = [ref.generate(ids, params).token_ids for ids, params in requests]
@@ -103,7 +103,7 @@ def test_a_killed_node_costs_no_request_and_no_token(
 
 def test_a_node_that_cannot_come_back_fails_requests_with_a_message(
     tiny_model: Path, ray_session
-) -> None:  # noqa: ANN001
+) -> None:
     from dataclasses import replace
 
     from afd.orchestrator.cluster import RequestFailed
@@ -124,7 +124,7 @@ def test_a_node_that_cannot_come_back_fails_requests_with_a_message(
 
 def test_a_short_soak_with_node_kills_loses_nothing(
     tiny_model: Path, ray_session, capsys: pytest.CaptureFixture
-) -> None:  # noqa: ANN001
+) -> None:
     import importlib.util
     import json
 

@@ -47,7 +47,7 @@ def test_one_layer_by_hand() -> None:
     assert t_layer == pytest.approx(t_a + t_e + 2 * t_c)  # comm not hidden at m=2 here
 
 
-def _tiny(tiny_models: dict[str, Path]):  # noqa: ANN202
+def _tiny(tiny_models: dict[str, Path]):
     return load_config(tiny_models["qwen3_moe"])
 
 
@@ -88,11 +88,11 @@ def test_budget_and_catalog_errors(tiny_models: dict[str, Path], tmp_path: Path)
 
 def test_afd_plan_writes_a_config_that_starts(
     tiny_models: dict[str, Path], tmp_path: Path, ray_session
-) -> None:  # noqa: ANN001
+) -> None:
     import subprocess
     import sys
 
-    from afd.models.generation import ReferenceEngine
+    from afd.models.reference import ReferenceEngine
     from afd.models.sampling import SamplingParams
     from afd.orchestrator.cluster import Cluster
     from afd.orchestrator.config import load_deployment

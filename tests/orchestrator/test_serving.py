@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import openai
 import pytest
-from afd.models.generation import ReferenceEngine
+from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.orchestrator.client import channel, generate, request
 from afd.orchestrator.config import Deployment, ModelSection, ServeSection
@@ -31,7 +31,7 @@ def _deployment(model: Path, **serve: object) -> Deployment:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models: dict[str, Path], ray_session):  # noqa: ANN001, ANN201
+def server(tiny_models: dict[str, Path], ray_session):
     s = BackgroundServer(_deployment(tiny_models["qwen3_moe"]))
     s.start()
     yield s
@@ -39,7 +39,7 @@ def server(tiny_models: dict[str, Path], ray_session):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def ch(server: BackgroundServer):  # noqa: ANN201
+def ch(server: BackgroundServer):
     with channel(server.server.endpoints.grpc) as c:
         yield c
 
@@ -430,7 +430,7 @@ def test_200_concurrent_streams_all_finish(server: BackgroundServer) -> None:
 
 
 # ---- property: nothing a client sends produces INTERNAL -------------------------------------
-def _sampling_strategy():  # noqa: ANN202
+def _sampling_strategy():
     from hypothesis import strategies as st
 
     floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32))

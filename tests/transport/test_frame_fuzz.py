@@ -34,7 +34,7 @@ class ServedNode:
 
 
 @pytest.fixture(scope="module")
-def node():  # noqa: ANN201
+def node():
     n = ServedNode()
     yield n
     n.stop.set()
@@ -76,10 +76,10 @@ def test_random_frames_from_a_connected_peer(node: ServedNode, frame: bytes) -> 
     rogue = Transport(rogue_id)
     try:
         rogue.connect(0, node.t.address)
-        peer = rogue._peers[0]  # noqa: SLF001 - the raw endpoint, to send what send() never would
+        peer = rogue._peers[0]
         buf = np.frombuffer(frame, np.uint8).copy() if frame else np.zeros(0, np.uint8)
-        req = peer.ep.tag_send(rogue._array(buf), rogue._ucx.UCXXTag(peer.send_tag))  # noqa: SLF001
-        rogue._progress_until(lambda: req.completed, time.monotonic() + 5)  # noqa: SLF001
+        req = peer.ep.tag_send(rogue._array(buf), rogue._ucx.UCXXTag(peer.send_tag))
+        rogue._progress_until(lambda: req.completed, time.monotonic() + 5)
         try:  # either the node took it as a frame, or it failed that peer: never anything else
             node.t.recv(rogue_id, RoundKey.exchange(0, 0, 0), 0.3)
         except TransportError as err:

@@ -18,7 +18,7 @@ from afd.transport.wire import (
 )
 
 
-def _header(**changes) -> bytes:  # noqa: ANN003
+def _header(**changes) -> bytes:
     tensors = describe([torch.zeros(3, 8), torch.zeros(3, 2, dtype=torch.int16)])
     return Header(7, RoundKey.exchange(5, 2, 1), tensors).pack()
 
@@ -45,7 +45,7 @@ def test_header_round_trips() -> None:
         (lambda b: b[:-30], "expected"),
     ],
 )
-def test_bad_headers_are_rejected_with_the_reason(mutate, message: str) -> None:  # noqa: ANN001
+def test_bad_headers_are_rejected_with_the_reason(mutate, message: str) -> None:
     with pytest.raises(WireError, match=message):
         unpack(mutate(_header()), 1 << 20)
 

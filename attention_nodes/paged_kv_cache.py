@@ -1,5 +1,5 @@
 """The paged KV cache of an attention node: fixed-size blocks from a free list, per-sequence
-block tables. Implements `models.kv_cache.KVCache`, so the model's attention writes through it.
+block tables. Implements `afd.models.kv_cache.KVCache`, so the model's attention writes through it.
 
 Shape legend: L = layers, NB = blocks, BS = block size, G = kv heads, Dh = head dim,
 N = new tokens, S = all tokens of a sequence.

@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 ACCELERATOR_PREFIX = "accelerator_type:"  # how Ray names a node's GPU model as a resource
 
 
-class PlacementError(RuntimeError):
+class PoolPlacementError(RuntimeError):
     """The Ray cluster cannot hold a pool as configured; the message says which and why."""
 
 
@@ -52,7 +52,7 @@ def check_fits(demands: list[PoolDemand], nodes: list[dict]) -> None:
                 k for k in d.bundle if not any(free.get(k, 0) >= d.bundle[k] for free in alive)
             )
             what = ", ".join(missing) if missing else "those resources together on one node"
-            raise PlacementError(
+            raise PoolPlacementError(
                 f"pool '{d.pool}' needs {d.describe()}, but no alive Ray node offers {what}; "
                 f"the cluster has: {_summary(alive)}"
             )
@@ -61,7 +61,7 @@ def check_fits(demands: list[PoolDemand], nodes: list[dict]) -> None:
         for i in range(d.actors):
             node = next((f for f in free if _fits(d.bundle, f)), None)
             if node is None:
-                raise PlacementError(
+                raise PoolPlacementError(
                     f"pool '{d.pool}' needs {d.describe()}; only {i} fit next to the other pool "
                     f"in a cluster of {_summary(alive)}"
                 )
@@ -70,14 +70,14 @@ def check_fits(demands: list[PoolDemand], nodes: list[dict]) -> None:
 
 
 def reserve(demand: PoolDemand, timeout_s: float) -> PlacementGroup:
-    """A placement group for the pool, ready, or a PlacementError after `timeout_s`."""
+    """A placement group for the pool, ready, or a PoolPlacementError after `timeout_s`."""
     group = placement_group(
         [dict(demand.bundle) or {"CPU": 0.001}] * demand.actors, strategy=demand.strategy
     )
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)
-        raise PlacementError(
+        raise PoolPlacementError(
             f"pool '{demand.pool}': Ray could not reserve {demand.describe()} "
             f"({demand.strategy}) within {timeout_s}s"
         )

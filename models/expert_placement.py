@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 
-class PlacementError(ValueError):
+class ExpertPlacementError(ValueError):
     """An expert assignment that leaves an expert out, repeats one or names one that does not exist."""
 
 
@@ -26,11 +26,11 @@ class ExpertPlacement:
         """Contiguous ranges; the first `num_experts % num_nodes` nodes take one expert more.
         With replicas, node j also holds the ranges of nodes j-1, j-2, ... (a ring), after its own."""
         if not 1 <= num_nodes <= num_experts:
-            raise PlacementError(
+            raise ExpertPlacementError(
                 f"expert nodes must be between 1 and {num_experts} (the experts), got {num_nodes}"
             )
         if not 1 <= replicas <= num_nodes:
-            raise PlacementError(
+            raise ExpertPlacementError(
                 f"expert replicas must be between 1 and {num_nodes} (the expert nodes), got {replicas}"
             )
         base, extra = divmod(num_experts, num_nodes)
@@ -60,7 +60,7 @@ class ExpertPlacement:
                     holders[e] += 1
         wrong = [e for e in range(num_experts) if holders[e] != replicas]
         if unknown or twice or wrong:
-            raise PlacementError(
+            raise ExpertPlacementError(
                 f"expert assignment must hold each of the {num_experts} experts on exactly "
                 f"{replicas} node(s); wrong count {wrong}, unknown {unknown}, "
                 f"repeated within a node {twice}"
@@ -93,5 +93,7 @@ class ExpertPlacement:
                     node_of[e], local_of[e], rank[e] = j, local, local
         if (node_of < 0).any():
             lost = torch.nonzero(node_of < 0).flatten().tolist()
-            raise PlacementError(f"experts {lost} have no live node (dead nodes {sorted(dead)})")
+            raise ExpertPlacementError(
+                f"experts {lost} have no live node (dead nodes {sorted(dead)})"
+            )
         return node_of, local_of

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import torch
-from afd.attention_nodes.kv_cache import PagedKVCache
 from afd.attention_nodes.node import split_micro_batches
-from afd.attention_nodes.scheduler import Chunk, Scheduler, Sequence
+from afd.attention_nodes.paged_kv_cache import PagedKVCache
+from afd.attention_nodes.scheduler import Chunk, ScheduledSequence, Scheduler
 from afd.models.config import parse_config
-from afd.models.generation import RequestState
 from afd.models.kv_cache import ContiguousKVCache
+from afd.models.request_state import RequestState
 from afd.models.sampling import SamplingParams
 from afd.models.tiny import tiny_config
 
@@ -26,15 +26,19 @@ def test_paged_cache_returns_what_a_contiguous_cache_returns() -> None:
     assert paged.allocator.free == 16
 
 
-def _sequence(seq_id: int, prompt_len: int, tokenizer) -> Sequence:  # noqa: ANN001
+def _sequence(seq_id: int, prompt_len: int, tokenizer) -> ScheduledSequence:
     config = parse_config(tiny_config("qwen3_moe", 384, 2, 4, 2, 32))
     state = RequestState(
-        list(range(1, prompt_len + 1)), SamplingParams(max_tokens=50), tokenizer, config
+        f"r{seq_id}",
+        list(range(1, prompt_len + 1)),
+        SamplingParams(max_tokens=50),
+        tokenizer,
+        config,
     )
-    return Sequence(f"r{seq_id}", seq_id, state)
+    return ScheduledSequence(seq_id, state)
 
 
-def test_full_cache_preempts_the_youngest_and_keeps_the_oldest(tiny_model) -> None:  # noqa: ANN001
+def test_full_cache_preempts_the_youngest_and_keeps_the_oldest(tiny_model) -> None:
     from afd.models.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(tiny_model)
@@ -55,7 +59,7 @@ def test_full_cache_preempts_the_youngest_and_keeps_the_oldest(tiny_model) -> No
     assert scheduler.preemptions == 1
 
 
-def test_token_budget_caps_a_step_and_prefill_continues_in_chunks(tiny_model) -> None:  # noqa: ANN001
+def test_token_budget_caps_a_step_and_prefill_continues_in_chunks(tiny_model) -> None:
     from afd.models.tokenizer import Tokenizer
 
     seq = _sequence(0, 20, Tokenizer(tiny_model))
@@ -71,13 +75,14 @@ def test_token_budget_caps_a_step_and_prefill_continues_in_chunks(tiny_model) ->
     assert sizes == [(8, False), (8, False), (4, True)]
 
 
-def test_micro_batches_balance_tokens_without_splitting_a_sequence() -> None:
-    class Fake:
-        def __init__(self, n: int) -> None:
-            self.num_tokens = n
+def test_micro_batches_balance_tokens_without_splitting_a_sequence(tiny_model) -> None:
+    from afd.models.tokenizer import Tokenizer
 
-    groups = split_micro_batches([Fake(3), Fake(5), Fake(1), Fake(1)], 2)  # type: ignore[list-item]
+    tokenizer = Tokenizer(tiny_model)
+    chunks = [Chunk(_sequence(i, n, tokenizer), n) for i, n in enumerate((3, 5, 1, 1))]
+    groups = split_micro_batches(chunks, 2)
     assert [[c.num_tokens for c in g] for g in groups] == [[3], [5, 1, 1]]
+    assert [c for g in groups for c in g] == chunks  # every chunk once, in order, whole
     assert split_micro_batches([], 3) == [[], [], []]
-    assert [len(g) for g in split_micro_batches([Fake(1)] * 6, 3)] == [2, 2, 2]  # type: ignore[list-item]
-    assert Chunk  # the type split_micro_batches groups
+    ones = [Chunk(_sequence(i, 1, tokenizer), 1) for i in range(6)]
+    assert [len(g) for g in split_micro_batches(ones, 3)] == [2, 2, 2]

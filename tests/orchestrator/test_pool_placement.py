@@ -17,11 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from afd.models.generation import ReferenceEngine
+from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.orchestrator.cluster import Cluster
 from afd.orchestrator.config import Deployment, ModelSection
-from afd.orchestrator.placement import PlacementError
+from afd.orchestrator.pool_placement import PoolPlacementError
 
 
 def _deployment(model: Path, **pools: dict) -> Deployment:
@@ -52,9 +52,9 @@ def _deployment(model: Path, **pools: dict) -> Deployment:
 )
 def test_an_impossible_placement_fails_fast_naming_the_pool(
     tiny_model: Path, ray_session, pools: dict, message: str
-) -> None:  # noqa: ANN001
+) -> None:
     start = time.monotonic()
-    with pytest.raises(PlacementError, match=message):
+    with pytest.raises(PoolPlacementError, match=message):
         Cluster(_deployment(tiny_model, **pools))
     assert time.monotonic() - start < 5.0
 

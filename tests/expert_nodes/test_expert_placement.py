@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from afd.models.placement import ExpertPlacement, PlacementError
+from afd.models.expert_placement import ExpertPlacement, ExpertPlacementError
 
 
 def test_even_split_gives_the_first_nodes_the_remainder() -> None:
@@ -21,11 +21,11 @@ def test_even_split_gives_the_first_nodes_the_remainder() -> None:
 
 def test_explicit_assignment_must_cover_each_expert_once() -> None:
     assert ExpertPlacement.explicit(4, [[3, 0], [1, 2]]).assignment == ((0, 3), (1, 2))
-    with pytest.raises(PlacementError, match=r"wrong count \[1, 3\], unknown \[\]"):
+    with pytest.raises(ExpertPlacementError, match=r"wrong count \[1, 3\], unknown \[\]"):
         ExpertPlacement.explicit(4, [[0, 1], [1, 2]])
-    with pytest.raises(PlacementError, match=r"unknown \[7\], repeated within a node \[0\]"):
+    with pytest.raises(ExpertPlacementError, match=r"unknown \[7\], repeated within a node \[0\]"):
         ExpertPlacement.explicit(4, [[0, 0, 1, 7], [2, 3]])
-    with pytest.raises(PlacementError, match="between 1 and 4"):
+    with pytest.raises(ExpertPlacementError, match="between 1 and 4"):
         ExpertPlacement.even(4, 5)
 
 
@@ -39,14 +39,14 @@ def test_replicas_put_each_expert_on_distinct_nodes_and_prefer_its_home() -> Non
     assert node_of.tolist() == [0, 0, 0, 2, 2, 2, 2, 2]
     assert local_of.tolist() == [0, 1, 2, 2, 3, 4, 0, 1]
     assert p.covers({1}) and not p.covers({0, 1})
-    with pytest.raises(PlacementError, match=r"experts \[0, 1, 2\] have no live node"):
+    with pytest.raises(ExpertPlacementError, match=r"experts \[0, 1, 2\] have no live node"):
         p.tables(dead={0, 1})
-    with pytest.raises(PlacementError, match="replicas must be between 1 and 3"):
+    with pytest.raises(ExpertPlacementError, match="replicas must be between 1 and 3"):
         ExpertPlacement.even(8, 3, replicas=4)
 
 
 def test_explicit_replicas_must_hold_each_expert_that_many_times() -> None:
     p = ExpertPlacement.explicit(4, [[0, 1, 2, 3], [2, 3, 0, 1]], replicas=2)
     assert p.tables()[0].tolist() == [0, 0, 1, 1]
-    with pytest.raises(PlacementError, match=r"exactly 2 node\(s\); wrong count \[3\]"):
+    with pytest.raises(ExpertPlacementError, match=r"exactly 2 node\(s\); wrong count \[3\]"):
         ExpertPlacement.explicit(4, [[0, 1, 2, 3], [2, 0, 1]], replicas=2)
