@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=12)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

@@ -181,7 +181,13 @@ def bench_ray(iters: int, reps: int, trials: int, device: str = "cpu") -> list[d
     import numpy as np
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
 
     @ray.remote
     class Peer:

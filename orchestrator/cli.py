@@ -23,6 +23,7 @@ from afd.models.tokenizer import Tokenizer, TokenizerError
 from afd.orchestrator.client import channel, generate, request
 from afd.orchestrator.cluster import Cluster, RequestFailed
 from afd.orchestrator.config import Deployment, DeploymentError, ModelSection, load_deployment
+from afd.orchestrator.local_ray import LocalRayError, disconnect_ray
 from afd.orchestrator.planner import (
     PlanError,
     deployment_yaml,
@@ -46,6 +47,7 @@ USER_ERRORS = (
     RequestFailed,
     PlanError,
     PoolPlacementError,
+    LocalRayError,
 )
 
 
@@ -210,6 +212,7 @@ def _generate(args: argparse.Namespace) -> int:
         return _print_stream(cluster.submit(prompt_ids, params), args.json)
     finally:
         cluster.shutdown()
+        disconnect_ray()
 
 
 def _print_stream(events: Iterable[TokenOutput], as_json: bool) -> int:

@@ -25,6 +25,7 @@ from afd.models.messages import AttentionStepResult, ExpertStepResult, NewReques
 from afd.models.request_state import check_prompt
 from afd.models.sampling import SamplingParams
 from afd.orchestrator.config import Deployment
+from afd.orchestrator.local_ray import connect_ray
 from afd.orchestrator.node_settings import (
     EXPERT_PEER_BASE,
     attention_node_settings,
@@ -110,14 +111,6 @@ class RequestStream:
                 return
 
 
-def init_ray(deployment: Deployment) -> None:
-    """Joins the configured Ray cluster, or starts a local one (call from the main thread)."""
-    if not ray.is_initialized():
-        ray.init(
-            address=deployment.ray.address, include_dashboard=False, logging_level=logging.WARNING
-        )
-
-
 def _await_restarts(nodes: dict, deadline: float) -> dict:
     """Each node's process id, once every node answers (a restarting actor refuses calls until
     its __init__, weight loading included, has run again)."""
@@ -149,7 +142,7 @@ class Cluster:
             self.placement = ExpertPlacement.even(
                 self.config.num_experts, d.experts.nodes, d.experts.replicas
             )
-        init_ray(d)
+        connect_ray(d.ray.address, d.ray.startup_timeout_s)
         log.info(
             "placing %d expert node(s) and %d attention node(s); each loads its own weights",
             self.placement.num_nodes,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -27,6 +28,36 @@ from afd.orchestrator.service import (
 from aiohttp import web
 
 _SERVICE = web.AppKey("service", Service)
+log = logging.getLogger(__name__)
+_NUMBER = (int, float)
+# The type of every field afd reads from a request body (others are ignored, as OpenAI's
+# clients send fields afd has no use for). `bool` never passes for a number.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "prompt": (str, list),
+    "messages": (list,),
+    "max_tokens": (int,),
+    "max_completion_tokens": (int,),
+    "temperature": _NUMBER,
+    "top_p": _NUMBER,
+    "top_k": (int,),
+    "seed": (int,),
+    "n": (int,),
+    "stop": (str, list),
+    "stop_token_ids": (list,),
+    "ignore_eos": (bool,),
+    "logprobs": (bool, int),
+    "stream": (bool,),
+    "stream_options": (dict,),
+}
+_TYPE_NAMES = {
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+}
 
 
 class _HTTPError(Exception):
@@ -65,6 +96,13 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         return _error(503, str(err), "service_unavailable")
     except web.HTTPRequestEntityTooLarge as err:
         return _error(413, err.text or "request body too large", "invalid_request_error")
+    except web.HTTPException as err:  # no such route, a wrong method: the same JSON shape
+        return _error(
+            err.status, f"{request.method} {request.path}: {err.reason}", "invalid_request_error"
+        )
+    except Exception:  # a bug, not the client's fault: say so in JSON and keep serving
+        log.exception("HTTP %s %s failed", request.method, request.path)
+        return _error(500, "internal server error", "server_error")
 
 
 def _bearer(token: str):
@@ -143,12 +181,22 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 
 async def _body(request: web.Request, service: Service) -> dict[str, Any]:
+    """The request's JSON object, its fields of the right types, or InvalidRequest."""
+    raw = await request.read()
     try:
-        body = await request.json()
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InvalidRequest("body", f"not valid UTF-8 (byte {err.start})") from err
     except json.JSONDecodeError as err:
         raise InvalidRequest("body", f"not valid JSON ({err.msg} at position {err.pos})") from err
+    except RecursionError as err:
+        raise InvalidRequest("body", "nested too deeply") from err
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise InvalidRequest("body", f"not acceptable JSON ({err})") from err
     if not isinstance(body, dict):
         raise InvalidRequest("body", "must be a JSON object")
+    for name, value in body.items():
+        _check_type(name, value)
     model = body.get("model")
     if model is not None and model != service.model_name:
         raise _HTTPError(
@@ -162,21 +210,21 @@ async def _body(request: web.Request, service: Service) -> dict[str, Any]:
     return body
 
 
+def _check_type(name: str, value: Any) -> None:
+    kinds = _FIELD_TYPES.get(name)
+    if kinds is None or value is None:
+        return
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = [_TYPE_NAMES[k] for k in kinds if not (k is int and float in kinds)]
+        shown = _TYPE_NAMES.get(type(value)) if isinstance(value, list | dict) else None
+        shown = shown or json.dumps(value)[:80]
+        raise InvalidRequest(name, f"must be {' or '.join(names)}, got {shown}")
+
+
 def _parse(service: Service, body: dict[str, Any], **prompt: Any) -> Prompt:
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
-    typed = {
-        "max_tokens": int,
-        "temperature": (int, float),
-        "top_p": (int, float),
-        "top_k": int,
-        "seed": int,
-    }
-    for name, kind in typed.items():
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-            raise InvalidRequest(name, f"must be a number, got {json.dumps(value)}")
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise InvalidRequest("stop", "must be a string or a list of strings")
     stop_ids = body.get("stop_token_ids") or []

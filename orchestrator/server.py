@@ -14,10 +14,11 @@ import threading
 from dataclasses import dataclass, replace
 
 from afd.models.tokenizer import Tokenizer
-from afd.orchestrator.cluster import Cluster, init_ray
+from afd.orchestrator.cluster import Cluster
 from afd.orchestrator.config import Deployment
 from afd.orchestrator.grpc_server import SERVICE_NAME, _auth_token, start_grpc
 from afd.orchestrator.http_server import make_app
+from afd.orchestrator.local_ray import connect_ray, disconnect_ray
 from afd.orchestrator.service import Service
 from aiohttp import web
 from grpc_health.v1 import health_pb2
@@ -103,8 +104,13 @@ class Server:
             log.info("stopped")
             return 0 if drained else 1
 
-        init_ray(self.deployment)
-        return asyncio.run(main())
+        ray_section = self.deployment.ray
+        owns_ray = connect_ray(ray_section.address, ray_section.startup_timeout_s)
+        try:
+            return asyncio.run(main())
+        finally:
+            if owns_ray:
+                disconnect_ray()
 
 
 class BackgroundServer:
@@ -116,9 +122,11 @@ class BackgroundServer:
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="afd-server", daemon=True
         )
+        self._owns_ray = False
 
     def start(self, timeout_s: float = 300.0) -> Endpoints:
-        init_ray(self.server.deployment)
+        ray_section = self.server.deployment.ray
+        self._owns_ray = connect_ray(ray_section.address, ray_section.startup_timeout_s)
         self._thread.start()
         return asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout_s)
 
@@ -130,6 +138,8 @@ class BackgroundServer:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout_s)
+            if self._owns_ray:
+                disconnect_ray()
 
     @property
     def service(self) -> Service:

@@ -104,6 +104,10 @@ class Service:
                 raise InvalidRequest("prompt", "is empty")
             if len(text) > limit:
                 raise InvalidRequest("prompt", f"has {len(text)} characters, at most {limit}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise InvalidRequest("prompt", f"is not valid Unicode ({err.reason})") from err
             ids = self.tokenizer.encode(text)
             if not ids:
                 raise InvalidRequest("prompt", "encodes to no tokens")

@@ -69,7 +69,7 @@ def test_sampled_generation_is_reproducible_with_a_seed(tiny_model: Path) -> Non
 def test_bad_input_exits_with_a_message_not_a_traceback(tiny_model: Path, tmp_path: Path) -> None:
     cases = [
         (("--prompt", ""), "prompt is empty"),
-        (("--prompt", "hi", "--temperature", "-1"), "temperature must be >= 0"),
+        (("--prompt", "hi", "--temperature", "-1"), "temperature: is -1.0; must be in [0, 100]"),
         (("--prompt-ids", "1,x"), "--prompt-ids must be comma-separated integers"),
     ]
     for extra, message in cases:
