@@ -20,9 +20,16 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/afd demo
 
+# mypy reads the packages under their installed names (afd.models, ...) through a tree of
+# links, since the folders live at the repository's root.
+TYPECHECK := build/typecheck
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	mkdir -p $(TYPECHECK)/afd
+	for p in models transport attention_nodes expert_nodes orchestrator protos; do ln -sfn ../../../$$p $(TYPECHECK)/afd/$$p; done
+	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p afd
 
 test: lint
 	$(BIN)/python -m pytest

@@ -37,7 +37,7 @@ class PagedKVCache:
         kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
     ) -> None:
         shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
         self.k_LNBBSGDh = torch.zeros(shape, dtype=dtype, device=device)

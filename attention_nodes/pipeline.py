@@ -44,8 +44,8 @@ class PingPongPipeline:
         inflight: list[_InFlight | None] = [None] * len(batches)
         for layer in range(self.model.config.num_layers):
             for j, batch in enumerate(batches):
-                if inflight[j] is not None:
-                    h[j] = self._finish(inflight[j])
+                if (previous := inflight[j]) is not None:
+                    h[j] = self._finish(previous)
                 routed = self.model.pre_experts(layer, h[j], batch, self.cache)
                 plan = None
                 if self.model.config.is_moe_layer(layer):

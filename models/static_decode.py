@@ -81,6 +81,8 @@ class StaticDecoder:
             routed = self.pre_experts(layer, mb)
             experts_BD = None
             if self.config.is_moe_layer(layer):
+                if self.shard is None:
+                    raise RuntimeError("StaticDecoder: MoE layer without an expert shard")
                 w = self.shard.layers[layer]
                 experts_BD = grouped_experts(w, routed.x_TD, routed.ids_TK, routed.weights_TK)
             self.post_experts(layer, mb, routed, experts_BD)

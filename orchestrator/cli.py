@@ -305,7 +305,9 @@ def _demo(args: argparse.Namespace) -> int:
     server = BackgroundServer(deployment)
     endpoints = server.start()
     print(f"serving: gRPC {endpoints.grpc}, HTTP {endpoints.http}")
-    server.server.cluster.keep_history = True
+    cluster = server.server.cluster
+    assert cluster is not None  # started with the server
+    cluster.keep_history = True
     prompts = ["Hello, world!", "The capital of France is", "Once upon a time", "def add(a, b):"]
     try:
         with channel(endpoints.grpc) as ch, ThreadPoolExecutor(len(prompts)) as pool:
@@ -317,7 +319,7 @@ def _demo(args: argparse.Namespace) -> int:
             )
             for prompt, text in zip(prompts, texts, strict=True):
                 print(f"{prompt!r} -> {text!r}")
-        print(_stats_table(server.server.cluster))
+        print(_stats_table(cluster))
     finally:
         server.stop()
     print("shut down cleanly")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 from afd.protos import afd_v1_pb2 as pb
@@ -17,7 +18,7 @@ def channel(target: str, tls_ca: str | None = None) -> grpc.Channel:
 
 
 def request(
-    text: str | None = None, ids: list[int] | None = None, **sampling: object
+    text: str | None = None, ids: list[int] | None = None, **sampling: Any
 ) -> pb.GenerateRequest:
     """`sampling` takes the fields of afd.v1.SamplingParams by name."""
     params = pb.SamplingParams(**sampling)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol, TypeVar, overload
 
 import ray
 from afd.attention_nodes.node import AttentionNode
@@ -83,6 +83,9 @@ class ClusterState:
     expert_tokens: dict[int, int]  # global expert id -> tokens routed to it, all time
     failed_steps: int = 0  # rounds abandoned because a node died or stalled
     expert_failovers: int = 0  # expert node deaths absorbed by replicas, without a failed round
+
+
+Sink = TypeVar("Sink", bound=TokenSink)
 
 
 class RequestStream:
@@ -182,7 +185,7 @@ class Cluster:
         self.failed_steps = 0
         self.expert_failovers = 0
         self._down: set[int] = set()  # expert nodes dead, their experts served by replicas
-        self._revivals: dict[int, object] = {}  # expert node -> pending pid call (back yet?)
+        self._revivals: dict[int, ray.ObjectRef] = {}  # expert node -> pending pid call (back yet?)
         self._gone: set[int] = set()  # down expert nodes Ray will not restart
         self._engine = threading.Thread(target=self._run, name="afd-engine", daemon=True)
         self._engine.start()
@@ -229,6 +232,16 @@ class Cluster:
         ray.get(waits, timeout=timeout)
 
     # ---- requests ---------------------------------------------------------------------
+    @overload
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream: ...
+
+    @overload
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None, sink: Sink
+    ) -> Sink: ...
+
     def submit(
         self,
         prompt_ids: list[int],
@@ -458,7 +471,7 @@ class Cluster:
                 return True
         return False
 
-    def _nodes(self) -> dict[tuple[str, int], object]:
+    def _nodes(self) -> dict[tuple[str, int], Any]:  # Ray actor handles
         nodes: dict[tuple[str, int], object] = {
             ("attention", i): a for i, a in enumerate(self.attention)
         }

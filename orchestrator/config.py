@@ -161,7 +161,7 @@ def _build(cls: type, raw: Any, source: str, where: str) -> Any:
     for name, value in raw.items():
         hint = hints[name]
         path = f"{where}{name}"
-        if is_dataclass(hint):
+        if isinstance(hint, type) and is_dataclass(hint):
             values[name] = _build(hint, value, source, path + ".")
         else:
             values[name] = _coerce(value, hint, source, path)

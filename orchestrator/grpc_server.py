@@ -189,7 +189,7 @@ async def start_grpc(
     )
     address = f"{host}:{port}"
     if serve.tls_cert:
-        key, cert = _read(serve.tls_key), _read(serve.tls_cert)
+        key, cert = _read(serve.tls_key or ""), _read(serve.tls_cert)
         bound = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
     else:
         bound = server.add_insecure_port(address)

@@ -251,6 +251,7 @@ async def _respond(
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
     stream = service.stream(prompt)
+    choice: dict[str, Any]
     if not body.get("stream"):
         text, reason, usage = "", None, None
         async with contextlib.aclosing(stream):

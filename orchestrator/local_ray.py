@@ -67,9 +67,13 @@ class LocalRayHead:
             text=True,
             start_new_session=True,
             preexec_fn=_die_with_parent,
-            # as a head that ray.init() starts: no token auth (`ray start` turns it on, and a
-            # driver that imported ray with it off cannot connect)
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"},
+            # the driver's auth mode (read when it imported ray; off unless set): `ray start`
+            # alone would turn token auth on, and a driver without it cannot connect
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+            },
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._output: list[str] = []

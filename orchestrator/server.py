@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass, replace
+from typing import Any
 
 from afd.models.tokenizer import Tokenizer
 from afd.orchestrator.cluster import Cluster
@@ -39,8 +40,8 @@ class Server:
         self._owns_cluster = cluster is None
         self.service: Service | None = None
         self.endpoints: Endpoints | None = None
-        self._grpc = None
-        self._health = None
+        self._grpc: Any = None  # grpc.aio.Server
+        self._health: Any = None  # the health servicer
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> Endpoints:
@@ -57,7 +58,7 @@ class Server:
         await self._runner.setup()
         site = web.TCPSite(self._runner, serve.host, serve.http_port, ssl_context=_ssl(serve))
         await site.start()
-        http_port = site._server.sockets[0].getsockname()[1]
+        http_port = self._runner.addresses[-1][1]
         scheme = "https" if serve.tls_cert else "http"
         self.endpoints = Endpoints(
             f"{serve.host}:{grpc_port}", f"{scheme}://{serve.host}:{http_port}"

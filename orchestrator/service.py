@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from afd.models.messages import TokenOutput
@@ -111,7 +111,7 @@ class Service:
             ids = self.tokenizer.encode(text)
             if not ids:
                 raise InvalidRequest("prompt", "encodes to no tokens")
-        ids = list(ids)
+        ids = list(ids or ())
         if not ids:
             raise InvalidRequest("prompt", "is empty: give at least one token id")
         for t in ids:
@@ -151,7 +151,7 @@ class Service:
         return Prompt(ids, params)
 
     # ---- serving -------------------------------------------------------------------------
-    async def stream(self, prompt: Prompt) -> AsyncIterator[TokenOutput | Finished]:
+    async def stream(self, prompt: Prompt) -> AsyncGenerator[TokenOutput | Finished, None]:
         """Yields the request's tokens, then its usage; abandoning the iterator aborts it."""
         if self.draining:
             raise Unavailable("the server is shutting down and admits no new requests")
@@ -163,11 +163,11 @@ class Service:
         sink = _AsyncSink(asyncio.get_running_loop())
         self._admit()
         start = last = time.perf_counter()
-        generated, finished = 0, False
+        generated, finish_reason = 0, None
         try:
             self.cluster.submit(prompt.ids, prompt.params, request_id, sink=sink)
             timeout = self.deployment.transport.round_timeout_s * 4
-            while not finished:
+            while finish_reason is None:
                 try:
                     item = await asyncio.wait_for(sink.queue.get(), timeout)
                 except TimeoutError:
@@ -177,18 +177,18 @@ class Service:
                 now = time.perf_counter()
                 (self.metrics.ttft if generated == 0 else self.metrics.tpot).observe(now - last)
                 last, generated = now, generated + 1
-                finished = item.finish_reason is not None
+                finish_reason = item.finish_reason
                 yield item
             self.metrics.e2e.observe(time.perf_counter() - start)
             self.metrics.prompt_tokens.inc(len(prompt.ids))
-            self.metrics.finished(item.finish_reason)
+            self.metrics.finished(finish_reason)
             yield Finished(len(prompt.ids), generated)
         except (RequestFailed, Unavailable):
             self.metrics.failed("UNAVAILABLE")
             raise
         finally:
             self.metrics.generation_tokens.inc(generated)
-            if not finished:
+            if finish_reason is None:
                 self.cluster.abort(request_id)  # cancelled, timed out or failed: free its blocks
             self._release()
 

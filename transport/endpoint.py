@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -168,13 +168,13 @@ def _new_tag_base() -> int:
 @dataclass
 class _Peer:
     id: int
-    ep: object
+    ep: Any  # ucxx endpoint
     send_tag: int
     recv_tag: int
     header_buf: np.ndarray = field(
         default_factory=lambda: np.zeros(HEADER_BYTES + INLINE_BYTES, np.uint8)
     )
-    header_req: object | None = None
+    header_req: Any = None  # the ucxx receive of the next header
     header: Header | None = None
     payload: list[torch.Tensor] = field(default_factory=list)
     payload_reqs: list = field(default_factory=list)
@@ -184,9 +184,9 @@ class _Peer:
 
 @dataclass
 class _Handshake:
-    ep: object
+    ep: Any  # ucxx endpoint
     buf: np.ndarray
-    req: object
+    req: Any  # ucxx stream receive of the hello
     deadline: float
     reply: list = field(default_factory=list)  # the reply request and its buffer, once sent
     peer: int = -1
@@ -520,6 +520,8 @@ class Transport:
                     return
                 for r in p.payload_reqs:
                     r.check_error()
+                if p.header is None:
+                    raise WireError(f"payload from peer {p.id} without a header")
                 self._deliver(p, p.header, p.payload)
                 p.payload_reqs, p.payload, p.header = [], [], None
             if p.header_req is None:

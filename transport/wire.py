@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -129,7 +129,7 @@ class Header:
         self.pack_into(out)
         return bytes(out)
 
-    def pack_into(self, out: bytearray | memoryview | object) -> None:
+    def pack_into(self, out: Any) -> None:
         frame = layout(tuple((m.dtype, m.shape) for m in self.tensors))
         pack_header(out, self.sender, self.key, frame, self.inline)
 
@@ -173,7 +173,7 @@ def layout(signature: tuple[tuple[torch.dtype, tuple[int, ...]], ...]) -> Layout
     return Layout(tuple(metas), _pack_tensors(tuple(metas)), sizes, sum(sizes))
 
 
-def pack_header(out: object, sender: int, key: RoundKey, frame: Layout, inline: bool) -> None:
+def pack_header(out: Any, sender: int, key: RoundKey, frame: Layout, inline: bool) -> None:
     """Writes a header at the start of `out` (a frame's buffer) without building a Header."""
     _FIXED.pack_into(
         out,
@@ -192,8 +192,9 @@ def pack_header(out: object, sender: int, key: RoundKey, frame: Layout, inline: 
     memoryview(out)[_FIXED.size : HEADER_BYTES] = frame.descriptors
 
 
-def unpack(frame: bytes | bytearray | memoryview, max_frame_bytes: int) -> Header:
-    """Parses and checks a header; raises WireError saying exactly what is wrong."""
+def unpack(frame: Any, max_frame_bytes: int) -> Header:
+    """Parses and checks the header at the start of `frame` (any buffer: bytes, a numpy array);
+    raises WireError saying exactly what is wrong."""
     if len(frame) < HEADER_BYTES:
         raise WireError(f"header is {len(frame)} bytes, expected {HEADER_BYTES}")
     magic, version, kind, count, flags, sender, step, layer, mb, attempt = _FIXED.unpack_from(

@@ -1,0 +1,206 @@
+"""Attention and expert nodes as plain objects in one process, over real UCX transports, with
+no Ray: the ping-pong pipeline for every m, and the remote dispatcher's failover and checks.
+
+Expert nodes only react, so each runs its step on a thread while the attention node steps on
+the test's thread, as the orchestrator's engine drives them on separate actors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from afd.attention_nodes.node import AttentionNode, AttentionNodeSettings
+from afd.attention_nodes.remote_dispatch import RemoteDispatcher
+from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
+from afd.models.checkpoint import Checkpoint
+from afd.models.config import load_config
+from afd.models.expert_placement import ExpertPlacement
+from afd.models.messages import NewRequest, TokenOutput
+from afd.models.moe import ExpertShard
+from afd.models.reference import ReferenceEngine
+from afd.models.sampling import SamplingParams
+from afd.transport.endpoint import Transport, TransportError
+from afd.transport.wire import FrameKind, RoundKey
+
+EXPERT_BASE = 1000
+TIMEOUT_S = 30.0
+PROMPTS = ["Hello, world!", "The capital of France is", "one two three", "Water", "def f(x):"]
+
+
+def _wire(attention: AttentionNode, experts: list[ExpertNode]) -> None:
+    with ThreadPoolExecutor(len(experts)) as pool:
+        waits = [pool.submit(e.wait_for_attention_nodes, [0], TIMEOUT_S) for e in experts]
+        attention.connect([(e.settings.node_id, e.address()) for e in experts])
+        for w in waits:
+            w.result(TIMEOUT_S)
+
+
+def _serve(
+    attention: AttentionNode, experts: list[ExpertNode], requests: list[NewRequest]
+) -> dict[str, list[TokenOutput]]:
+    """Steps every node until each request has finished; the tokens of each request."""
+    out: dict[str, list[TokenOutput]] = {r.request_id: [] for r in requests}
+    new, step = list(requests), 0
+    with ThreadPoolExecutor(len(experts)) as pool:
+        while new or any(not t or t[-1].finish_reason is None for t in out.values()):
+            runs = [pool.submit(e.run_step, step) for e in experts]
+            result = attention.step(step, new, [])
+            for r in runs:
+                r.result(TIMEOUT_S)
+            for token in result.outputs:
+                out[token.request_id].append(token)
+            new, step = [], step + 1
+            assert step < 200, "requests did not finish"
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> ReferenceEngine:
+    return ReferenceEngine(tiny_model)
+
+
+def _requests(engine: ReferenceEngine) -> list[NewRequest]:
+    params = [SamplingParams(max_tokens=3 + 2 * i, ignore_eos=True) for i in range(len(PROMPTS))]
+    params[-1] = SamplingParams(max_tokens=6, temperature=0.9, seed=5, ignore_eos=True)
+    return [
+        NewRequest(f"r{i}", engine.tokenizer.encode(text), p)
+        for i, (text, p) in enumerate(zip(PROMPTS, params, strict=True))
+    ]
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2, 3, 4])
+def test_ping_pong_gives_the_reference_tokens_for_every_m(
+    tiny_model: Path, reference: ReferenceEngine, micro_batches: int
+) -> None:
+    config = load_config(tiny_model)
+    placement = ExpertPlacement.even(config.num_experts, 2)
+    attention = AttentionNode(
+        AttentionNodeSettings(0, str(tiny_model), micro_batches=micro_batches), placement
+    )
+    experts = [
+        ExpertNode(
+            ExpertNodeSettings(EXPERT_BASE + j, str(tiny_model), ids, micro_batches=micro_batches)
+        )
+        for j, ids in enumerate(placement.assignment)
+    ]
+    try:
+        _wire(attention, experts)
+        requests = _requests(reference)
+        got = _serve(attention, experts, requests)
+    finally:
+        for node in [attention, *experts]:
+            node.shutdown()
+    for r in requests:
+        want = reference.generate(r.prompt_ids, r.params)
+        tokens = got[r.request_id]
+        assert [t.token_id for t in tokens] == want.token_ids, r.request_id
+        assert [t.logprob for t in tokens] == pytest.approx(want.logprobs, abs=1e-5)
+
+
+# ---- the remote dispatcher against hand-driven expert peers ---------------------------------
+class ExpertPeer:
+    """A transport answering dispatch frames with every expert of the model (so any node's
+    slots get the right partial sums), or, when told, with a wrong shape or not at all."""
+
+    def __init__(self, node_id: int) -> None:
+        self.transport = Transport(node_id)
+        self.shard: ExpertShard | None = None  # the experts its node holds, set by each test
+        self.kinds: list[FrameKind] = []
+        self.answer: Callable[[torch.Tensor], torch.Tensor] | None = lambda y: y
+
+    def serve(self, frames: int) -> None:
+        for _ in range(frames):
+            peer, key, (x, ids, w) = self.transport.recv_any(lambda p, k: True, TIMEOUT_S)
+            self.kinds.append(key.kind)
+            if self.answer is not None and self.shard is not None:
+                y = self.shard.forward(key.layer, x, ids.long(), w.to(x.dtype))
+                self.transport.send(peer, key, [self.answer(y)])
+
+
+@pytest.fixture()
+def peers(tiny_model: Path) -> Iterator[tuple[Transport, list[ExpertPeer]]]:
+    attention = Transport(0)
+    experts = [ExpertPeer(EXPERT_BASE + j) for j in range(2)]
+    waits = [
+        threading.Thread(target=e.transport.wait_for_peers, args=([0], TIMEOUT_S)) for e in experts
+    ]
+    for w in waits:
+        w.start()
+    for e in experts:
+        attention.connect(e.transport.node_id, e.transport.address)
+    for w in waits:
+        w.join(TIMEOUT_S)
+    yield attention, experts
+    for t in [attention, *(e.transport for e in experts)]:
+        t.close()
+
+
+def _inputs(
+    tiny_model: Path, placement_of: Callable[[int], ExpertPlacement], experts: list[ExpertPeer]
+) -> tuple[ExpertShard, ExpertPlacement, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every expert (the expected answer), the placement, and a batch routed over it; each
+    peer gets the shard of its node."""
+    config = load_config(tiny_model)
+    checkpoint = Checkpoint(tiny_model)
+    shard = ExpertShard.load(checkpoint, config, range(config.num_experts), torch.float32)
+    placement = placement_of(config.num_experts)
+    for peer, ids in zip(experts, placement.assignment, strict=True):
+        peer.shard = ExpertShard.load(checkpoint, config, ids, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    x_TD = torch.randn(6, config.hidden_size, generator=g)
+    ids_TK = torch.stack(
+        [torch.randperm(config.num_experts, generator=g)[: config.top_k] for _ in range(6)]
+    )
+    weights_TK = torch.rand(6, config.top_k, generator=g)
+    return shard, placement, x_TD, ids_TK, weights_TK
+
+
+def test_a_lost_expert_node_is_failed_over_to_its_replica_within_the_exchange(
+    tiny_model: Path, peers: tuple[Transport, list[ExpertPeer]]
+) -> None:
+    attention, (first, second) = peers
+    shard, placement, x_TD, ids_TK, weights_TK = _inputs(
+        tiny_model, lambda e: ExpertPlacement.even(e, 2, replicas=2), [first, second]
+    )
+    dispatcher = RemoteDispatcher(attention, placement, [EXPERT_BASE, EXPERT_BASE + 1], TIMEOUT_S)
+    first.answer = None  # receives its frame, then dies without answering
+    serving = [
+        threading.Thread(target=first.serve, args=(1,)),
+        threading.Thread(target=second.serve, args=(2,)),
+    ]
+    for t in serving:
+        t.start()
+    plan = dispatcher.dispatch(RoundKey.exchange(0, 0, 0), x_TD, ids_TK, weights_TK)
+    threading.Timer(0.2, attention.mark_lost, args=(EXPERT_BASE,)).start()  # the orchestrator
+    out_TD = dispatcher.combine(plan, x_TD)
+    for t in serving:
+        t.join(TIMEOUT_S)
+    assert second.kinds == [FrameKind.EXCHANGE, FrameKind.FAILOVER]
+    want_TD = shard.forward(0, x_TD, ids_TK, weights_TK)
+    torch.testing.assert_close(out_TD, want_TD, rtol=1e-5, atol=1e-6)
+
+
+def test_an_answer_of_the_wrong_shape_is_an_error_naming_the_peer(
+    tiny_model: Path, peers: tuple[Transport, list[ExpertPeer]]
+) -> None:
+    attention, experts = peers
+    shard, placement, x_TD, ids_TK, weights_TK = _inputs(
+        tiny_model, lambda e: ExpertPlacement.even(e, 2), experts
+    )
+    dispatcher = RemoteDispatcher(attention, placement, [EXPERT_BASE, EXPERT_BASE + 1], TIMEOUT_S)
+    experts[1].answer = lambda y: y[:, :-1]  # one hidden column short
+    serving = [threading.Thread(target=e.serve, args=(1,)) for e in experts]
+    for t in serving:
+        t.start()
+    plan = dispatcher.dispatch(RoundKey.exchange(0, 0, 0), x_TD, ids_TK, weights_TK)
+    with pytest.raises(
+        TransportError, match=f"expert peer {EXPERT_BASE + 1} answered .* with shape"
+    ):
+        dispatcher.combine(plan, x_TD)
+    for t in serving:
+        t.join(TIMEOUT_S)
