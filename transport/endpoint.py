@@ -239,7 +239,9 @@ class Transport:
         self._lock = threading.RLock()  # UCX objects are used by one thread at a time
         self._worker = self._ucx.UCXWorker(_shared_context())
         self._worker.init_blocking_progress_mode()
-        self._epoll_fd = self._worker.epoll_file_descriptor
+        # poll, not select: select fails on descriptors past 1023, which a busy process reaches
+        self._wakeup = select.poll()
+        self._wakeup.register(self._worker.epoll_file_descriptor, select.POLLIN)
         self._peers: dict[int, _Peer] = {}
         self._handshakes: list[_Handshake] = []
         self._mail: dict[tuple[int, RoundKey], list[torch.Tensor]] = {}
@@ -472,7 +474,7 @@ class Transport:
             if polling or now < spin_until or (now < busy_until and self._in_flight()):
                 continue
             if self._worker.arm():  # nothing left to progress: sleep until UCX has news
-                select.select([self._epoll_fd], [], [], min(deadline - now, _MAX_SLEEP_S))
+                self._wakeup.poll(1000 * min(deadline - now, _MAX_SLEEP_S))
 
     def _in_flight(self) -> bool:
         """A big frame is moving: UCX's shared-memory rendezvous advances only when both sides
