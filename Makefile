@@ -32,7 +32,7 @@ lint: install
 	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p afd
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/pytest  # not `python -m pytest`, which would put the root folders on sys.path
 
 # The generated code is checked in (tests/test_protos.py keeps it current); regenerate after
 # editing protos/afd_v1.proto.

@@ -35,7 +35,11 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = resources.files("models").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+    corpus = (
+        resources.files(__package__ or "afd.models")
+        .joinpath("data/corpus.txt")
+        .read_text(encoding="utf-8")
+    )
     tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
     return tok
 

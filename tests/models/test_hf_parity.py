@@ -13,7 +13,7 @@ from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.models.tiny import make_tiny_model
 
-from tests.conftest import ARCHS
+ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 DECODE_STEPS = 32
