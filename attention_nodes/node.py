@@ -1,6 +1,10 @@
 """The attention node: holds everything but the routed experts and the KV cache of its own
 requests, and runs one decode step at a time when the orchestrator says so.
 
+Colocated (no expert placement: `experts.nodes: 0`), it holds every expert too and the same
+pipeline runs with a local dispatcher: the one-GPU deployment, and the baseline that
+disaggregation must beat. It then has no transport at all.
+
 A plain class: Ray wraps it as an actor, tests may run it in-process.
 """
 
@@ -20,6 +24,7 @@ from afd.models.config import DTYPES, load_config
 from afd.models.expert_placement import ExpertPlacement
 from afd.models.messages import AttentionStepResult, NewRequest, TokenOutput
 from afd.models.model import AttentionSideModel
+from afd.models.moe import ExpertShard, LocalDispatcher
 from afd.models.request_state import RequestState, check_prompt
 from afd.models.tokenizer import Tokenizer
 from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
@@ -53,7 +58,7 @@ def split_micro_batches(chunks: list[Chunk], m: int) -> list[list[Chunk]]:
 
 
 class AttentionNode:
-    def __init__(self, settings: AttentionNodeSettings, placement: ExpertPlacement) -> None:
+    def __init__(self, settings: AttentionNodeSettings, placement: ExpertPlacement | None) -> None:
         self.settings = settings
         self.placement = placement
         self.config = load_config(settings.model_dir)
@@ -74,18 +79,28 @@ class AttentionNode:
             self.device,
         )
         self.scheduler = Scheduler(self.cache, settings.max_batch_tokens, settings.max_running)
-        self.transport = Transport(settings.node_id, settings.transport, settings.device)
+        self.transport: Transport | None = None
         self.pipeline: PingPongPipeline | None = None
+        if placement is None:
+            shard = ExpertShard.load(
+                self.checkpoint, c, range(c.num_experts), DTYPES[settings.dtype]
+            ).to(self.device)
+            self.pipeline = PingPongPipeline(self.model, self.cache, LocalDispatcher(shard))
+        else:
+            self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self._next_seq_id = 0
 
-    def address(self) -> PeerAddress:
-        return self.transport.address
+    def address(self) -> PeerAddress | None:
+        """Where expert nodes' frames reach this node (None: colocated, no exchange)."""
+        return None if self.transport is None else self.transport.address
 
     def loaded_tensor_names(self) -> list[str]:
         return list(self.checkpoint.names_read)
 
     def connect(self, expert_peers: list[tuple[int, PeerAddress]]) -> None:
-        """Opens one endpoint to every expert node, in expert-node order."""
+        """Opens one endpoint to every expert node, in expert-node order (colocated: none)."""
+        if self.transport is None or self.placement is None:
+            return
         for peer, address in expert_peers:
             self.transport.connect(peer, address)
         dispatcher = RemoteDispatcher(
@@ -99,6 +114,7 @@ class AttentionNode:
 
     def reconnect(self, peer: int, address: PeerAddress) -> None:
         """Connects to a restarted expert node under its old id."""
+        assert self.transport is not None, "a colocated node has no expert peers"
         self.transport.forget_peer(peer)
         self.transport.connect(peer, address)
 
@@ -106,15 +122,18 @@ class AttentionNode:
         """Ends the step in progress with an error (the orchestrator calls it from another
         thread when a peer died). Nothing of that step is applied: sequences only advance
         after the whole pipeline ran, and KV written past them is overwritten next time."""
-        self.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
 
     def expert_lost(self, peer: int) -> None:
         """An expert node died and its experts have replicas: route around it at once, within
         the step in progress (called from another thread, like `abort`)."""
-        self.transport.mark_lost(peer)
+        if self.transport is not None:
+            self.transport.mark_lost(peer)
 
     def reset(self, next_step: int) -> None:
-        self.transport.reset(next_step)
+        if self.transport is not None:
+            self.transport.reset(next_step)
 
     def pid(self) -> int:
         return os.getpid()
@@ -139,7 +158,10 @@ class AttentionNode:
         batches = [b.to(self.device) for b in batches]
         logits, timings = self.pipeline.run(step_id, batches, rows)
         self.pipeline.dispatcher.end_step(step_id)
-        self.transport.flush(self.settings.round_timeout_s)
+        moved = 0
+        if self.transport is not None:
+            self.transport.flush(self.settings.round_timeout_s)
+            moved = self.transport.stats.bytes_sent + self.transport.stats.bytes_received
         outputs = [
             out for g, lg in zip(groups, logits, strict=True) for out in self._advance(g, lg)
         ]
@@ -150,7 +172,7 @@ class AttentionNode:
             len(self.scheduler.running),
             len(self.scheduler.waiting),
             self.cache.allocator.free,
-            self.transport.stats.bytes_sent + self.transport.stats.bytes_received,
+            moved,
         )
 
     def _admit(self, r: NewRequest) -> None:
@@ -175,7 +197,8 @@ class AttentionNode:
         return outputs
 
     def shutdown(self) -> None:
-        self.transport.close()
+        if self.transport is not None:
+            self.transport.close()
 
 
 def _sample_rows(group: list[Chunk], batch: TokenBatch) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The paged KV cache of an attention node: fixed-size blocks from a free list, per-sequence
-block tables. Implements `afd.models.kv_cache.KVCache`, so the model's attention writes through it.
+block tables. `attention(batch)` binds it to one batch for the model's attention
+(`afd.models.attention.PagedAttention`).
 
 Shape legend: L = layers, NB = blocks, BS = block size, G = kv heads, Dh = head dim,
 N = new tokens, S = all tokens of a sequence.
@@ -8,6 +9,8 @@ N = new tokens, S = all tokens of a sequence.
 from __future__ import annotations
 
 import torch
+from afd.models.attention import PagedAttention, PagedMetadata
+from afd.models.batch import TokenBatch
 
 
 class BlockAllocator:
@@ -61,21 +64,13 @@ class PagedKVCache:
     def free(self, seq_id: int) -> None:
         self.allocator.give_back(self.tables.pop(seq_id, []))
 
-    def write_and_read(
-        self,
-        layer: int,
-        seq_id: int,
-        first_position: int,
-        k_NGDh: torch.Tensor,
-        v_NGDh: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        table = torch.tensor(self.tables[seq_id], dtype=torch.int64, device=k_NGDh.device)
-        end = first_position + k_NGDh.shape[0]
-        positions = torch.arange(first_position, end, device=k_NGDh.device)
-        blocks, offsets = table[positions // self.block_size], positions % self.block_size
-        k_layer, v_layer = self.k_LNBBSGDh[layer], self.v_LNBBSGDh[layer]
-        k_layer[blocks, offsets] = k_NGDh
-        v_layer[blocks, offsets] = v_NGDh
-        used = table[: -(-end // self.block_size)]
-        g, dh = k_NGDh.shape[1:]
-        return k_layer[used].reshape(-1, g, dh)[:end], v_layer[used].reshape(-1, g, dh)[:end]
+    def attention(
+        self, batch: TokenBatch, blocks: int | None = None, queries: int | None = None
+    ) -> PagedAttention:
+        """The batch's attention over this cache: its metadata built once, for every layer.
+        `blocks`/`queries` pad the metadata's shapes (a CUDA graph's bucket)."""
+        tables = [self.tables[s.seq_id] for s in batch.segments]
+        meta = PagedMetadata.build(
+            batch, tables, self.block_size, self.k_LNBBSGDh.device, blocks, queries
+        )
+        return PagedAttention(self.k_LNBBSGDh, self.v_LNBBSGDh, meta)

@@ -10,26 +10,26 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from afd.attention_nodes.remote_dispatch import DispatchPlan, RemoteDispatcher
+from afd.attention_nodes.paged_kv_cache import PagedKVCache
 from afd.models.batch import TokenBatch
-from afd.models.kv_cache import KVCache
 from afd.models.messages import StepTimings
 from afd.models.model import AttentionSideModel, Routed
-from afd.transport.wire import RoundKey
+from afd.models.moe import Dispatcher
 
 
 @dataclass(frozen=True, slots=True)
 class _InFlight:
     layer: int
     routed: Routed
-    plan: DispatchPlan | None
+    plan: Any  # the dispatcher's, None on a dense layer
 
 
 class PingPongPipeline:
     def __init__(
-        self, model: AttentionSideModel, cache: KVCache, dispatcher: RemoteDispatcher
+        self, model: AttentionSideModel, cache: PagedKVCache, dispatcher: Dispatcher
     ) -> None:
         self.model, self.cache, self.dispatcher = model, cache, dispatcher
 
@@ -41,16 +41,19 @@ class PingPongPipeline:
         start, wait_before = time.perf_counter(), d.wait_s
         rounds_before, rtt_before = d.rounds, d.round_trip_s
         h = [self.model.embed(b) for b in batches]
+        attns = [self.cache.attention(b) for b in batches]  # metadata once per micro-batch
         inflight: list[_InFlight | None] = [None] * len(batches)
         for layer in range(self.model.config.num_layers):
             for j, batch in enumerate(batches):
                 if (previous := inflight[j]) is not None:
                     h[j] = self._finish(previous)
-                routed = self.model.pre_experts(layer, h[j], batch, self.cache)
+                routed = self.model.pre_experts(layer, h[j], batch, attns[j])
                 plan = None
                 if self.model.config.is_moe_layer(layer):
                     plan = self.dispatcher.dispatch(
-                        RoundKey.exchange(step, layer, j),
+                        step,
+                        layer,
+                        j,
                         routed.x_TD,
                         routed.ids_TK,
                         routed.weights_TK,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from afd.models.expert_placement import ExpertPlacement
+from afd.models.moe import Dispatcher
 from afd.transport.endpoint import PeerLost, PendingSend, Transport, TransportError
 from afd.transport.wire import RoundKey
 
@@ -53,7 +54,9 @@ class DispatchPlan:
     weights_TK: torch.Tensor
 
 
-class RemoteDispatcher:
+class RemoteDispatcher(Dispatcher):
+    """The experts on expert nodes, over the exchange (one frame per expert node)."""
+
     def __init__(
         self,
         transport: Transport,
@@ -62,6 +65,7 @@ class RemoteDispatcher:
         timeout_s: float,
         device: torch.device | str = "cpu",
     ) -> None:
+        super().__init__()
         self.transport = transport
         self.placement = placement
         self.expert_peers = expert_peers
@@ -69,9 +73,6 @@ class RemoteDispatcher:
         self.dead: frozenset[int] = frozenset()
         self.node_of_E, self.local_of_E = (t.to(device) for t in placement.tables())
         self.timeout_s = timeout_s
-        self.wait_s = 0.0  # time blocked in combine, for the pipeline's timing split
-        self.rounds = 0
-        self.round_trip_s = 0.0  # dispatch sent to combine done, summed over rounds
 
     def _route_around(self, dead: frozenset[int]) -> None:
         """Routes every expert to its first live holder (ExpertPlacementError if one has none)."""
@@ -99,8 +100,15 @@ class RemoteDispatcher:
         return Exchange(node, key, rows_n if rows_T is None else rows_T[rows_n], mask_nK, send)
 
     def dispatch(
-        self, key: RoundKey, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
+        self,
+        step: int,
+        layer: int,
+        micro_batch: int,
+        x_TD: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
     ) -> DispatchPlan:
+        key = RoundKey.exchange(step, layer, micro_batch)
         lost = frozenset(j for j, p in enumerate(self.expert_peers) if self.transport.is_lost(p))
         if lost != self.dead:
             self._route_around(lost)

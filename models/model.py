@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from afd.models.attention import BatchAttention
 from afd.models.batch import TokenBatch
 from afd.models.checkpoint import Checkpoint
 from afd.models.config import ModelConfig
-from afd.models.kv_cache import KVCache
-from afd.models.layers import Rope, apply_rope, causal_attention, rms_norm, route, swiglu
+from afd.models.layers import Rope, apply_rope, rms_norm, route, swiglu
 from afd.models.moe import Dispatcher
 from afd.models.weights import ATTENTION_SIDE_KINDS, tensor_specs
 
@@ -56,13 +56,13 @@ class AttentionSideModel:
         return F.embedding(batch.token_ids, self.t["model.embed_tokens.weight"])
 
     def pre_experts(
-        self, layer: int, h_TD: torch.Tensor, batch: TokenBatch, cache: KVCache
+        self, layer: int, h_TD: torch.Tensor, batch: TokenBatch, attn: BatchAttention
     ) -> Routed:
         h_TD = h_TD + self._attention(
             layer,
             rms_norm(h_TD, self._w(layer, "input_layernorm"), self.config.rms_norm_eps),
             batch,
-            cache,
+            attn,
         )
         x_TD = rms_norm(h_TD, self._w(layer, "post_attention_layernorm"), self.config.rms_norm_eps)
         if not self.config.is_moe_layer(layer):
@@ -104,10 +104,12 @@ class AttentionSideModel:
         h_BD = rms_norm(h_TD[rows], self.t["model.norm.weight"], self.config.rms_norm_eps)
         return F.linear(h_BD, self.lm_head).float()
 
-    def forward(self, batch: TokenBatch, cache: KVCache, dispatcher: Dispatcher) -> torch.Tensor:
+    def forward(
+        self, batch: TokenBatch, attn: BatchAttention, dispatcher: Dispatcher
+    ) -> torch.Tensor:
         h_TD = self.embed(batch)
         for layer in range(self.config.num_layers):
-            routed = self.pre_experts(layer, h_TD, batch, cache)
+            routed = self.pre_experts(layer, h_TD, batch, attn)
             experts_TD = None
             if self.config.is_moe_layer(layer):
                 experts_TD = dispatcher.experts(
@@ -124,7 +126,7 @@ class AttentionSideModel:
         return self.t[f"model.layers.{layer}.{block}.{name}"]
 
     def _attention(
-        self, layer: int, x_TD: torch.Tensor, batch: TokenBatch, cache: KVCache
+        self, layer: int, x_TD: torch.Tensor, batch: TokenBatch, attn: BatchAttention
     ) -> torch.Tensor:
         c, p = self.config, f"model.layers.{layer}.self_attn"
         q, k, v = (
@@ -149,11 +151,5 @@ class AttentionSideModel:
             k_TGDh = rms_norm(k_TGDh, self.t[f"{p}.k_norm.weight"], c.rms_norm_eps)
         cos, sin = self.rope.cos_sin(batch.positions, x_TD.dtype)
         q_THDh, k_TGDh = apply_rope(q_THDh, cos, sin), apply_rope(k_TGDh, cos, sin)
-        out_THDh = torch.empty_like(q_THDh)
-        for s in batch.segments:
-            rows = slice(s.start, s.start + s.length)
-            k_all, v_all = cache.write_and_read(
-                layer, s.seq_id, s.first_position, k_TGDh[rows], v_TGDh[rows]
-            )
-            out_THDh[rows] = causal_attention(q_THDh[rows], k_all, v_all, batch.positions[rows])
+        out_THDh = attn.attend(layer, q_THDh, k_TGDh, v_TGDh)
         return F.linear(out_THDh.reshape(T, c.num_heads * c.head_dim), self.t[f"{p}.o_proj.weight"])

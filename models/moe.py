@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,27 +101,69 @@ class ExpertShard:
 
 
 class Dispatcher(ABC):
-    """Sends routed tokens of one MoE layer to wherever the experts live and returns their sum."""
+    """Where a layer's routed tokens go, and how their experts' sum comes back.
+
+    `dispatch` hands one micro-batch's tokens over and returns at once with a plan; `combine`
+    waits for their sum. Between the two the caller computes something else (the ping-pong
+    pipeline: the next micro-batch's attention). Local experts answer inside `dispatch`;
+    remote ones over the exchange.
+    """
+
+    def __init__(self) -> None:
+        self.wait_s = 0.0  # time blocked in combine, for the pipeline's timing split
+        self.rounds = 0  # (layer, micro-batch) exchanges combined
+        self.round_trip_s = 0.0  # dispatch to combine done, summed over rounds
 
     @abstractmethod
+    def dispatch(
+        self,
+        step: int,
+        layer: int,
+        micro_batch: int,
+        x_TD: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+    ) -> Any:
+        """Sends the tokens to their experts; the plan `combine` takes."""
+
+    @abstractmethod
+    def combine(self, plan: Any, like_TD: torch.Tensor) -> torch.Tensor:
+        """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) for every token t, as [T, D]."""
+
+    def end_step(self, step: int) -> None:
+        """The caller is through with `step` (remote experts with replicas wait for this)."""
+        return None
+
     def experts(
         self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
     ) -> torch.Tensor:
-        """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) for every token t, as [T, D]."""
+        """Dispatch and combine at once, for a caller with nothing to overlap."""
+        return self.combine(self.dispatch(0, layer, 0, x_TD, ids_TK, weights_TK), x_TD)
 
 
 class LocalDispatcher(Dispatcher):
-    """All experts in this process: the single-process reference and the colocated baseline."""
+    """All experts in this process: the single-process reference and the colocated engine."""
 
     def __init__(self, shard: ExpertShard) -> None:
+        super().__init__()
         if shard.expert_ids != tuple(range(shard.config.num_experts)):
             raise ValueError("LocalDispatcher needs a shard holding every expert")
         self.shard = shard
 
-    def experts(
-        self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
+    def dispatch(
+        self,
+        step: int,
+        layer: int,
+        micro_batch: int,
+        x_TD: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
     ) -> torch.Tensor:
         return self.shard.forward(layer, x_TD, ids_TK, weights_TK)
+
+    def combine(self, plan: torch.Tensor, like_TD: torch.Tensor) -> torch.Tensor:
+        self.rounds += 1
+        return plan
 
 
 def grouped_experts(

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from afd.models.attention import ContiguousAttention, ContiguousKVCache
 from afd.models.batch import TokenBatch
 from afd.models.checkpoint import Checkpoint
 from afd.models.config import DTYPES, load_config
-from afd.models.kv_cache import ContiguousKVCache
 from afd.models.messages import FinishReason, TokenOutput
 from afd.models.model import AttentionSideModel
 from afd.models.moe import ExpertShard, LocalDispatcher
@@ -68,7 +68,9 @@ class ReferenceEngine:
         cache = ContiguousKVCache()
         batch = TokenBatch.build([(0, prompt_ids, 0)])
         while True:
-            logits_BV = self.model.forward(batch, cache, self.dispatcher)
+            logits_BV = self.model.forward(
+                batch, ContiguousAttention(cache, batch), self.dispatcher
+            )
             event = state.accept(logits_BV[0])
             yield event
             if state.finished:

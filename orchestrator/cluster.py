@@ -137,7 +137,10 @@ class Cluster:
         self.deployment = deployment
         self.config = load_config(deployment.model.path)
         d = deployment
-        if d.experts.assignment is not None:
+        self.placement: ExpertPlacement | None = None  # None: colocated, no expert nodes
+        if d.experts.nodes == 0:
+            pass
+        elif d.experts.assignment is not None:
             self.placement = ExpertPlacement.explicit(
                 self.config.num_experts, d.experts.assignment, d.experts.replicas
             )
@@ -146,20 +149,20 @@ class Cluster:
                 self.config.num_experts, d.experts.nodes, d.experts.replicas
             )
         connect_ray(d.ray.address, d.ray.startup_timeout_s)
+        expert_nodes = 0 if self.placement is None else self.placement.num_nodes
         log.info(
             "placing %d expert node(s) and %d attention node(s); each loads its own weights",
-            self.placement.num_nodes,
+            expert_nodes,
             d.attention.nodes,
         )
-        self._demands = {
-            "experts": PoolDemand.of("experts", d.experts, self.placement.num_nodes),
-            "attention": PoolDemand.of("attention", d.attention, d.attention.nodes),
-        }
+        self._demands = {"attention": PoolDemand.of("attention", d.attention, d.attention.nodes)}
+        if expert_nodes:
+            self._demands["experts"] = PoolDemand.of("experts", d.experts, expert_nodes)
         check_fits(list(self._demands.values()), ray.nodes())
         self._groups = {
             pool: reserve(demand, d.ray.startup_timeout_s) for pool, demand in self._demands.items()
         }
-        self.experts = [self._start_expert(j) for j in range(self.placement.num_nodes)]
+        self.experts = [self._start_expert(j) for j in range(expert_nodes)]
         self.attention = [self._start_attention(i) for i in range(d.attention.nodes)]
         self._wire()
         self._pids = _await_restarts(self._nodes(), time.monotonic() + d.ray.startup_timeout_s)
@@ -192,6 +195,7 @@ class Cluster:
 
     # ---- placement and wiring ---------------------------------------------------------
     def _start_expert(self, j: int):
+        assert self.placement is not None  # expert nodes exist only with a placement
         settings = expert_node_settings(
             self.deployment, j, self.placement.assignment[j], self.placement.replicas > 1
         )
@@ -379,7 +383,8 @@ class Cluster:
         return results, errors
 
     def _can_fail_over(self, j: int) -> bool:
-        return self.placement.replicas > 1 and self.placement.covers(self._down | {j})
+        p = self.placement
+        return p is not None and p.replicas > 1 and p.covers(self._down | {j})
 
     def _fail_over(self, j: int, err: Exception) -> None:
         """Expert node j died and every expert it held has a live replica: the attention nodes
@@ -551,7 +556,7 @@ class Cluster:
                     tokens=self._attention_tokens[i],
                 )
             )
-        for j, experts in enumerate(self.placement.assignment):
+        for j, experts in enumerate(self.placement.assignment if self.placement else ()):
             nodes.append(
                 NodeState(
                     f"expert-{j}",

@@ -190,10 +190,18 @@ def _resource_map(resources: dict | None) -> bool:
     )
 
 
-def _pool_rules(pool: str, s: PoolSection) -> list[tuple[str, bool, str]]:
-    """The checks every pool section passes (the attention pool's and the experts')."""
+def _pool_rules(
+    pool: str, s: PoolSection, colocated_allowed: bool = False
+) -> list[tuple[str, bool, str]]:
+    """The checks every pool section passes (the attention pool's and the experts'). The
+    experts may have no nodes: each attention node then holds every expert (colocated)."""
+    least = 0 if colocated_allowed else 1
     return [
-        (f"{pool}.nodes", s.nodes >= 1, ">= 1"),
+        (
+            f"{pool}.nodes",
+            s.nodes >= least,
+            ">= 0 (0: colocated, experts on the attention nodes)" if least == 0 else ">= 1",
+        ),
         (f"{pool}.num_cpus", s.num_cpus >= 0, ">= 0"),
         (f"{pool}.num_gpus", s.num_gpus >= 0, ">= 0"),
         (f"{pool}.strategy", s.strategy in ("spread", "pack"), "spread or pack"),
@@ -209,14 +217,11 @@ def _check(d: Deployment, source: str) -> None:
     rules = [
         ("model.path", bool(d.model.path), "a model directory"),
         ("model.dtype", d.model.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
-        *(
-            rule
-            for pool in ("attention", "experts")
-            for rule in _pool_rules(pool, getattr(d, pool))
-        ),
+        *_pool_rules("attention", d.attention),
+        *_pool_rules("experts", d.experts, colocated_allowed=True),
         (
             "experts.replicas",
-            1 <= d.experts.replicas <= d.experts.nodes,
+            1 <= d.experts.replicas <= max(1, d.experts.nodes),
             f"between 1 and experts.nodes ({d.experts.nodes})",
         ),
         ("pipeline.micro_batches", 1 <= d.pipeline.micro_batches <= 16, "between 1 and 16"),

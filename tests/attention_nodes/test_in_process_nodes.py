@@ -25,7 +25,7 @@ from afd.models.moe import ExpertShard
 from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.transport.endpoint import Transport, TransportError
-from afd.transport.wire import FrameKind, RoundKey
+from afd.transport.wire import FrameKind
 
 EXPERT_BASE = 1000
 TIMEOUT_S = 30.0
@@ -46,7 +46,7 @@ def _serve(
     """Steps every node until each request has finished; the tokens of each request."""
     out: dict[str, list[TokenOutput]] = {r.request_id: [] for r in requests}
     new, step = list(requests), 0
-    with ThreadPoolExecutor(len(experts)) as pool:
+    with ThreadPoolExecutor(max(1, len(experts))) as pool:
         while new or any(not t or t[-1].finish_reason is None for t in out.values()):
             runs = [pool.submit(e.run_step, step) for e in experts]
             result = attention.step(step, new, [])
@@ -100,6 +100,24 @@ def test_ping_pong_gives_the_reference_tokens_for_every_m(
         tokens = got[r.request_id]
         assert [t.token_id for t in tokens] == want.token_ids, r.request_id
         assert [t.logprob for t in tokens] == pytest.approx(want.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_colocated_node_gives_the_reference_tokens(
+    tiny_model: Path, reference: ReferenceEngine, micro_batches: int
+) -> None:
+    settings = AttentionNodeSettings(0, str(tiny_model), micro_batches=micro_batches)
+    node = AttentionNode(settings, None)  # every expert on the node, no transport
+    try:
+        assert node.address() is None
+        requests = _requests(reference)
+        got = _serve(node, [], requests)
+    finally:
+        node.shutdown()
+    for r in requests:
+        want = reference.generate(r.prompt_ids, r.params)
+        assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
+        assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-5)
 
 
 # ---- the remote dispatcher against hand-driven expert peers ---------------------------------
@@ -175,7 +193,7 @@ def test_a_lost_expert_node_is_failed_over_to_its_replica_within_the_exchange(
     ]
     for t in serving:
         t.start()
-    plan = dispatcher.dispatch(RoundKey.exchange(0, 0, 0), x_TD, ids_TK, weights_TK)
+    plan = dispatcher.dispatch(0, 0, 0, x_TD, ids_TK, weights_TK)
     threading.Timer(0.2, attention.mark_lost, args=(EXPERT_BASE,)).start()  # the orchestrator
     out_TD = dispatcher.combine(plan, x_TD)
     for t in serving:
@@ -197,7 +215,7 @@ def test_an_answer_of_the_wrong_shape_is_an_error_naming_the_peer(
     serving = [threading.Thread(target=e.serve, args=(1,)) for e in experts]
     for t in serving:
         t.start()
-    plan = dispatcher.dispatch(RoundKey.exchange(0, 0, 0), x_TD, ids_TK, weights_TK)
+    plan = dispatcher.dispatch(0, 0, 0, x_TD, ids_TK, weights_TK)
     with pytest.raises(
         TransportError, match=f"expert peer {EXPERT_BASE + 1} answered .* with shape"
     ):

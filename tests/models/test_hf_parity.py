@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from afd.models.attention import ContiguousAttention, ContiguousKVCache
 from afd.models.batch import TokenBatch
-from afd.models.kv_cache import ContiguousKVCache
 from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.models.tiny import make_tiny_model
@@ -36,7 +36,9 @@ def _max_logit_error(
     with torch.inference_mode():
         batch = TokenBatch.build([(0, prompt, 0)])
         for i in range(len(steps) + 1):
-            logits = engine.model.forward(batch, cache, engine.dispatcher)[0]
+            logits = engine.model.forward(
+                batch, ContiguousAttention(cache, batch), engine.dispatcher
+            )[0]
             worst = max(worst, (logits - hf_logits[len(prompt) + i - 1]).abs().max().item())
             if i < len(steps):
                 batch = TokenBatch.build([(0, [steps[i]], len(prompt) + i)])

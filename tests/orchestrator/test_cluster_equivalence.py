@@ -19,6 +19,7 @@ SHAPES = [
     (2, 2, 2),
     (2, 3, 3),
     (3, 2, 1),
+    (2, 0, 2),  # colocated: every attention node holds its experts
 ]  # (attention nodes, expert nodes, micro-batches)
 PROMPTS = [
     "Hello, world!",

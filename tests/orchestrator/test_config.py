@@ -45,5 +45,8 @@ def test_bad_config_names_the_field(text: str, message: str, tmp_path: Path) -> 
 def test_command_line_overrides_are_checked_too(tmp_path: Path) -> None:
     d = load_deployment(ROOT / "configs/tiny-cpu.yaml")
     assert d.with_shape(3, 1, 2).attention.nodes == 3
-    with pytest.raises(DeploymentError, match="command line: field 'experts.nodes' must be >= 1"):
-        d.with_shape(None, 0, None)
+    with pytest.raises(DeploymentError, match="command line: field 'experts.nodes' must be >= 0"):
+        d.with_shape(None, -1, None)
+    with pytest.raises(DeploymentError, match="command line: field 'attention.nodes' must be >= 1"):
+        d.with_shape(0, None, None)
+    assert d.with_shape(None, 0, None).experts.nodes == 0  # colocated

@@ -1,0 +1,178 @@
+"""Attention over a KV cache for one batch: the contiguous reference and the paged, batched one.
+
+The model asks a `BatchAttention` for one thing per layer: store the batch's new keys and
+values, and attend the new queries over every cached key of their sequence. What it is bound to
+is built once per batch (per micro-batch), not per layer:
+
+- `ContiguousAttention` — one growing tensor per sequence, a loop over sequences: the oracle.
+- `PagedAttention` — fixed-size blocks of a preallocated cache; per-step metadata (slot of each
+  new token, block table of each sequence, query rows and positions) as device tensors, so a
+  layer's attention is a fixed handful of batched ops whatever the batch holds: prefill chunks
+  and decode tokens mix, and fixed shapes let a CUDA graph capture it.
+
+Shape legend: T = new tokens of the batch, B = sequences, Q = most new tokens of one sequence,
+M = blocks per sequence (the longest), BS = block size, S = M·BS keys, H = query heads,
+G = kv heads, r = H/G, Dh = head dim, NB = cache blocks, L = layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from afd.models.batch import TokenBatch
+from afd.models.layers import causal_attention
+
+
+class BatchAttention(Protocol):
+    def attend(
+        self, layer: int, q_THDh: torch.Tensor, k_TGDh: torch.Tensor, v_TGDh: torch.Tensor
+    ) -> torch.Tensor:
+        """Stores the new keys/values, returns each new query's attention output [T, H, Dh]."""
+        ...
+
+
+class ContiguousKVCache:
+    """One growing tensor per (sequence, layer): simple and exact, the reference's cache."""
+
+    def __init__(self) -> None:
+        self._kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def write_and_read(
+        self,
+        layer: int,
+        seq_id: int,
+        first_position: int,
+        k_NGDh: torch.Tensor,
+        v_NGDh: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (seq_id, layer)
+        if key in self._kv:
+            k_old, v_old = self._kv[key]
+            k_NGDh = torch.cat([k_old[:first_position], k_NGDh])
+            v_NGDh = torch.cat([v_old[:first_position], v_NGDh])
+        elif first_position != 0:
+            raise ValueError(
+                f"sequence {seq_id} layer {layer}: no cache to continue at {first_position}"
+            )
+        self._kv[key] = (k_NGDh, v_NGDh)
+        return k_NGDh, v_NGDh
+
+
+class ContiguousAttention:
+    """The reference: each sequence's keys in one contiguous tensor, one sequence at a time."""
+
+    def __init__(self, cache: ContiguousKVCache, batch: TokenBatch) -> None:
+        self.cache, self.batch = cache, batch
+
+    def attend(
+        self, layer: int, q_THDh: torch.Tensor, k_TGDh: torch.Tensor, v_TGDh: torch.Tensor
+    ) -> torch.Tensor:
+        out_THDh = torch.empty_like(q_THDh)
+        for s in self.batch.segments:
+            rows = slice(s.start, s.start + s.length)
+            k_all, v_all = self.cache.write_and_read(
+                layer, s.seq_id, s.first_position, k_TGDh[rows], v_TGDh[rows]
+            )
+            out_THDh[rows] = causal_attention(
+                q_THDh[rows], k_all, v_all, self.batch.positions[rows]
+            )
+        return out_THDh
+
+
+@dataclass(frozen=True, slots=True)
+class PagedMetadata:
+    """Where a batch's tokens sit in a paged cache. All tensors on the cache's device."""
+
+    slot_T: torch.Tensor  # [T] int64: block·BS + offset where each new token's K/V goes
+    block_table_BM: torch.Tensor  # [B, M] int64: each sequence's blocks, padded with block 0
+    query_row_BQ: torch.Tensor  # [B, Q] int64: row of each sequence's q-th new token; T = none
+    query_pos_BQ: torch.Tensor  # [B, Q] int64: its position (0 for padding, which is dropped)
+
+    @classmethod
+    def build(
+        cls,
+        batch: TokenBatch,
+        tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str,
+        blocks: int | None = None,
+        queries: int | None = None,
+    ) -> PagedMetadata:
+        """From the batch's segments and each segment's block table (host lists, one
+        transfer). `blocks`/`queries` pad M and Q (a CUDA graph's bucket); default: tight."""
+        segments = batch.segments
+        M = blocks or max((len(t) for t in tables), default=1)
+        Q = queries or max((s.length for s in segments), default=1)
+        T = sum(s.length for s in segments)
+        slots, table_rows, rows, positions = [], [], [], []
+        for s, table in zip(segments, tables, strict=True):
+            for p in range(s.first_position, s.first_position + s.length):
+                slots.append(table[p // block_size] * block_size + p % block_size)
+            table_rows.append(table + [0] * (M - len(table)))
+            pad = Q - s.length
+            rows.append(list(range(s.start, s.start + s.length)) + [T] * pad)
+            positions.append(list(range(s.first_position, s.first_position + s.length)) + [0] * pad)
+        packed = torch.tensor(
+            [*slots, *(x for r in table_rows for x in r), *(x for r in rows for x in r)]
+            + [x for r in positions for x in r],
+            dtype=torch.int64,
+        ).to(device, non_blocking=True)
+        B = len(segments)
+        slot_T, table_BM, row_BQ, pos_BQ = packed.split([T, B * M, B * Q, B * Q])
+        return cls(slot_T, table_BM.view(B, M), row_BQ.view(B, Q), pos_BQ.view(B, Q))
+
+
+class PagedAttention:
+    """`BatchAttention` over a paged cache `[L, NB, BS, G, Dh]` for one batch's metadata."""
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata) -> None:
+        self.k_cache, self.v_cache, self.meta = k_cache, v_cache, meta
+
+    def attend(
+        self, layer: int, q_THDh: torch.Tensor, k_TGDh: torch.Tensor, v_TGDh: torch.Tensor
+    ) -> torch.Tensor:
+        return paged_attention(
+            self.k_cache[layer], self.v_cache[layer], self.meta, q_THDh, k_TGDh, v_TGDh
+        )
+
+
+def paged_attention(
+    k_NBBSGDh: torch.Tensor,
+    v_NBBSGDh: torch.Tensor,
+    meta: PagedMetadata,
+    q_THDh: torch.Tensor,
+    k_TGDh: torch.Tensor,
+    v_TGDh: torch.Tensor,
+) -> torch.Tensor:
+    """Writes the new K/V into their slots, then attends every sequence's queries over its
+    blocks at once (keys past a query's position masked). The same arithmetic as
+    `causal_attention` per sequence, so results match the reference to rounding."""
+    NB, BS, G, Dh = k_NBBSGDh.shape
+    T, H, _ = q_THDh.shape
+    B, Q = meta.query_row_BQ.shape
+    M = meta.block_table_BM.shape[1]
+    k_flat, v_flat = k_NBBSGDh.view(NB * BS, G, Dh), v_NBBSGDh.view(NB * BS, G, Dh)
+    k_flat.index_copy_(0, meta.slot_T, k_TGDh)
+    v_flat.index_copy_(0, meta.slot_T, v_TGDh)
+    offsets_BS = torch.arange(BS, device=q_THDh.device)
+    S = M * BS
+    slots_BS = (meta.block_table_BM[:, :, None] * BS + offsets_BS).reshape(B, S)
+    k_BGSDh = k_flat[slots_BS].permute(0, 2, 1, 3)
+    v_BGSDh = v_flat[slots_BS].permute(0, 2, 1, 3)
+    q_padded = torch.cat([q_THDh, q_THDh.new_zeros(1, H, Dh)])  # row T: padding queries
+    r = H // G
+    q_BGrQDh = q_padded[meta.query_row_BQ].view(B, Q, G, r, Dh).permute(0, 2, 3, 1, 4)
+    q_BGxDh = q_BGrQDh.reshape(B, G, r * Q, Dh)
+    scores = torch.matmul(q_BGxDh, k_BGSDh.transpose(2, 3)) * (Dh**-0.5)  # [B, G, rQ, S]
+    key_pos_S = torch.arange(S, device=q_THDh.device)
+    masked_BQS = key_pos_S[None, None, :] > meta.query_pos_BQ[:, :, None]
+    masked_BxS = masked_BQS[:, None, :, :].expand(B, r, Q, S).reshape(B, 1, r * Q, S)
+    scores = scores.masked_fill(masked_BxS, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_THDh.dtype)
+    out_BGrQDh = torch.matmul(probs, v_BGSDh).view(B, G, r, Q, Dh)
+    out_BQHDh = out_BGrQDh.permute(0, 3, 1, 2, 4).reshape(B * Q, H, Dh)
+    out_THDh = q_THDh.new_empty(T + 1, H, Dh)
+    out_THDh.index_copy_(0, meta.query_row_BQ.reshape(-1), out_BQHDh)  # padding lands on row T
+    return out_THDh[:T]
