@@ -155,9 +155,12 @@ class Cluster:
             expert_nodes,
             d.attention.nodes,
         )
-        self._demands = {"attention": PoolDemand.of("attention", d.attention, d.attention.nodes)}
+        self._demands: dict[
+            str, PoolDemand
+        ] = {}  # experts first: they are placed (and reported) before attention
         if expert_nodes:
             self._demands["experts"] = PoolDemand.of("experts", d.experts, expert_nodes)
+        self._demands["attention"] = PoolDemand.of("attention", d.attention, d.attention.nodes)
         check_fits(list(self._demands.values()), ray.nodes())
         self._groups = {
             pool: reserve(demand, d.ray.startup_timeout_s) for pool, demand in self._demands.items()
