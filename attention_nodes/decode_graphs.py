@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from afd.models.attention import PagedAttention, PagedMetadata
 from afd.models.batch import TokenBatch
 from afd.models.model import AttentionSideModel

@@ -11,18 +11,20 @@ A plain class: Ray wraps it as an actor, tests may run it in-process.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
+from afd.attention_nodes.decode_graphs import DecodeGraphs
 from afd.attention_nodes.paged_kv_cache import PagedKVCache
 from afd.attention_nodes.pipeline import PingPongPipeline
 from afd.attention_nodes.remote_dispatch import RemoteDispatcher
 from afd.attention_nodes.scheduler import Chunk, ScheduledSequence, Scheduler
 from afd.models.batch import TokenBatch
-from afd.models.checkpoint import Checkpoint
+from afd.models.checkpoint import open_checkpoint
 from afd.models.config import DTYPES, load_config
 from afd.models.expert_placement import ExpertPlacement
-from afd.models.messages import AttentionStepResult, NewRequest, TokenOutput
+from afd.models.messages import AttentionStepResult, NewRequest, StepTimings, TokenOutput
 from afd.models.model import AttentionSideModel
 from afd.models.moe import ExpertShard, LocalDispatcher
 from afd.models.request_state import RequestState, check_prompt
@@ -35,6 +37,7 @@ class AttentionNodeSettings:
     node_id: int
     model_dir: str
     dtype: str = "float32"
+    load_format: str = "auto"  # "dummy": random weights from config.json alone
     micro_batches: int = 1
     kv_blocks: int = 256
     block_size: int = 16
@@ -43,6 +46,7 @@ class AttentionNodeSettings:
     round_timeout_s: float = 30.0
     transport: TransportSettings = field(default_factory=TransportSettings)
     device: str = "cpu"  # "cuda": the GPU Ray gave this actor
+    cuda_graphs: bool = True  # colocated on CUDA: decode-only steps replay CUDA graphs
 
 
 def split_micro_batches(chunks: list[Chunk], m: int) -> list[list[Chunk]]:
@@ -62,7 +66,7 @@ class AttentionNode:
         self.settings = settings
         self.placement = placement
         self.config = load_config(settings.model_dir)
-        self.checkpoint = Checkpoint(settings.model_dir)
+        self.checkpoint = open_checkpoint(settings.model_dir, settings.load_format, settings.device)
         self.device = torch.device(settings.device)
         self.model = AttentionSideModel.load(
             self.checkpoint, self.config, DTYPES[settings.dtype]
@@ -81,11 +85,22 @@ class AttentionNode:
         self.scheduler = Scheduler(self.cache, settings.max_batch_tokens, settings.max_running)
         self.transport: Transport | None = None
         self.pipeline: PingPongPipeline | None = None
+        self.graphs: DecodeGraphs | None = None  # colocated on CUDA: decode steps replay graphs
         if placement is None:
             shard = ExpertShard.load(
                 self.checkpoint, c, range(c.num_experts), DTYPES[settings.dtype]
             ).to(self.device)
-            self.pipeline = PingPongPipeline(self.model, self.cache, LocalDispatcher(shard))
+            dispatcher = LocalDispatcher(shard)
+            self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)
+            if self.device.type == "cuda" and settings.cuda_graphs:
+                self.graphs = DecodeGraphs(
+                    self.model,
+                    self.cache.k_LNBBSGDh,
+                    self.cache.v_LNBBSGDh,
+                    dispatcher,
+                    self.cache.scratch_block,
+                    -(-c.max_position_embeddings // settings.block_size),
+                )
         else:
             self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self._next_seq_id = 0
@@ -147,6 +162,8 @@ class AttentionNode:
         for r in new:
             self._admit(r)
         chunks = self.scheduler.schedule()
+        if self.graphs is not None and chunks and all(c.num_tokens == 1 for c in chunks):
+            return self._graph_step(chunks)
         groups = split_micro_batches(chunks, self.settings.micro_batches)
         batches = [
             TokenBatch.build(
@@ -173,6 +190,27 @@ class AttentionNode:
             len(self.scheduler.waiting),
             self.cache.allocator.free,
             moved,
+        )
+
+    def _graph_step(self, chunks: list[Chunk]) -> AttentionStepResult:
+        """A decode-only step of a colocated node: the whole forward replays a CUDA graph."""
+        assert self.graphs is not None
+        start = time.perf_counter()
+        batch = TokenBatch.build(
+            [(c.seq.seq_id, c.seq.pending[:1], c.seq.num_computed) for c in chunks]
+        )
+        tables = [self.cache.tables[c.seq.seq_id] for c in chunks]
+        sampled = [i for i, c in enumerate(chunks) if c.samples]  # a 1-token prefill chunk may not
+        outputs = self._advance(chunks, self.graphs.run(batch, tables)[sampled])
+        total = time.perf_counter() - start
+        return AttentionStepResult(
+            outputs,
+            StepTimings(total, total),
+            len(chunks),
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            self.cache.allocator.free,
+            0,
         )
 
     def _admit(self, r: NewRequest) -> None:

@@ -42,7 +42,10 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
     ) -> None:
-        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        # one block more than the allocator hands out: the scratch block, where the padding
+        # rows of a CUDA graph's batch write
+        shape = (num_layers, num_blocks + 1, block_size, kv_heads, head_dim)
+        self.scratch_block = num_blocks
         self.k_LNBBSGDh = torch.zeros(shape, dtype=dtype, device=device)
         self.v_LNBBSGDh = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from afd.models.checkpoint import Checkpoint
+from afd.models.checkpoint import open_checkpoint
 from afd.models.config import DTYPES, load_config
 from afd.models.messages import ExpertStepResult
 from afd.models.moe import ExpertShard
@@ -33,6 +33,7 @@ class ExpertNodeSettings:
     model_dir: str
     expert_ids: tuple[int, ...]
     dtype: str = "float32"
+    load_format: str = "auto"  # "dummy": random weights from config.json alone
     micro_batches: int = 1
     round_timeout_s: float = 30.0
     transport: TransportSettings = field(default_factory=TransportSettings)
@@ -44,7 +45,7 @@ class ExpertNode:
     def __init__(self, settings: ExpertNodeSettings) -> None:
         self.settings = settings
         self.config = load_config(settings.model_dir)
-        self.checkpoint = Checkpoint(settings.model_dir)
+        self.checkpoint = open_checkpoint(settings.model_dir, settings.load_format, settings.device)
         self.shard = ExpertShard.load(
             self.checkpoint, self.config, settings.expert_ids, DTYPES[settings.dtype]
         ).to(settings.device)

@@ -10,9 +10,11 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from afd.models.config import ModelConfig
+from afd.models.dummy_weights import DummyCheckpoint
 from afd.models.weights import ALL_KINDS, IGNORED_SUFFIXES, TensorSpec, tensor_specs
 from safetensors import safe_open
 
@@ -22,6 +24,33 @@ INDEX_FILE = "model.safetensors.index.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match its config; the message names the tensor."""
+
+
+class TensorSource(Protocol):
+    """Where a node's weights come from: a safetensors checkpoint, or made up (dummy)."""
+
+    names_read: list[str]  # every tensor handed out, for tests that check what a node loaded
+
+    def check_names(self, config: ModelConfig) -> None: ...
+
+    def load(self, specs: Iterable[TensorSpec], dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
+
+
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def open_checkpoint(
+    model_dir: str | Path, load_format: str = "auto", device: str | torch.device = "cpu"
+) -> TensorSource:
+    """`auto`: the directory's safetensors; `dummy`: random weights of the config's shapes,
+    made on `device` (vLLM's `--load-format dummy`)."""
+    if load_format == "dummy":
+        return DummyCheckpoint(device=device)
+    if load_format != "auto":
+        raise CheckpointError(
+            f"load format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}"
+        )
+    return Checkpoint(model_dir)
 
 
 class Checkpoint:

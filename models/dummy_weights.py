@@ -13,7 +13,6 @@ import zlib
 from collections.abc import Iterable
 
 import torch
-
 from afd.models.weights import TensorSpec
 
 INIT_STD = 0.02

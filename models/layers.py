@@ -29,7 +29,9 @@ class Rope:
     def cos_sin(
         self, positions_T: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs_TF = positions_T.float()[:, None] * self.inv_freq.to(positions_T.device)[None, :]
+        if self.inv_freq.device != positions_T.device:  # once: no copy per layer (nor in a graph)
+            self.inv_freq = self.inv_freq.to(positions_T.device)
+        freqs_TF = positions_T.float()[:, None] * self.inv_freq[None, :]
         emb_TDh = torch.cat((freqs_TF, freqs_TF), dim=-1)
         return (emb_TDh.cos() * self.scale).to(dtype), (emb_TDh.sin() * self.scale).to(dtype)
 

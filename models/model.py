@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from afd.models.attention import BatchAttention
 from afd.models.batch import TokenBatch
-from afd.models.checkpoint import Checkpoint
+from afd.models.checkpoint import TensorSource
 from afd.models.config import ModelConfig
 from afd.models.layers import Rope, apply_rope, rms_norm, route, swiglu
 from afd.models.moe import Dispatcher
@@ -48,7 +48,7 @@ class AttentionSideModel:
 
     @classmethod
     def load(
-        cls, checkpoint: Checkpoint, config: ModelConfig, dtype: torch.dtype
+        cls, checkpoint: TensorSource, config: ModelConfig, dtype: torch.dtype
     ) -> AttentionSideModel:
         return cls(config, checkpoint.load(tensor_specs(config, ATTENTION_SIDE_KINDS), dtype))
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from afd.models.checkpoint import Checkpoint
+from afd.models.checkpoint import TensorSource
 from afd.models.config import ModelConfig
 from afd.models.weights import expert_tensor_name, tensor_specs
 
@@ -48,7 +48,7 @@ class ExpertShard:
     @classmethod
     def load(
         cls,
-        checkpoint: Checkpoint,
+        checkpoint: TensorSource,
         config: ModelConfig,
         expert_ids: Sequence[int],
         dtype: torch.dtype,

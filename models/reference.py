@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from afd.models.attention import ContiguousAttention, ContiguousKVCache
 from afd.models.batch import TokenBatch
-from afd.models.checkpoint import Checkpoint
+from afd.models.checkpoint import open_checkpoint
 from afd.models.config import DTYPES, load_config
 from afd.models.messages import FinishReason, TokenOutput
 from afd.models.model import AttentionSideModel
@@ -48,11 +48,13 @@ class GenerationResult:
 class ReferenceEngine:
     """The whole model in one process, one request at a time: slow, simple and exact."""
 
-    def __init__(self, model_dir: str | Path, dtype: str = "float32") -> None:
+    def __init__(
+        self, model_dir: str | Path, dtype: str = "float32", load_format: str = "auto"
+    ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.config = load_config(model_dir)
-        checkpoint = Checkpoint(model_dir)
+        checkpoint = open_checkpoint(model_dir, load_format)
         checkpoint.check_names(self.config)
         self.model = AttentionSideModel.load(checkpoint, self.config, DTYPES[dtype])
         shard = ExpertShard.load(

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from afd.models.checkpoint import CheckpointError
+from afd.models.checkpoint import LOAD_FORMATS, CheckpointError
 from afd.models.config import DTYPES, SUPPORTED_ARCHS, ConfigError, load_config
 from afd.models.expert_placement import ExpertPlacementError
 from afd.models.messages import TokenOutput
@@ -36,6 +36,7 @@ from afd.orchestrator.pool_placement import PoolPlacementError
 from afd.orchestrator.server import BackgroundServer, Server, with_ports
 
 DEMO_MODEL_DIR = Path(".afd/tiny-qwen3_moe")
+LOAD_HELP = "dummy: random weights from config.json alone (no checkpoint needed)"
 USER_ERRORS = (
     ConfigError,
     CheckpointError,
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-ids", help='comma-separated token ids, e.g. "1,2,3"')
     _add_sampling_args(gen)
     gen.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    gen.add_argument("--load-format", choices=LOAD_FORMATS, default=None, help=LOAD_HELP)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(handler=_generate)
 
@@ -94,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--attention-nodes", type=int)
     serve.add_argument("--expert-nodes", type=int)
     serve.add_argument("--micro-batches", type=int)
+    serve.add_argument("--load-format", choices=LOAD_FORMATS, default=None, help=LOAD_HELP)
     serve.add_argument("--host")
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--http-port", type=int)
@@ -190,7 +193,7 @@ def _deployment(args: argparse.Namespace) -> Deployment | None:
         if args.config
         else Deployment(model=ModelSection(path=args.model or ""))
     )
-    return base.with_shape(*shape, model=args.model)
+    return base.with_shape(*shape, model=args.model, load_format=args.load_format)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -205,7 +208,8 @@ def _generate(args: argparse.Namespace) -> int:
         else tokenizer.encode(args.prompt)
     )
     if deployment is None:
-        events = ReferenceEngine(model_dir, args.dtype).stream(prompt_ids, params)
+        engine = ReferenceEngine(model_dir, args.dtype, args.load_format or "auto")
+        events = engine.stream(prompt_ids, params)
         return _print_stream(events, args.json)
     cluster = Cluster(deployment)
     try:
@@ -228,7 +232,11 @@ def _print_stream(events: Iterable[TokenOutput], as_json: bool) -> int:
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     deployment = load_deployment(args.config).with_shape(
-        args.attention_nodes, args.expert_nodes, args.micro_batches, model=args.model
+        args.attention_nodes,
+        args.expert_nodes,
+        args.micro_batches,
+        model=args.model,
+        load_format=args.load_format,
     )
     load_config(deployment.model.path)  # a bad model directory fails before Ray starts
     deployment = with_ports(deployment, args.host, args.grpc_port, args.http_port)

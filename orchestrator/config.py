@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 import yaml
+from afd.models.checkpoint import LOAD_FORMATS
 from afd.models.config import DTYPES
 from afd.transport.endpoint import TransportSettings
 
@@ -22,8 +23,9 @@ class DeploymentError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ModelSection:
-    path: str = ""
+    path: str = ""  # the HF model directory: config.json, tokenizer, safetensors
     dtype: str = "float32"
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benches)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,7 @@ class PoolSection:
 
 @dataclass(frozen=True, slots=True)
 class AttentionSection(PoolSection):
+    cuda_graphs: bool = True  # colocated on CUDA: decode-only steps replay CUDA graphs
     kv_blocks: int = 256
     block_size: int = 16
     max_batch_tokens: int = 512
@@ -117,11 +120,14 @@ class Deployment:
         expert_nodes: int | None,
         micro_batches: int | None,
         model: str | None = None,
+        load_format: str | None = None,
     ) -> Deployment:
         """The same deployment with the CLI's overrides applied, and checked again."""
         d = self
         if model is not None:
             d = replace(d, model=replace(d.model, path=model))
+        if load_format is not None:
+            d = replace(d, model=replace(d.model, load_format=load_format))
         if attention_nodes is not None:
             d = replace(d, attention=replace(d.attention, nodes=attention_nodes))
         if expert_nodes is not None:
@@ -217,6 +223,7 @@ def _check(d: Deployment, source: str) -> None:
     rules = [
         ("model.path", bool(d.model.path), "a model directory"),
         ("model.dtype", d.model.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+        ("model.load_format", d.model.load_format in LOAD_FORMATS, " or ".join(LOAD_FORMATS)),
         *_pool_rules("attention", d.attention),
         *_pool_rules("experts", d.experts, colocated_allowed=True),
         (

@@ -20,6 +20,7 @@ def attention_node_settings(d: Deployment, index: int) -> AttentionNodeSettings:
         node_id=index,
         model_dir=d.model.path,
         dtype=d.model.dtype,
+        load_format=d.model.load_format,
         micro_batches=d.pipeline.micro_batches,
         kv_blocks=a.kv_blocks,
         block_size=a.block_size,
@@ -28,6 +29,7 @@ def attention_node_settings(d: Deployment, index: int) -> AttentionNodeSettings:
         round_timeout_s=d.transport.round_timeout_s,
         transport=d.transport.settings(),
         device=a.device,
+        cuda_graphs=a.cuda_graphs,
     )
 
 
@@ -39,6 +41,7 @@ def expert_node_settings(
         model_dir=d.model.path,
         expert_ids=expert_ids,
         dtype=d.model.dtype,
+        load_format=d.model.load_format,
         micro_batches=d.pipeline.micro_batches,
         round_timeout_s=d.transport.round_timeout_s,
         transport=d.transport.settings(),
