@@ -28,6 +28,7 @@ from afd.models.messages import AttentionStepResult, NewRequest, StepTimings, To
 from afd.models.model import AttentionSideModel
 from afd.models.moe import ExpertShard, LocalDispatcher
 from afd.models.request_state import RequestState, check_prompt
+from afd.models.sampling import greedy_tokens
 from afd.models.tokenizer import Tokenizer
 from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
 
@@ -220,15 +221,26 @@ class AttentionNode:
         self._next_seq_id += 1
 
     def _advance(self, group: list[Chunk], logits_BV: torch.Tensor) -> list[TokenOutput]:
-        logits_BV = logits_BV.cpu()  # samplers draw from seeded CPU generators
-        outputs, row = [], 0
+        """Samples the next token of every chunk that reached its sequence's end: greedy rows
+        on the logits' device, all at once; the others on the host, where each request's
+        seeded generator draws exactly as in the reference."""
+        sampling = [c for c in group if c.samples]
         for c in group:
-            samples = c.samples
             c.seq.num_computed += c.num_tokens
-            if not samples:
-                continue
-            token = c.seq.state.accept(logits_BV[row])
-            row += 1
+        greedy = [i for i, c in enumerate(sampling) if c.seq.state.params.temperature == 0]
+        drawn = [i for i, c in enumerate(sampling) if c.seq.state.params.temperature != 0]
+        picked = {}
+        if greedy:
+            tokens, logprobs = greedy_tokens(logits_BV[greedy])
+            picked = dict(zip(greedy, zip(tokens, logprobs, strict=True), strict=True))
+        host_BV = logits_BV[drawn].cpu() if drawn else None  # [len(drawn), V]
+        outputs = []
+        for i, c in enumerate(sampling):
+            if i in picked:
+                token = c.seq.state.record(*picked[i])
+            else:
+                assert host_BV is not None
+                token = c.seq.state.accept(host_BV[drawn.index(i)])
             outputs.append(token)
             if token.finish_reason is not None:
                 self.scheduler.finish(c.seq)

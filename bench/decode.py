@@ -133,6 +133,36 @@ def bench_afd(model_dir: Path, args: argparse.Namespace, dtype: str, graphs: boo
     return rows
 
 
+def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
+    """Where an eager decode step's GPU time goes, by kernel (for bench/NOTES.md)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    settings = AttentionNodeSettings(
+        0,
+        str(model_dir),
+        dtype=dtype,
+        load_format="dummy",
+        max_batch_tokens=args.profile * args.prompt,
+        max_running=args.profile,
+        device=args.device,
+        cuda_graphs=False,
+    )
+    node = AttentionNode(settings, None)
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    prompt = list(range(1, args.prompt + 1))
+    node.step(0, [NewRequest(f"p{i}", prompt, params) for i in range(args.profile)], [])
+    for step in range(1, 4):
+        node.step(step, [], [])
+    _sync(args.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        node.step(4, [], [])
+        _sync(args.device)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    print("kernel launches in the step:", sum(e.count for e in kernels))
+    return 0
+
+
 def bench_hf(raw: dict, args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     import transformers
 
@@ -189,6 +219,12 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-eager", action="store_true")
+    p.add_argument(
+        "--profile",
+        type=int,
+        metavar="B",
+        help="print the top GPU kernels of an eager decode step at batch B, then exit",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--json-out", help="also write the JSON object to this file")
     args = p.parse_args()
@@ -202,6 +238,8 @@ def main() -> int:
             model_dir = write_preset(args.preset, d, args.layers, max_positions=4096)
             raw = json.loads((model_dir / "config.json").read_text())
         config = load_config(model_dir)
+        if args.profile:
+            return profile_step(model_dir, args, dtype)
         bandwidth = copy_bandwidth(args.device)
         rows: list[dict] = []
         if not args.skip_hf:

@@ -170,9 +170,10 @@ def grouped_experts(
     w: StackedExperts, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
 ) -> torch.Tensor:
     """`ExpertShard.forward` without a host synchronisation: every (token, slot) pair sorted by
-    expert, then one grouped GEMM per projection over all local experts (`torch._grouped_mm` on
-    CUDA; a per-expert loop elsewhere). Fixed shapes throughout, so CUDA graphs can capture it.
-    Entries with local id -1 are skipped."""
+    expert, then one grouped GEMM per projection over all local experts (`torch._grouped_mm`,
+    bf16 on CUDA; in other dtypes each pair multiplies its expert's gathered weights, which
+    costs T·K·I·D memory and suits tests and small models). Fixed shapes throughout, so CUDA
+    graphs can capture it. Entries with local id -1 are skipped."""
     T, K = ids_TK.shape
     E = w.gate_EID.shape[0]
     flat_N = ids_TK.reshape(-1).long()
@@ -189,19 +190,16 @@ def grouped_experts(
         gate_NI = torch._grouped_mm(x_ND, w.gate_EID.transpose(1, 2), offs=offs)
         up_NI = torch._grouped_mm(x_ND, w.up_EID.transpose(1, 2), offs=offs)
         y_ND = torch._grouped_mm(F.silu(gate_NI) * up_NI, w.down_EDI.transpose(1, 2), offs=offs)
-    else:
-        y_ND = torch.zeros_like(x_ND)
-        starts = [0, *ends_E.tolist()]
-        for e in range(E):
-            rows = slice(starts[e], starts[e + 1])
-            if rows.start != rows.stop:
-                x = x_ND[rows]
-                y_ND[rows] = F.linear(
-                    F.silu(F.linear(x, w.gate_EID[e])) * F.linear(x, w.up_EID[e]), w.down_EDI[e]
-                )
+    else:  # fp32/fp16 (tests, small models): each pair through its expert's gathered weights
+        e_N = torch.where(flat_N[order_N] < E, flat_N[order_N], 0)
+        x_N1D = x_ND[:, None, :]
+        gate_NI = (x_N1D @ w.gate_EID[e_N].transpose(1, 2)).squeeze(1)
+        up_NI = (x_N1D @ w.up_EID[e_N].transpose(1, 2)).squeeze(1)
+        h_N1I = (F.silu(gate_NI) * up_NI)[:, None, :]
+        y_ND = (h_N1I @ w.down_EDI[e_N].transpose(1, 2)).squeeze(1)
     weight_N = (weights_TK.reshape(-1)[order_N] * valid_N[order_N]).to(y_ND.dtype)
     # rows past the groups are garbage; then back to (token, slot) order and a sum over slots,
     # which is deterministic, unlike an atomic index_add_
     y_ND = torch.where(valid_N[order_N, None], y_ND * weight_N[:, None], 0)
-    y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(T, K, -1)
+    y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(T, K, x_TD.shape[1])
     return y_TKD.sum(1)

@@ -57,7 +57,11 @@ class RequestState:
         return self.prompt_ids + self.output_ids
 
     def accept(self, logits_V: torch.Tensor) -> TokenOutput:
-        token, logprob = self.sampler.sample(logits_V)
+        """Samples the next token from the logits, then records it."""
+        return self.record(*self.sampler.sample(logits_V))
+
+    def record(self, token: int, logprob: float) -> TokenOutput:
+        """Takes a token chosen elsewhere (greedy rows are picked on the GPU, all at once)."""
         self.output_ids.append(token)
         delta = self.detokenizer.push(token)
         finish: FinishReason | None = None
