@@ -125,23 +125,54 @@ class PagedMetadata:
 
 
 class PagedAttention:
-    """`BatchAttention` over a paged cache `[L, NB, BS, G, Dh]` for one batch's metadata."""
+    """`BatchAttention` over a paged cache `[L, NB, BS, G, Dh]` for one batch's metadata. What
+    every layer shares (the key slots to gather, the causal mask) is made at the first layer."""
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMetadata) -> None:
         self.k_cache, self.v_cache, self.meta = k_cache, v_cache, meta
+        self._shared: _SharedIndices | None = None
 
     def attend(
         self, layer: int, q_THDh: torch.Tensor, k_TGDh: torch.Tensor, v_TGDh: torch.Tensor
     ) -> torch.Tensor:
+        if self._shared is None:
+            G = k_TGDh.shape[1]
+            self._shared = _SharedIndices.of(self.meta, self.k_cache.shape[2], q_THDh.shape[1] // G)
         return paged_attention(
-            self.k_cache[layer], self.v_cache[layer], self.meta, q_THDh, k_TGDh, v_TGDh
+            self.k_cache[layer],
+            self.v_cache[layer],
+            self.meta,
+            self._shared,
+            q_THDh,
+            k_TGDh,
+            v_TGDh,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _SharedIndices:
+    slots_BS: torch.Tensor  # [B, S] cache slot of each sequence's s-th key
+    masked_BxS: torch.Tensor  # [B, 1, r·Q, S] True where a key lies past the query
+    rows_x: torch.Tensor  # [B·Q] the flat row of each padded query (T for padding)
+
+    @classmethod
+    def of(cls, meta: PagedMetadata, block_size: int, r: int) -> _SharedIndices:
+        B, Q = meta.query_row_BQ.shape
+        M = meta.block_table_BM.shape[1]
+        S = M * block_size
+        device = meta.slot_T.device
+        offsets = torch.arange(block_size, device=device)
+        slots_BS = (meta.block_table_BM[:, :, None] * block_size + offsets).reshape(B, S)
+        masked_BQS = torch.arange(S, device=device)[None, None, :] > meta.query_pos_BQ[:, :, None]
+        masked_BxS = masked_BQS[:, None, :, :].expand(B, r, Q, S).reshape(B, 1, r * Q, S)
+        return cls(slots_BS, masked_BxS, meta.query_row_BQ.reshape(-1))
 
 
 def paged_attention(
     k_NBBSGDh: torch.Tensor,
     v_NBBSGDh: torch.Tensor,
     meta: PagedMetadata,
+    shared: _SharedIndices,
     q_THDh: torch.Tensor,
     k_TGDh: torch.Tensor,
     v_TGDh: torch.Tensor,
@@ -152,27 +183,20 @@ def paged_attention(
     NB, BS, G, Dh = k_NBBSGDh.shape
     T, H, _ = q_THDh.shape
     B, Q = meta.query_row_BQ.shape
-    M = meta.block_table_BM.shape[1]
+    r = H // G
     k_flat, v_flat = k_NBBSGDh.view(NB * BS, G, Dh), v_NBBSGDh.view(NB * BS, G, Dh)
     k_flat.index_copy_(0, meta.slot_T, k_TGDh)
     v_flat.index_copy_(0, meta.slot_T, v_TGDh)
-    offsets_BS = torch.arange(BS, device=q_THDh.device)
-    S = M * BS
-    slots_BS = (meta.block_table_BM[:, :, None] * BS + offsets_BS).reshape(B, S)
-    k_BGSDh = k_flat[slots_BS].permute(0, 2, 1, 3)
-    v_BGSDh = v_flat[slots_BS].permute(0, 2, 1, 3)
+    k_BGSDh = k_flat[shared.slots_BS].permute(0, 2, 1, 3)
+    v_BGSDh = v_flat[shared.slots_BS].permute(0, 2, 1, 3)
     q_padded = torch.cat([q_THDh, q_THDh.new_zeros(1, H, Dh)])  # row T: padding queries
-    r = H // G
-    q_BGrQDh = q_padded[meta.query_row_BQ].view(B, Q, G, r, Dh).permute(0, 2, 3, 1, 4)
+    q_BGrQDh = q_padded[shared.rows_x].view(B, Q, G, r, Dh).permute(0, 2, 3, 1, 4)
     q_BGxDh = q_BGrQDh.reshape(B, G, r * Q, Dh)
     scores = torch.matmul(q_BGxDh, k_BGSDh.transpose(2, 3)) * (Dh**-0.5)  # [B, G, rQ, S]
-    key_pos_S = torch.arange(S, device=q_THDh.device)
-    masked_BQS = key_pos_S[None, None, :] > meta.query_pos_BQ[:, :, None]
-    masked_BxS = masked_BQS[:, None, :, :].expand(B, r, Q, S).reshape(B, 1, r * Q, S)
-    scores = scores.masked_fill(masked_BxS, float("-inf"))
+    scores = scores.masked_fill(shared.masked_BxS, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_THDh.dtype)
     out_BGrQDh = torch.matmul(probs, v_BGSDh).view(B, G, r, Q, Dh)
     out_BQHDh = out_BGrQDh.permute(0, 3, 1, 2, 4).reshape(B * Q, H, Dh)
     out_THDh = q_THDh.new_empty(T + 1, H, Dh)
-    out_THDh.index_copy_(0, meta.query_row_BQ.reshape(-1), out_BQHDh)  # padding lands on row T
+    out_THDh.index_copy_(0, shared.rows_x, out_BQHDh)  # padding lands on row T
     return out_THDh[:T]
