@@ -25,19 +25,23 @@ class Rope:
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
         self.inv_freq, self.scale = _inv_freq(rope, head_dim, max_positions)
-        self._last: tuple[torch.Tensor, torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None
-        self._last = None  # every layer of a forward asks for the same positions
+        # every layer of a forward asks for the same positions: (positions, dtype, capturing)
+        self._last: tuple[torch.Tensor, torch.dtype, bool, tuple[torch.Tensor, torch.Tensor]]
+        self._last = (torch.empty(0), torch.float32, False, (torch.empty(0), torch.empty(0)))
 
     def cos_sin(
         self, positions_T: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [T, Dh] of the positions; computed once per positions tensor (the tensor is
-        held, so its identity cannot pass to another), not once per layer."""
-        last = self._last
-        if last is not None and last[0] is positions_T and last[1] == dtype:
-            return last[2]
+        """cos/sin [T, Dh] of the positions, computed once per positions tensor rather than
+        once per layer. The tensor is held, so its identity cannot pass to another; a result
+        computed outside a CUDA graph capture is never reused inside one (the graph must
+        compute it itself, to follow the positions copied in before each replay)."""
+        capturing = positions_T.is_cuda and torch.cuda.is_current_stream_capturing()
+        held, held_dtype, held_capturing, result = self._last
+        if held is positions_T and held_dtype == dtype and held_capturing == capturing:
+            return result
         result = self._cos_sin(positions_T, dtype)
-        self._last = (positions_T, dtype, result)
+        self._last = (positions_T, dtype, capturing, result)
         return result
 
     def _cos_sin(
