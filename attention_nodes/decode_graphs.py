@@ -35,8 +35,7 @@ def block_bucket(n: int, most: int) -> int:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    batch: TokenBatch  # static token ids and positions [Bp]
-    meta: PagedMetadata  # static slots, block tables, query rows and positions
+    inputs_N: torch.Tensor  # every input, packed: one host-to-device copy a step
     logits_BV: torch.Tensor  # static output, fp32
 
 
@@ -62,30 +61,44 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
 
-    def run(self, batch: TokenBatch, tables: list[list[int]]) -> torch.Tensor:
-        """Logits [B, V] of a batch whose every segment is one decode token."""
-        B = len(batch.segments)
+    def run(
+        self, token_ids: list[int], positions: list[int], tables: list[list[int]]
+    ) -> torch.Tensor:
+        """Logits [B, V] of B sequences decoding one token each: `token_ids[b]` at
+        `positions[b]`, the sequence's blocks in `tables[b]` (already reserved)."""
+        B = len(token_ids)
         Bp = batch_bucket(B)
         Mp = block_bucket(max(len(t) for t in tables), self.max_blocks)
         g = self.graphs.get((Bp, Mp)) or self._capture(Bp, Mp)
-        padded = self._padded(batch, tables, Bp, Mp)
-        g.batch.token_ids.copy_(padded.batch.token_ids, non_blocking=True)
-        g.batch.positions.copy_(padded.batch.positions, non_blocking=True)
-        for static, new in zip(_tensors(g.meta), _tensors(padded.meta), strict=True):
-            static.copy_(new, non_blocking=True)
+        g.inputs_N.copy_(self._packed(token_ids, positions, tables, Bp, Mp))
         g.graph.replay()
         self.replays += 1
         return g.logits_BV[:B]
 
-    def _padded(self, batch: TokenBatch, tables: list[list[int]], Bp: int, Mp: int) -> _Inputs:
-        pad = Bp - len(batch.segments)
-        pieces = [(s.seq_id, [0], s.first_position) for s in batch.segments]
-        token_ids = torch.cat([batch.token_ids.cpu(), torch.zeros(pad, dtype=torch.int64)])
-        padded_batch = TokenBatch.build(pieces + [(-1 - i, [0], 0) for i in range(pad)])
-        padded_batch = TokenBatch(token_ids, padded_batch.positions, padded_batch.segments)
-        all_tables = tables + [[self.scratch_block]] * pad
-        meta = PagedMetadata.build(padded_batch, all_tables, self.block_size, self.device, Mp, 1)
-        return _Inputs(padded_batch.to(self.device), meta)
+    def _packed(
+        self, token_ids: list[int], positions: list[int], tables: list[list[int]], Bp: int, Mp: int
+    ) -> torch.Tensor:
+        """Token ids, positions, slots, block tables, query rows and positions [Bp] each (the
+        tables [Bp·Mp]), padding rows at position 0 of the scratch block."""
+        BS, pad = self.block_size, Bp - len(token_ids)
+        slots = [t[p // BS] * BS + p % BS for t, p in zip(tables, positions, strict=True)]
+        rows = [x for t in tables for x in (*t, *[0] * (Mp - len(t)))]
+        values = (
+            [*token_ids, *[0] * pad]
+            + [*positions, *[0] * pad]
+            + [*slots, *[self.scratch_block * BS] * pad]
+            + [*rows, *[self.scratch_block] * (Mp * pad)]
+            + list(range(Bp))
+            + [*positions, *[0] * pad]
+        )
+        return torch.tensor(values, dtype=torch.int64)
+
+    def _views(self, inputs_N: torch.Tensor, Bp: int, Mp: int) -> tuple[TokenBatch, PagedMetadata]:
+        tokens, positions, slots, tables, rows, query_pos = inputs_N.split(
+            [Bp, Bp, Bp, Bp * Mp, Bp, Bp]
+        )
+        meta = PagedMetadata(slots, tables.view(Bp, Mp), rows.view(Bp, 1), query_pos.view(Bp, 1))
+        return TokenBatch(tokens, positions, ()), meta
 
     def _forward(self, batch: TokenBatch, meta: PagedMetadata) -> torch.Tensor:
         attn = PagedAttention(self.k_cache, self.v_cache, meta)
@@ -104,28 +117,17 @@ class DecodeGraphs:
 
     def _capture(self, Bp: int, Mp: int) -> _Graph:
         """Warms the shapes up on a side stream, then captures (padding rows only: harmless)."""
-        batch = TokenBatch.build([(-1 - i, [0], 0) for i in range(Bp)])
-        inputs = self._padded(TokenBatch.build([]), [], Bp, Mp)
-        static_batch, meta = batch.to(self.device), inputs.meta
+        inputs_N = self._packed([], [], [], Bp, Mp).to(self.device)
+        batch, meta = self._views(inputs_N, Bp, Mp)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(static_batch, meta)
+                self._forward(batch, meta)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits_BV = self._forward(static_batch, meta)
-        g = _Graph(graph, static_batch, meta, logits_BV)
+            logits_BV = self._forward(batch, meta)
+        g = _Graph(graph, inputs_N, logits_BV)
         self.graphs[Bp, Mp] = g
         return g
-
-
-@dataclass(frozen=True, slots=True)
-class _Inputs:
-    batch: TokenBatch
-    meta: PagedMetadata
-
-
-def _tensors(meta: PagedMetadata) -> tuple[torch.Tensor, ...]:
-    return (meta.slot_T, meta.block_table_BM, meta.query_row_BQ, meta.query_pos_BQ)

@@ -197,12 +197,13 @@ class AttentionNode:
         """A decode-only step of a colocated node: the whole forward replays a CUDA graph."""
         assert self.graphs is not None
         start = time.perf_counter()
-        batch = TokenBatch.build(
-            [(c.seq.seq_id, c.seq.pending[:1], c.seq.num_computed) for c in chunks]
+        logits_BV = self.graphs.run(
+            [c.seq.pending[0] for c in chunks],
+            [c.seq.num_computed for c in chunks],
+            [self.cache.tables[c.seq.seq_id] for c in chunks],
         )
-        tables = [self.cache.tables[c.seq.seq_id] for c in chunks]
         sampled = [i for i, c in enumerate(chunks) if c.samples]  # a 1-token prefill chunk may not
-        outputs = self._advance(chunks, self.graphs.run(batch, tables)[sampled])
+        outputs = self._advance(chunks, logits_BV[sampled])
         total = time.perf_counter() - start
         return AttentionStepResult(
             outputs,

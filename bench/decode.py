@@ -166,6 +166,9 @@ def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
     print(f"eager step at batch {args.profile}: {sum(kernels.values())} kernels")
     for name, count in kernels.most_common(45):
         print(f"{count:6} {name}")
+    node.shutdown()
+    del node
+    _free(args.device)
     if args.device == "cuda":  # the same step as one graph: GPU time of a replay alone
         graphed = AttentionNode(replace(settings, cuda_graphs=True), None)
         graphed.step(0, [NewRequest(f"g{i}", prompt, params) for i in range(args.profile)], [])
@@ -186,6 +189,13 @@ def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
             graphed.step(step, [], [])
         step_ms = (time.perf_counter() - t0) / 50 * 1e3
         print(f"graph replay {replay_ms:.3f} ms on the GPU; the whole node step {step_ms:.3f} ms")
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as host:
+            for step in range(54, 74):
+                graphed.step(step, [], [])
+        pstats.Stats(host).sort_stats("tottime").print_stats(14)
     return 0
 
 

@@ -14,10 +14,10 @@ from afd.models.config import ModelConfig, RopeConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalises in fp32 whatever the activation dtype, as the HF models do (torch's fused
-    rms_norm: one kernel where the spelled-out formula takes five)."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-    return weight * normed.to(x.dtype)
+    """torch's fused rms_norm: one kernel, statistics in fp32 whatever the activation dtype.
+    In fp32 it is the HF models' arithmetic; in bf16 the weight multiplies before the one
+    rounding, where HF rounds, then multiplies."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class Rope:

@@ -37,7 +37,7 @@ class Routed:
 class AttentionSideModel:
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
         self.config = config
-        self.t = tensors
+        self.t = _fuse_qkv(config, tensors)
         self.rope = Rope(config.rope, config.head_dim, config.max_position_embeddings)
         self.lm_head = tensors[
             "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
@@ -129,9 +129,10 @@ class AttentionSideModel:
         self, layer: int, x_TD: torch.Tensor, batch: TokenBatch, attn: BatchAttention
     ) -> torch.Tensor:
         c, p = self.config, f"model.layers.{layer}.self_attn"
-        q, k, v = (
-            F.linear(x_TD, self.t[f"{p}.{n}_proj.weight"], self.t.get(f"{p}.{n}_proj.bias"))
-            for n in "qkv"
+        qkv = F.linear(x_TD, self.t[f"{p}.qkv_proj.weight"], self.t.get(f"{p}.qkv_proj.bias"))
+        q, k, v = qkv.split(
+            [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim],
+            dim=-1,
         )
         if c.qk_norm == "full":
             q, k = (
@@ -153,3 +154,15 @@ class AttentionSideModel:
         q_THDh, k_TGDh = apply_rope(q_THDh, cos, sin), apply_rope(k_TGDh, cos, sin)
         out_THDh = attn.attend(layer, q_THDh, k_TGDh, v_TGDh)
         return F.linear(out_THDh.reshape(T, c.num_heads * c.head_dim), self.t[f"{p}.o_proj.weight"])
+
+
+def _fuse_qkv(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The q, k and v projections of each layer as one weight (and bias): one GEMM instead of
+    three. Checkpoints keep them apart; they are joined here, once, and the parts dropped."""
+    for layer in range(config.num_layers):
+        p = f"model.layers.{layer}.self_attn"
+        for kind in ("weight", "bias"):
+            parts = [f"{p}.{n}_proj.{kind}" for n in "qkv"]
+            if all(n in tensors for n in parts):
+                tensors[f"{p}.qkv_proj.{kind}"] = torch.cat([tensors.pop(n) for n in parts])
+    return tensors
