@@ -61,6 +61,16 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0
 
+    def prepare(self, batch_sizes: list[int], context: int) -> None:
+        """Captures now the graphs that decode steps of these batch sizes will need up to
+        `context` tokens per sequence, so that no step pays for a capture later (a capture
+        runs the forward three times)."""
+        blocks = -(-context // self.block_size)
+        for B in sorted({batch_bucket(b) for b in batch_sizes}):
+            for M in sorted({block_bucket(m, self.max_blocks) for m in range(1, blocks + 1)}):
+                if (B, M) not in self.graphs:
+                    self._capture(B, M)
+
     def run(
         self, token_ids: list[int], positions: list[int], tables: list[list[int]]
     ) -> torch.Tensor:

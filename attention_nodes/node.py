@@ -193,6 +193,12 @@ class AttentionNode:
             moved,
         )
 
+    def prepare_graphs(self, batch_sizes: list[int], context: int) -> None:
+        """Captures the decode graphs these batch sizes need up to `context` tokens a sequence
+        (colocated CUDA nodes; elsewhere nothing to do)."""
+        if self.graphs is not None:
+            self.graphs.prepare(batch_sizes, context)
+
     def _graph_step(self, chunks: list[Chunk]) -> AttentionStepResult:
         """A decode-only step of a colocated node: the whole forward replays a CUDA graph."""
         assert self.graphs is not None

@@ -114,6 +114,7 @@ def bench_afd(model_dir: Path, args: argparse.Namespace, dtype: str, graphs: boo
         ]
         node.step(step, requests, [])  # the prefill: every prompt fits one step's budget
         step += 1
+        node.prepare_graphs([B], total)  # as a server does at start: no capture in the timing
         for _ in range(args.warmup):  # graphs are captured here
             node.step(step, [], [])
             step += 1
@@ -150,9 +151,10 @@ def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
         cuda_graphs=False,
     )
     node = AttentionNode(settings, None)
-    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
     prompt = list(range(1, args.prompt + 1))
     node.step(0, [NewRequest(f"p{i}", prompt, params) for i in range(args.profile)], [])
+    node.prepare_graphs([args.profile], args.prompt + 80)
     for step in range(1, 4):
         node.step(step, [], [])
     _sync(args.device)
@@ -172,10 +174,11 @@ def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
     if args.device == "cuda":  # the same step as one graph: GPU time of a replay alone
         graphed = AttentionNode(replace(settings, cuda_graphs=True), None)
         graphed.step(0, [NewRequest(f"g{i}", prompt, params) for i in range(args.profile)], [])
+        graphed.prepare_graphs([args.profile], args.prompt + 80)
         for step in range(1, 4):
             graphed.step(step, [], [])
         assert graphed.graphs is not None
-        (g,) = graphed.graphs.graphs.values()
+        g = next(iter(graphed.graphs.graphs.values()))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(50):
@@ -195,7 +198,7 @@ def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
         with cProfile.Profile() as host:
             for step in range(54, 74):
                 graphed.step(step, [], [])
-        pstats.Stats(host).sort_stats("tottime").print_stats(14)
+        pstats.Stats(host).sort_stats("cumulative").print_stats(22)
     return 0
 
 
