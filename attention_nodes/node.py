@@ -209,7 +209,9 @@ class AttentionNode:
             [self.cache.tables[c.seq.seq_id] for c in chunks],
         )
         sampled = [i for i, c in enumerate(chunks) if c.samples]  # a 1-token prefill chunk may not
-        outputs = self._advance(chunks, logits_BV[sampled])
+        if len(sampled) < len(chunks):
+            logits_BV = logits_BV[sampled]
+        outputs = self._advance(chunks, logits_BV)
         total = time.perf_counter() - start
         return AttentionStepResult(
             outputs,
@@ -238,7 +240,8 @@ class AttentionNode:
         drawn = [i for i, c in enumerate(sampling) if c.seq.state.params.temperature != 0]
         picked = {}
         if greedy:
-            tokens, logprobs = greedy_tokens(logits_BV[greedy])
+            rows_BV = logits_BV if len(greedy) == len(sampling) else logits_BV[greedy]
+            tokens, logprobs = greedy_tokens(rows_BV)
             picked = dict(zip(greedy, zip(tokens, logprobs, strict=True), strict=True))
         host_BV = logits_BV[drawn].cpu() if drawn else None  # [len(drawn), V]
         outputs = []
