@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-from pathlib import Path
 
 _ADDRESS = re.compile(r"--address='([^']+)'")
 _PR_SET_PDEATHSIG = 1
@@ -49,8 +48,10 @@ class LocalRayHead:
 
     def __init__(self, timeout_s: float) -> None:
         self._temp_dir = tempfile.mkdtemp(prefix="afd-ray-")
-        command = [
-            str(Path(sys.executable).with_name("ray")),
+        command = [  # Ray's CLI through this interpreter: no console script needs to be on PATH
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
             "start",
             "--head",
             f"--port={_free_port()}",
