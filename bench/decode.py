@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from afd.attention_nodes.decode_graphs import batch_bucket, block_bucket
 from afd.attention_nodes.node import AttentionNode, AttentionNodeSettings
 from afd.models.config import ModelConfig, load_config
 from afd.models.messages import NewRequest
@@ -152,8 +153,12 @@ def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
     )
     node = AttentionNode(settings, None)
     params = SamplingParams(max_tokens=200, ignore_eos=True)
-    prompt = list(range(1, args.prompt + 1))
-    node.step(0, [NewRequest(f"p{i}", prompt, params) for i in range(args.profile)], [])
+    gen = torch.Generator().manual_seed(0)
+    prompts = [  # distinct prompts: identical ones would all route to the same experts
+        torch.randint(0, node.config.vocab_size, (args.prompt,), generator=gen).tolist()
+        for _ in range(args.profile)
+    ]
+    node.step(0, [NewRequest(f"p{i}", p, params) for i, p in enumerate(prompts)], [])
     node.prepare_graphs([args.profile], args.prompt + 80)
     for step in range(1, 4):
         node.step(step, [], [])
@@ -173,12 +178,15 @@ def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
     _free(args.device)
     if args.device == "cuda":  # the same step as one graph: GPU time of a replay alone
         graphed = AttentionNode(replace(settings, cuda_graphs=True), None)
-        graphed.step(0, [NewRequest(f"g{i}", prompt, params) for i in range(args.profile)], [])
+        graphed.step(0, [NewRequest(f"g{i}", p, params) for i, p in enumerate(prompts)], [])
         graphed.prepare_graphs([args.profile], args.prompt + 80)
         for step in range(1, 4):
             graphed.step(step, [], [])
         assert graphed.graphs is not None
-        g = next(iter(graphed.graphs.graphs.values()))
+        # the bucket the timed steps use: this batch, the blocks its sequences hold now
+        blocks = max(len(t) for t in graphed.cache.tables.values())
+        Mp = block_bucket(blocks, graphed.graphs.max_blocks)
+        g = graphed.graphs.graphs[batch_bucket(args.profile), Mp]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(50):
