@@ -148,6 +148,8 @@ def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
         load_format="dummy",
         max_batch_tokens=args.profile * args.prompt,
         max_running=args.profile,
+        kv_blocks=args.profile * -(-(args.prompt + 140) // BLOCK) + 8,  # no preemption
+        block_size=BLOCK,
         device=args.device,
         cuda_graphs=False,
     )
