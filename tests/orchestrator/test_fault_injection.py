@@ -80,14 +80,19 @@ def test_with_expert_replicas_a_killed_expert_node_fails_no_round(
         cluster.shutdown()
 
 
-@pytest.mark.parametrize("pool", ["experts", "attention"])
+@pytest.mark.parametrize(
+    ("pool", "expert_nodes"), [("experts", 2), ("attention", 2), ("attention", 0)]
+)
 def test_a_killed_node_costs_no_request_and_no_token(
-    pool: str, tiny_model: Path, ray_session
+    pool: str, expert_nodes: int, tiny_model: Path, ray_session
 ) -> None:
+    """Expert nodes 0: colocated nodes, each with every expert; a dead one's requests
+    re-prefill on the other."""
     ref = ReferenceEngine(tiny_model)
     requests = _requests(ref)
     want = [ref.generate(ids, params).token_ids for ids, params in requests]
-    cluster = Cluster(Deployment(model=ModelSection(path=str(tiny_model))).with_shape(2, 2, 2))
+    d = Deployment(model=ModelSection(path=str(tiny_model))).with_shape(2, expert_nodes, 2)
+    cluster = Cluster(d)
     try:
         streams = [iter(cluster.submit(ids, params)) for ids, params in requests]
         firsts = [next(streams[0])]  # the streams are running
