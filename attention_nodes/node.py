@@ -11,7 +11,9 @@ A plain class: Ray wraps it as an actor, tests may run it in-process.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +107,7 @@ class AttentionNode:
         else:
             self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self._next_seq_id = 0
+        self._loop: StepLoop | None = None
 
     def address(self) -> PeerAddress | None:
         """Where expert nodes' frames reach this node (None: colocated, no exchange)."""
@@ -150,6 +153,31 @@ class AttentionNode:
     def reset(self, next_step: int) -> None:
         if self.transport is not None:
             self.transport.reset(next_step)
+
+    # ---- the node's own loop (colocated) ----------------------------------------------------
+    def start_loop(self) -> None:
+        """Steps on a thread of its own from now on: a colocated node needs no orchestrator in
+        its step (no peer to keep in lockstep). Requests come in by `submit`, results go out
+        by `poll`; with nothing to run the thread sleeps."""
+        if self.placement is not None:
+            raise RuntimeError("only a colocated node runs its own loop; others step in lockstep")
+        if self._loop is None:
+            self._loop = StepLoop(
+                self.step, lambda: bool(self.scheduler.running or self.scheduler.waiting)
+            )
+
+    def submit(self, new: list[NewRequest], aborts: list[str]) -> None:
+        """Hands requests and aborts to the loop; they join at its next step."""
+        if self._loop is None:
+            raise RuntimeError("submit before start_loop")
+        self._loop.submit(new, aborts)
+
+    def poll(self, timeout_s: float) -> list[AttentionStepResult]:
+        """The loop's step results since the last poll, waiting up to `timeout_s` for one;
+        raises what stopped the loop, if anything did."""
+        if self._loop is None:
+            raise RuntimeError("poll before start_loop")
+        return self._loop.poll(timeout_s)
 
     def pid(self) -> int:
         return os.getpid()
@@ -257,6 +285,8 @@ class AttentionNode:
         return outputs
 
     def shutdown(self) -> None:
+        if self._loop is not None:
+            self._loop.stop()
         if self.transport is not None:
             self.transport.close()
 
@@ -264,3 +294,66 @@ class AttentionNode:
 def _sample_rows(group: list[Chunk], batch: TokenBatch) -> torch.Tensor:
     keep = torch.tensor([i for i, c in enumerate(group) if c.samples], dtype=torch.int64)
     return batch.last_token_indices()[keep]
+
+
+class StepLoop:
+    """Runs `step(step_id, new, aborts)` on a thread while there is work: requests queued by
+    `submit`, or sequences the node still holds (`busy()`). Results wait in an outbox until
+    `poll` takes them. An error stops the loop and is raised by the next `poll`."""
+
+    def __init__(
+        self,
+        step: Callable[[int, list[NewRequest], list[str]], AttentionStepResult],
+        busy: Callable[[], bool],
+    ) -> None:
+        self._step, self._busy = step, busy
+        self._cond = threading.Condition()
+        self._new: list[NewRequest] = []
+        self._aborts: list[str] = []
+        self._outbox: list[AttentionStepResult] = []
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="afd-node-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, new: list[NewRequest], aborts: list[str]) -> None:
+        with self._cond:
+            self._new += new
+            self._aborts += aborts
+            self._cond.notify_all()
+
+    def poll(self, timeout_s: float) -> list[AttentionStepResult]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._outbox or self._error is not None, timeout_s)
+            if self._error is not None:
+                raise RuntimeError(f"the node's step loop stopped: {self._error}") from self._error
+            out, self._outbox = self._outbox, []
+            return out
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        step = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: self._stopping or self._new or self._aborts or self._busy()
+                )
+                if self._stopping:
+                    return
+                new, aborts, self._new, self._aborts = self._new, self._aborts, [], []
+            try:
+                result = self._step(step, new, aborts)
+            except BaseException as err:
+                with self._cond:
+                    self._error = err
+                    self._cond.notify_all()
+                return
+            step += 1
+            with self._cond:
+                self._outbox.append(result)
+                self._cond.notify_all()

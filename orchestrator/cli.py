@@ -338,9 +338,10 @@ def _stats_table(cluster: Cluster) -> str:
     steps = cluster.history
     lines = [f"{len(steps)} steps", f"{'node':<12}{'busy s':>10}{'wait s':>10}{'tokens':>10}"]
     for i in range(len(cluster.attention)):
-        busy = sum(s.attention[i].timings.attention_s for s in steps)
-        wait = sum(s.attention[i].timings.expert_wait_s for s in steps)
-        tokens = sum(s.attention[i].tokens for s in steps)
+        mine = [a for s in steps if (a := s.attention[i]) is not None]
+        busy = sum(a.timings.attention_s for a in mine)
+        wait = sum(a.timings.expert_wait_s for a in mine)
+        tokens = sum(a.tokens for a in mine)
         lines.append(f"{f'attention-{i}':<12}{busy:>10.3f}{wait:>10.3f}{tokens:>10}")
     for j in range(len(cluster.experts)):
         busy = sum(s.experts[j].compute_s for s in steps)

@@ -52,7 +52,7 @@ class RequestFailed(RuntimeError):
 class StepRecord:
     step: int
     wall_s: float  # the whole step as the orchestrator saw it, Ray calls included
-    attention: list[AttentionStepResult]
+    attention: list[AttentionStepResult | None]  # None: a colocated node that did not step
     experts: list[ExpertStepResult]
 
 
@@ -193,8 +193,18 @@ class Cluster:
         self._down: set[int] = set()  # expert nodes dead, their experts served by replicas
         self._revivals: dict[int, ray.ObjectRef] = {}  # expert node -> pending pid call (back yet?)
         self._gone: set[int] = set()  # down expert nodes Ray will not restart
-        self._engine = threading.Thread(target=self._run, name="afd-engine", daemon=True)
-        self._engine.start()
+        if self.placement is None:  # colocated: each node steps on its own; one driver a node
+            ray.get(
+                [a.start_loop.remote() for a in self.attention], timeout=d.ray.startup_timeout_s
+            )
+            self._drivers = [
+                threading.Thread(target=self._drive, args=(i,), name=f"afd-drive-{i}", daemon=True)
+                for i in range(len(self.attention))
+            ]
+        else:  # disaggregated: one engine thread steps every node in lockstep
+            self._drivers = [threading.Thread(target=self._run, name="afd-engine", daemon=True)]
+        for thread in self._drivers:
+            thread.start()
 
     # ---- placement and wiring ---------------------------------------------------------
     def _start_expert(self, j: int):
@@ -217,7 +227,7 @@ class Cluster:
             resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
             scheduling_strategy=in_group(self._groups[pool], index),
             max_restarts=self.deployment.ray.max_restarts,  # a restart re-runs __init__
-            max_concurrency=2,  # so that abort() reaches a node blocked in its step
+            max_concurrency=4,  # abort() reaches a node blocked in its step; submit() a polled one
         )
 
     def _expert_peers(self, addresses: list | None = None) -> list[tuple[int, PeerAddress]]:
@@ -270,7 +280,7 @@ class Cluster:
             self._streams[request_id], self._node_of[request_id] = stream, node
             self._requests[request_id] = (list(prompt_ids), params, [])
             self._incoming[node].append(NewRequest(request_id, list(prompt_ids), params))
-            self._wake.notify()
+            self._wake.notify_all()
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -278,7 +288,7 @@ class Cluster:
             if request_id in self._node_of:
                 self._aborts[self._node_of[request_id]].append(request_id)
                 self._forget(request_id)
-                self._wake.notify()
+                self._wake.notify_all()
 
     def generate(self, requests: list[tuple[list[int], SamplingParams]]) -> list[list[TokenOutput]]:
         """Submits all at once and collects every stream: a convenience for the CLI and tests."""
@@ -305,6 +315,83 @@ class Cluster:
                 self._healthy = False
                 log.error("step %d failed: %s", self.step_id, err)
                 self._fail_all(RequestFailed(f"step {self.step_id} failed: {err}"))
+
+    # ---- colocated nodes: each steps on its own ---------------------------------------------
+    def _drive(self, i: int) -> None:
+        """Feeds colocated node i its requests and aborts and hands on its results. The node
+        steps on its own thread; this thread only waits for its results, never for a step."""
+        node = self.attention[i]
+        timeout = self.deployment.transport.round_timeout_s
+        while True:
+            with self._wake:
+                self._wake.wait_for(
+                    lambda: (
+                        self._stopping or self._incoming[i] or self._aborts[i] or self._load[i] > 0
+                    ),
+                    timeout=1.0,
+                )
+                if self._stopping:
+                    return
+                new, self._incoming[i] = self._incoming[i], []
+                aborts, self._aborts[i] = self._aborts[i], []
+                busy = self._load[i] > 0
+            try:
+                if new or aborts:
+                    ray.get(node.submit.remote(new, aborts), timeout=timeout)
+                if busy:
+                    for result in ray.get(node.poll.remote(0.1), timeout=timeout):
+                        self._absorb(i, result)
+                    self._healthy = True
+            except Exception as err:
+                self._recover_colocated(i, err)
+
+    def _absorb(self, i: int, result: AttentionStepResult) -> None:
+        for out in result.outputs:
+            self._publish(out)
+        attention: list[AttentionStepResult | None] = [None] * len(self.attention)
+        attention[i] = result
+        with self._wake:
+            self.step_id += 1
+            record = StepRecord(self.step_id, result.timings.total_s, attention, [])
+            self._last_attention[i] = result
+            self._attention_tokens[i] += result.tokens
+            if self.keep_history:
+                self.history.append(record)
+        for hook in list(self.step_hooks):
+            try:
+                hook(record)
+            except Exception as err:
+                log.warning("step hook failed: %s", err)
+
+    def _recover_colocated(self, i: int, err: Exception) -> None:
+        """A colocated node failed: the others go on. A dead one is awaited (Ray restarts it and
+        it reloads its weights), started again, and its requests re-prefill wherever the load
+        is least; a node that fails otherwise, or does not come back, fails its requests."""
+        self.failed_steps += 1
+        log.warning("attention-%d failed: %s", i, err)
+        if isinstance(err, ray.exceptions.RayActorError):
+            limit = self.deployment.transport.recovery_timeout_s
+            try:
+                key = ("attention", i)
+                pids = _await_restarts({key: self.attention[i]}, time.monotonic() + limit)
+                ray.get(self.attention[i].start_loop.remote(), timeout=limit)
+                self._pids[key] = pids[key]
+                self._resubmit_from(i)
+                return
+            except Exception as again:
+                err = again
+        self._healthy = False
+        self._fail_node(i, RequestFailed(f"attention-{i} failed and could not recover: {err}"))
+
+    def _fail_node(self, i: int, error: Exception) -> None:
+        with self._wake:
+            failed = [r for r, n in self._node_of.items() if n == i]
+            streams = [self._streams[r] for r in failed]
+            for request_id in failed:
+                self._forget(request_id)
+            self._incoming[i] = []
+        for stream in streams:
+            stream.put(error)
 
     def _step(self, new: list[list[NewRequest]], aborts: list[list[str]]) -> None:
         if self._down:
@@ -593,8 +680,9 @@ class Cluster:
     def shutdown(self, timeout_s: float = 30.0) -> None:
         with self._wake:
             self._stopping = True
-            self._wake.notify()
-        self._engine.join(timeout_s)
+            self._wake.notify_all()
+        for thread in self._drivers:
+            thread.join(timeout_s)
         try:
             ray.get([n.shutdown.remote() for n in self.attention + self.experts], timeout=timeout_s)
         except Exception as err:

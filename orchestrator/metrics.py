@@ -119,8 +119,10 @@ class Metrics:
     def observe_step(self, record: StepRecord, total_kv_blocks: int) -> None:
         """Folds one engine step into the cluster-level series."""
         self.steps.inc()
-        self.waiting.set(sum(a.waiting for a in record.attention))
+        self.waiting.set(sum(a.waiting for a in record.attention if a is not None))
         for i, a in enumerate(record.attention):
+            if a is None:
+                continue
             node = f"attention-{i}"
             self.kv_usage.labels(node=node, **self._label).set(
                 1 - a.free_kv_blocks / total_kv_blocks

@@ -222,3 +222,26 @@ def test_an_answer_of_the_wrong_shape_is_an_error_naming_the_peer(
         dispatcher.combine(plan, x_TD)
     for t in serving:
         t.join(TIMEOUT_S)
+
+
+def test_a_colocated_node_steps_on_its_own_loop_and_sleeps_when_idle(
+    tiny_model: Path, reference: ReferenceEngine
+) -> None:
+    node = AttentionNode(AttentionNodeSettings(0, str(tiny_model)), None)
+    node.start_loop()
+    try:
+        assert node.poll(0.05) == []  # nothing submitted: no step at all
+        requests = _requests(reference)
+        node.submit(requests[:2], [])
+        node.submit(requests[2:], [])
+        got: dict[str, list[TokenOutput]] = {r.request_id: [] for r in requests}
+        while any(not t or t[-1].finish_reason is None for t in got.values()):
+            for result in node.poll(TIMEOUT_S):
+                for token in result.outputs:
+                    got[token.request_id].append(token)
+        assert node.poll(0.05) == []  # every request finished: the loop sleeps again
+    finally:
+        node.shutdown()
+    for r in requests:
+        want = reference.generate(r.prompt_ids, r.params)
+        assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
