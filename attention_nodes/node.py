@@ -50,6 +50,7 @@ class AttentionNodeSettings:
     transport: TransportSettings = field(default_factory=TransportSettings)
     device: str = "cpu"  # "cuda": the GPU Ray gave this actor
     cuda_graphs: bool = True  # colocated on CUDA: decode-only steps replay CUDA graphs
+    cuda_graph_context: int = 0  # >0: at start, capture every batch bucket up to this context
 
 
 def split_micro_batches(chunks: list[Chunk], m: int) -> list[list[Chunk]]:
@@ -104,6 +105,9 @@ class AttentionNode:
                     self.cache.scratch_block,
                     -(-c.max_position_embeddings // settings.block_size),
                 )
+                if settings.cuda_graph_context:  # capture now, not in the first requests' steps
+                    sizes = [1 << k for k in range(settings.max_running.bit_length())]
+                    self.graphs.prepare([*sizes, settings.max_running], settings.cuda_graph_context)
         else:
             self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self._next_seq_id = 0

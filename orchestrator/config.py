@@ -49,6 +49,9 @@ class PoolSection:
 @dataclass(frozen=True, slots=True)
 class AttentionSection(PoolSection):
     cuda_graphs: bool = True  # colocated on CUDA: decode-only steps replay CUDA graphs
+    # captured at start for every batch bucket up to max_running and sequences up to this many
+    # tokens (longer ones capture their graphs when they get there); 0: all on first use
+    cuda_graph_context: int = 1024
     kv_blocks: int = 256
     block_size: int = 16
     max_batch_tokens: int = 512
@@ -236,6 +239,7 @@ def _check(d: Deployment, source: str) -> None:
         ("attention.block_size", d.attention.block_size >= 1, ">= 1"),
         ("attention.max_batch_tokens", d.attention.max_batch_tokens >= 1, ">= 1"),
         ("attention.max_running", d.attention.max_running >= 1, ">= 1"),
+        ("attention.cuda_graph_context", d.attention.cuda_graph_context >= 0, ">= 0"),
         (
             "transport.progress_mode",
             d.transport.progress_mode in ("blocking", "polling"),

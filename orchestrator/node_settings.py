@@ -30,6 +30,7 @@ def attention_node_settings(d: Deployment, index: int) -> AttentionNodeSettings:
         transport=d.transport.settings(),
         device=a.device,
         cuda_graphs=a.cuda_graphs,
+        cuda_graph_context=a.cuda_graph_context,
     )
 
 
