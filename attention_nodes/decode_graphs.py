@@ -14,6 +14,7 @@ Shape legend: B = sequences, Bp = the batch bucket, M = blocks per sequence, V =
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from afd.models.attention import PagedAttention, PagedMetadata
@@ -80,64 +81,85 @@ class DecodeGraphs:
         Bp = batch_bucket(B)
         Mp = block_bucket(max(len(t) for t in tables), self.max_blocks)
         g = self.graphs.get((Bp, Mp)) or self._capture(Bp, Mp)
-        g.inputs_N.copy_(self._packed(token_ids, positions, tables, Bp, Mp))
+        inputs = pack_decode_inputs(
+            token_ids, positions, tables, self.block_size, self.scratch_block, Bp, Mp
+        )
+        g.inputs_N.copy_(inputs)
         g.graph.replay()
         self.replays += 1
         return g.logits_BV[:B]
 
-    def _packed(
-        self, token_ids: list[int], positions: list[int], tables: list[list[int]], Bp: int, Mp: int
-    ) -> torch.Tensor:
-        """Token ids, positions, slots, block tables, query rows and positions [Bp] each (the
-        tables [Bp·Mp]), padding rows at position 0 of the scratch block."""
-        BS, pad = self.block_size, Bp - len(token_ids)
-        slots = [t[p // BS] * BS + p % BS for t, p in zip(tables, positions, strict=True)]
-        rows = [x for t in tables for x in (*t, *[0] * (Mp - len(t)))]
-        values = (
-            [*token_ids, *[0] * pad]
-            + [*positions, *[0] * pad]
-            + [*slots, *[self.scratch_block * BS] * pad]
-            + [*rows, *[self.scratch_block] * (Mp * pad)]
-            + list(range(Bp))
-            + [*positions, *[0] * pad]
-        )
-        return torch.tensor(values, dtype=torch.int64)
-
-    def _views(self, inputs_N: torch.Tensor, Bp: int, Mp: int) -> tuple[TokenBatch, PagedMetadata]:
-        tokens, positions, slots, tables, rows, query_pos = inputs_N.split(
-            [Bp, Bp, Bp, Bp * Mp, Bp, Bp]
-        )
-        meta = PagedMetadata(slots, tables.view(Bp, Mp), rows.view(Bp, 1), query_pos.view(Bp, 1))
-        return TokenBatch(tokens, positions, ()), meta
-
-    def _forward(self, batch: TokenBatch, meta: PagedMetadata) -> torch.Tensor:
-        attn = PagedAttention(self.k_cache, self.v_cache, meta)
-        h_TD = self.model.embed(batch)
-        for layer in range(self.model.config.num_layers):
-            routed = self.model.pre_experts(layer, h_TD, batch, attn)
-            experts_TD = None
-            if self.model.config.is_moe_layer(layer):
-                plan = self.dispatcher.dispatch(
-                    0, layer, 0, routed.x_TD, routed.ids_TK, routed.weights_TK
-                )
-                experts_TD = self.dispatcher.combine(plan, routed.x_TD)
-            h_TD = self.model.post_experts(layer, routed, experts_TD)
-        rows = torch.arange(h_TD.shape[0], device=h_TD.device)
-        return self.model.logits(h_TD, rows)
-
     def _capture(self, Bp: int, Mp: int) -> _Graph:
         """Warms the shapes up on a side stream, then captures (padding rows only: harmless)."""
-        inputs_N = self._packed([], [], [], Bp, Mp).to(self.device)
-        batch, meta = self._views(inputs_N, Bp, Mp)
+        empty = pack_decode_inputs([], [], [], self.block_size, self.scratch_block, Bp, Mp)
+        inputs_N = empty.to(self.device)
+        batch, meta = decode_views(inputs_N, Bp, Mp)
+        forward = partial(decode_forward, self.model, self.dispatcher, self.k_cache, self.v_cache)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(batch, meta)
+                forward(batch, meta)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits_BV = self._forward(batch, meta)
+            logits_BV = forward(batch, meta)
         g = _Graph(graph, inputs_N, logits_BV)
         self.graphs[Bp, Mp] = g
         return g
+
+
+def pack_decode_inputs(
+    token_ids: list[int],
+    positions: list[int],
+    tables: list[list[int]],
+    block_size: int,
+    scratch_block: int,
+    Bp: int,
+    Mp: int,
+) -> torch.Tensor:
+    """A decode step's inputs in one int64 tensor (one host-to-device copy): token ids,
+    positions, slots, block tables [Bp·Mp], query rows and query positions, [Bp] each. Rows
+    past the batch decode token 0 at position 0 of the scratch block."""
+    BS, pad = block_size, Bp - len(token_ids)
+    slots = [t[p // BS] * BS + p % BS for t, p in zip(tables, positions, strict=True)]
+    rows = [x for t in tables for x in (*t, *[0] * (Mp - len(t)))]
+    values = (
+        [*token_ids, *[0] * pad]
+        + [*positions, *[0] * pad]
+        + [*slots, *[scratch_block * BS] * pad]
+        + [*rows, *[scratch_block] * (Mp * pad)]
+        + list(range(Bp))
+        + [*positions, *[0] * pad]
+    )
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def decode_views(inputs_N: torch.Tensor, Bp: int, Mp: int) -> tuple[TokenBatch, PagedMetadata]:
+    """The batch and paged metadata that `pack_decode_inputs`' tensor holds, as views."""
+    tokens, positions, slots, tables, rows, query_pos = inputs_N.split(
+        [Bp, Bp, Bp, Bp * Mp, Bp, Bp]
+    )
+    meta = PagedMetadata(slots, tables.view(Bp, Mp), rows.view(Bp, 1), query_pos.view(Bp, 1))
+    return TokenBatch(tokens, positions, ()), meta
+
+
+def decode_forward(
+    model: AttentionSideModel,
+    dispatcher: Dispatcher,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: TokenBatch,
+    meta: PagedMetadata,
+) -> torch.Tensor:
+    """Logits [Bp, V] of every row: the eager forward, as a graph captures it."""
+    attn = PagedAttention(k_cache, v_cache, meta)
+    h_TD = model.embed(batch)
+    for layer in range(model.config.num_layers):
+        routed = model.pre_experts(layer, h_TD, batch, attn)
+        experts_TD = None
+        if model.config.is_moe_layer(layer):
+            plan = dispatcher.dispatch(0, layer, 0, routed.x_TD, routed.ids_TK, routed.weights_TK)
+            experts_TD = dispatcher.combine(plan, routed.x_TD)
+        h_TD = model.post_experts(layer, routed, experts_TD)
+    return model.logits(h_TD, torch.arange(h_TD.shape[0], device=h_TD.device))
