@@ -106,8 +106,8 @@ class AttentionNode:
                     -(-c.max_position_embeddings // settings.block_size),
                 )
                 if settings.cuda_graph_context:  # capture now, not in the first requests' steps
-                    sizes = [1 << k for k in range(settings.max_running.bit_length())]
-                    self.graphs.prepare([*sizes, settings.max_running], settings.cuda_graph_context)
+                    sizes = list(range(1, settings.max_running + 1))
+                    self.graphs.prepare(sizes, settings.cuda_graph_context)
         else:
             self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self._next_seq_id = 0
@@ -322,7 +322,8 @@ class StepLoop:
 
     def submit(self, new: list[NewRequest], aborts: list[str]) -> None:
         with self._cond:
-            self._new += new
+            gone = set(aborts)  # an abort also cancels a request still queued here
+            self._new = [r for r in (*self._new, *new) if r.request_id not in gone]
             self._aborts += aborts
             self._cond.notify_all()
 

@@ -193,6 +193,7 @@ class Cluster:
         self._down: set[int] = set()  # expert nodes dead, their experts served by replicas
         self._revivals: dict[int, ray.ObjectRef] = {}  # expert node -> pending pid call (back yet?)
         self._gone: set[int] = set()  # down expert nodes Ray will not restart
+        self._dead: set[int] = set()  # colocated nodes that failed and did not come back
         if self.placement is None:  # colocated: each node steps on its own; one driver a node
             ray.get(
                 [a.start_loop.remote() for a in self.attention], timeout=d.ray.startup_timeout_s
@@ -275,7 +276,7 @@ class Cluster:
                 raise RequestFailed("the cluster is shutting down")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id} is already running")
-            node = min(range(len(self._load)), key=self._load.__getitem__)
+            node = self._least_loaded()
             self._load[node] += 1
             self._streams[request_id], self._node_of[request_id] = stream, node
             self._requests[request_id] = (list(prompt_ids), params, [])
@@ -286,7 +287,12 @@ class Cluster:
     def abort(self, request_id: str) -> None:
         with self._wake:
             if request_id in self._node_of:
-                self._aborts[self._node_of[request_id]].append(request_id)
+                node = self._node_of[request_id]
+                queued = [r for r in self._incoming[node] if r.request_id != request_id]
+                if len(queued) < len(self._incoming[node]):
+                    self._incoming[node] = queued  # never handed over: nothing to abort there
+                else:
+                    self._aborts[node].append(request_id)
                 self._forget(request_id)
                 self._wake.notify_all()
 
@@ -330,7 +336,7 @@ class Cluster:
                     ),
                     timeout=1.0,
                 )
-                if self._stopping:
+                if self._stopping and self._load[i] == 0:
                     return
                 new, self._incoming[i] = self._incoming[i], []
                 aborts, self._aborts[i] = self._aborts[i], []
@@ -369,18 +375,19 @@ class Cluster:
         is least; a node that fails otherwise, or does not come back, fails its requests."""
         self.failed_steps += 1
         log.warning("attention-%d failed: %s", i, err)
-        if isinstance(err, ray.exceptions.RayActorError):
-            limit = self.deployment.transport.recovery_timeout_s
-            try:
-                key = ("attention", i)
-                pids = _await_restarts({key: self.attention[i]}, time.monotonic() + limit)
+        key, limit = ("attention", i), self.deployment.transport.recovery_timeout_s
+        try:  # a restarted node (whatever error showed it) has lost its loop and its requests
+            pids = _await_restarts({key: self.attention[i]}, time.monotonic() + limit)
+            if pids[key] != self._pids.get(key):
                 ray.get(self.attention[i].start_loop.remote(), timeout=limit)
                 self._pids[key] = pids[key]
                 self._resubmit_from(i)
                 return
-            except Exception as again:
-                err = again
+        except Exception as again:
+            err = again
         self._healthy = False
+        with self._wake:
+            self._dead.add(i)  # out of rotation: new requests go to the other nodes
         self._fail_node(i, RequestFailed(f"attention-{i} failed and could not recover: {err}"))
 
     def _fail_node(self, i: int, error: Exception) -> None:
@@ -389,6 +396,7 @@ class Cluster:
             streams = [self._streams[r] for r in failed]
             for request_id in failed:
                 self._forget(request_id)
+            self._aborts[i] += failed  # free their blocks, should the node still be stepping
             self._incoming[i] = []
         for stream in streams:
             stream.put(error)
@@ -589,6 +597,12 @@ class Cluster:
         ray.get(self.attention[i].connect.remote(self._expert_peers()), timeout=timeout)
         ray.get(waits, timeout=timeout)
 
+    def _least_loaded(self) -> int:
+        live = [i for i in range(len(self._load)) if i not in self._dead]
+        if not live:
+            raise RequestFailed("no attention node is left: every one failed and did not recover")
+        return min(live, key=self._load.__getitem__)
+
     def _resubmit_from(self, node: int) -> None:
         with self._wake:
             moved = [r for r, n in self._node_of.items() if n == node]
@@ -596,7 +610,7 @@ class Cluster:
             for request_id in moved:
                 prompt, params, generated = self._requests[request_id]
                 self._load[node] -= 1
-                target = min(range(len(self._load)), key=self._load.__getitem__)
+                target = self._least_loaded()
                 self._load[target] += 1
                 self._node_of[request_id] = target
                 left = replace(params, max_tokens=params.max_tokens - len(generated))

@@ -31,10 +31,15 @@ class LocalRayError(RuntimeError):
     """The local Ray head did not start; the message carries what Ray printed."""
 
 
+# resolved here, not in the forked child (no dlopen between fork and exec)
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM when the process that started it dies."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    """Runs in the child before exec: SIGTERM when the thread that started it ends (start it
+    from the main thread: it ends with the process)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:

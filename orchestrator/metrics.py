@@ -23,6 +23,7 @@ class Metrics:
         self.running = Gauge(
             "afd:num_requests_running", "Requests admitted and unfinished.", list(label), registry=r
         ).labels(**label)
+        self._waiting: dict[int, int] = {}  # attention node -> its latest waiting count
         self.waiting = Gauge(
             "afd:num_requests_waiting",
             "Requests queued on attention nodes, not yet in a batch.",
@@ -119,7 +120,10 @@ class Metrics:
     def observe_step(self, record: StepRecord, total_kv_blocks: int) -> None:
         """Folds one engine step into the cluster-level series."""
         self.steps.inc()
-        self.waiting.set(sum(a.waiting for a in record.attention if a is not None))
+        for i, a in enumerate(record.attention):  # a colocated node's record holds it alone
+            if a is not None:
+                self._waiting[i] = a.waiting
+        self.waiting.set(sum(self._waiting.values()))
         for i, a in enumerate(record.attention):
             if a is None:
                 continue

@@ -245,3 +245,33 @@ def test_a_colocated_node_steps_on_its_own_loop_and_sleeps_when_idle(
     for r in requests:
         want = reference.generate(r.prompt_ids, r.params)
         assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
+
+
+def test_the_step_loop_never_admits_a_request_aborted_while_queued() -> None:
+    from afd.attention_nodes.node import StepLoop
+    from afd.models.messages import AttentionStepResult, StepTimings
+
+    seen: list[tuple[list[str], list[str]]] = []
+    first_step_running, release = threading.Event(), threading.Event()
+
+    def step(step_id: int, new: list[NewRequest], aborts: list[str]) -> AttentionStepResult:
+        seen.append(([r.request_id for r in new], aborts))
+        first_step_running.set()
+        release.wait(TIMEOUT_S)
+        return AttentionStepResult([], StepTimings(), 0, 0, 0, 0, 0)
+
+    params = SamplingParams(max_tokens=1)
+    loop = StepLoop(step, lambda: False)
+    try:
+        loop.submit([NewRequest("a", [1], params)], [])
+        assert first_step_running.wait(TIMEOUT_S)
+        loop.submit([NewRequest("b", [1], params)], [])
+        loop.submit([], ["b"])  # while "a"'s step runs: "b" is still queued
+        release.set()
+        results = []
+        while len(results) < 2:
+            results += loop.poll(TIMEOUT_S)
+    finally:
+        release.set()
+        loop.stop()
+    assert seen == [(["a"], []), ([], ["b"])]
