@@ -1,7 +1,9 @@
-"""Load generator against afd's gRPC endpoint: TTFT, TPOT, inter-token latency, throughput, errors.
+"""Load generator against afd's gRPC or OpenAI HTTP endpoint: TTFT, TPOT, inter-token latency,
+throughput, errors.
 
     python bench/serve.py --local                       # starts the tiny 2+2 m=2 cluster itself
     python bench/serve.py --target HOST:PORT --rate 20 --requests 200 --json
+    python bench/serve.py --http http://HOST:PORT --concurrency 16   # /v1/completions, SSE
 
 Load is either a Poisson arrival rate (--rate, requests/s) or a fixed number of streams kept in
 flight (--concurrency). Prompt and output lengths are drawn uniformly from the given ranges, with
@@ -13,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import statistics
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
+import aiohttp
 import grpc
 from afd.orchestrator.client import request
 from afd.protos import afd_v1_pb2_grpc as pb_grpc
@@ -81,6 +86,40 @@ async def _one(stub: pb_grpc.AfdStub, prompt: str, max_tokens: int, timeout_s: f
     return out
 
 
+async def _one_http(
+    session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, timeout_s: float
+) -> Outcome:
+    """One streamed /v1/completions request; each SSE chunk with a choice is one token."""
+    out = Outcome(expected=max_tokens)
+    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    start = last = time.perf_counter()
+    try:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with session.post(f"{url}/v1/completions", json=body, timeout=timeout) as resp:
+            if resp.status != 200:
+                out.status = f"HTTP_{resp.status}"
+            async for line in resp.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[len(b"data: ") :])
+                if "error" in chunk:
+                    out.status = chunk["error"].get("type") or "STREAM_ERROR"
+                    break
+                if not chunk.get("choices"):
+                    continue
+                now = time.perf_counter()
+                if out.ttft is None:
+                    out.ttft = now - start
+                else:
+                    out.itls.append(now - last)
+                last = now
+                out.tokens += 1
+    except (aiohttp.ClientError, TimeoutError) as err:
+        out.status = type(err).__name__
+    out.e2e = time.perf_counter() - start
+    return out
+
+
 async def run_load(
     target: str,
     traffic: list[tuple[str, int]],
@@ -89,22 +128,36 @@ async def run_load(
     timeout_s: float,
     seed: int,
 ) -> tuple[list[Outcome], float]:
+    """`target`: HOST:PORT of the gRPC API, or http://HOST:PORT of the OpenAI one."""
     rng = random.Random(seed + 1)
-    async with grpc.aio.insecure_channel(target) as ch:
-        stub = pb_grpc.AfdStub(ch)
+    async with contextlib.AsyncExitStack() as stack:
+        if target.startswith(("http://", "https://")):
+            connector = aiohttp.TCPConnector(limit=0)
+            session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+
+            def one(p: str, n: int) -> Awaitable[Outcome]:
+                return _one_http(session, target, p, n, timeout_s)
+        else:
+            stub = pb_grpc.AfdStub(
+                await stack.enter_async_context(grpc.aio.insecure_channel(target))
+            )
+
+            def one(p: str, n: int) -> Awaitable[Outcome]:
+                return _one(stub, p, n, timeout_s)
+
         start = time.perf_counter()
         if concurrency is not None:
             gate = asyncio.Semaphore(concurrency)
 
             async def gated(p: str, n: int) -> Outcome:
                 async with gate:
-                    return await _one(stub, p, n, timeout_s)
+                    return await one(p, n)
 
             outcomes = await asyncio.gather(*(gated(p, n) for p, n in traffic))
         else:
             tasks = []
             for p, n in traffic:
-                tasks.append(asyncio.create_task(_one(stub, p, n, timeout_s)))
+                tasks.append(asyncio.create_task(one(p, n)))
                 await asyncio.sleep(rng.expovariate(rate))
             outcomes = await asyncio.gather(*tasks)
         return list(outcomes), time.perf_counter() - start
@@ -188,6 +241,9 @@ def main() -> int:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", help="HOST:PORT of a running afd gRPC endpoint")
     where.add_argument(
+        "--http", help="http://HOST:PORT of a running afd OpenAI-compatible endpoint"
+    )
+    where.add_argument(
         "--local", action="store_true", help="start the tiny 2+2, m=2 cluster and serve it"
     )
     load = p.add_mutually_exclusive_group()
@@ -207,7 +263,7 @@ def main() -> int:
         args.concurrency = 32
 
     server = None
-    target = args.target
+    target = args.target or args.http
     if args.local:
         from afd.models.tiny import make_tiny_model
         from afd.orchestrator.cli import DEMO_MODEL_DIR
