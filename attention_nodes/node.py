@@ -317,6 +317,7 @@ class StepLoop:
         self._outbox: list[AttentionStepResult] = []
         self._error: BaseException | None = None
         self._stopping = False
+        self._stalled = False  # the last step ran nothing: only a submit can change that
         self._thread = threading.Thread(target=self._run, name="afd-node-loop", daemon=True)
         self._thread.start()
 
@@ -325,6 +326,7 @@ class StepLoop:
             gone = set(aborts)  # an abort also cancels a request still queued here
             self._new = [r for r in (*self._new, *new) if r.request_id not in gone]
             self._aborts += aborts
+            self._stalled = False
             self._cond.notify_all()
 
     def poll(self, timeout_s: float) -> list[AttentionStepResult]:
@@ -346,7 +348,12 @@ class StepLoop:
         while True:
             with self._cond:
                 self._cond.wait_for(
-                    lambda: self._stopping or self._new or self._aborts or self._busy()
+                    lambda: (
+                        self._stopping
+                        or self._new
+                        or self._aborts
+                        or (self._busy() and not self._stalled)
+                    )
                 )
                 if self._stopping:
                     return
@@ -360,5 +367,6 @@ class StepLoop:
                 return
             step += 1
             with self._cond:
+                self._stalled = result.tokens == 0  # e.g. waiting sequences the cache cannot hold
                 self._outbox.append(result)
                 self._cond.notify_all()

@@ -269,6 +269,13 @@ class Cluster:
     ) -> TokenSink:
         """Queues a request; its tokens go to `sink` (by default a blocking RequestStream)."""
         check_prompt(prompt_ids, params, self.config)
+        a = self.deployment.attention
+        kv_tokens = a.kv_blocks * a.block_size
+        if len(prompt_ids) + params.max_tokens > kv_tokens:  # it could never run to its end
+            raise RequestFailed(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceed an "
+                f"attention node's KV cache of {kv_tokens} tokens (attention.kv_blocks x block_size)"
+            )
         request_id = request_id or f"req-{next(self._ids)}"
         stream = sink or RequestStream(request_id, self.deployment.transport.round_timeout_s * 4)
         with self._wake:

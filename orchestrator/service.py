@@ -123,7 +123,13 @@ class Service:
             raise InvalidRequest(
                 "prompt", f"has {len(ids)} tokens; the model's context is {context} tokens"
             )
-        room = context - len(ids)
+        a = self.deployment.attention
+        kv_tokens = a.kv_blocks * a.block_size  # a sequence must fit one node's whole cache
+        if len(ids) >= kv_tokens:
+            raise InvalidRequest(
+                "prompt", f"has {len(ids)} tokens; an attention node's KV cache holds {kv_tokens}"
+            )
+        room = min(context, kv_tokens) - len(ids)
         max_tokens = 16 if max_tokens is None else max_tokens
         if not 1 <= max_tokens <= room:
             raise InvalidRequest(

@@ -8,6 +8,7 @@ the test's thread, as the orchestrator's engine drives them on separate actors.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -275,3 +276,18 @@ def test_the_step_loop_never_admits_a_request_aborted_while_queued() -> None:
         release.set()
         loop.stop()
     assert seen == [(["a"], []), ([], ["b"])]
+
+
+def test_a_request_the_cache_can_never_hold_does_not_spin_the_loop(tiny_model: Path) -> None:
+    settings = AttentionNodeSettings(0, str(tiny_model), kv_blocks=2, block_size=4)
+    node = AttentionNode(settings, None)  # room for 8 tokens
+    node.start_loop()
+    try:
+        node.submit([NewRequest("big", list(range(1, 13)), SamplingParams(max_tokens=2))], [])
+        results = node.poll(TIMEOUT_S)
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            results += node.poll(0.05)
+        assert len(results) == 1 and results[0].tokens == 0 and results[0].waiting == 1
+    finally:
+        node.shutdown()

@@ -195,3 +195,18 @@ def test_a_body_over_the_size_limit_gets_a_json_413(server) -> None:
     assert status == 413
     _assert_json_client_error(status, payload)
     _assert_still_serving(server)
+
+
+def test_a_request_that_cannot_fit_a_nodes_kv_cache_is_refused(tiny_model: Path) -> None:
+    from dataclasses import replace
+
+    from afd.orchestrator.service import InvalidRequest
+
+    deployment = Deployment(model=ModelSection(path=str(tiny_model)))
+    deployment = replace(deployment, attention=replace(deployment.attention, kv_blocks=2))
+    service = Service(OneTokenCluster(tiny_model), deployment, Tokenizer(tiny_model))
+    assert service.parse(ids=[1] * 10, max_tokens=22).params.max_tokens == 22  # 32 tokens: fits
+    with pytest.raises(InvalidRequest, match=r"max_tokens: is 23; must be in \[1, 22\]"):
+        service.parse(ids=[1] * 10, max_tokens=23)
+    with pytest.raises(InvalidRequest, match="KV cache holds 32"):
+        service.parse(ids=[1] * 32)
