@@ -320,6 +320,10 @@ async def _respond(
                     }
                 first = False
                 await _sse(response, chunk(choices=[choice]))
+    except ConnectionResetError:
+        if response is None:
+            raise
+        return response  # the client left mid-stream: the request is aborted, nothing to send
     except Unavailable as err:
         if response is None:
             raise

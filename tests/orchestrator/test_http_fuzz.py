@@ -210,3 +210,67 @@ def test_a_request_that_cannot_fit_a_nodes_kv_cache_is_refused(tiny_model: Path)
         service.parse(ids=[1] * 10, max_tokens=23)
     with pytest.raises(InvalidRequest, match="KV cache holds 32"):
         service.parse(ids=[1] * 32)
+
+
+class SlowCluster(OneTokenCluster):
+    """Streams a token every 20 ms until aborted (or 500 tokens)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        super().__init__(model_dir)
+        self.aborted = threading.Event()
+
+    def submit(self, prompt_ids, params, request_id, sink) -> None:
+        def stream() -> None:
+            for i in range(500):
+                if self.aborted.wait(0.02):
+                    return
+                sink.put(TokenOutput(request_id, 7, -0.5, "x", "length" if i == 499 else None))
+
+        threading.Thread(target=stream, daemon=True).start()
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.set()
+
+
+def test_a_client_leaving_mid_stream_aborts_the_request_and_the_server_goes_on(
+    tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    cluster = SlowCluster(tiny_model)
+    deployment = Deployment(model=ModelSection(path=str(tiny_model)))
+    service = Service(cluster, deployment, Tokenizer(tiny_model))
+
+    async def start() -> tuple[web.AppRunner, int]:
+        runner = web.AppRunner(make_app(service, None), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, runner.addresses[-1][1]
+
+    runner, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    try:
+        body = json.dumps({"prompt": "hi", "max_tokens": 500, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            received = b""
+            while b"data: " not in received:  # streaming has begun
+                chunk = s.recv(4096)
+                assert chunk, "the server closed before streaming"
+                received += chunk
+        assert cluster.aborted.wait(10), "the request was not aborted"
+        status, payload = _send(("127.0.0.1", port), "GET", "/health")
+        failures = [r for r in caplog.records if r.name.endswith("http_server")]
+        assert failures == [], "a client leaving is not a server error"
+        assert status == 200 and json.loads(payload)["status"] == "ok"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
