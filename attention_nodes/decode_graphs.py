@@ -153,13 +153,5 @@ def decode_forward(
     meta: PagedMetadata,
 ) -> torch.Tensor:
     """Logits [Bp, V] of every row: the eager forward, as a graph captures it."""
-    attn = PagedAttention(k_cache, v_cache, meta)
-    h_TD = model.embed(batch)
-    for layer in range(model.config.num_layers):
-        routed = model.pre_experts(layer, h_TD, batch, attn)
-        experts_TD = None
-        if model.config.is_moe_layer(layer):
-            plan = dispatcher.dispatch(0, layer, 0, routed.x_TD, routed.ids_TK, routed.weights_TK)
-            experts_TD = dispatcher.combine(plan, routed.x_TD)
-        h_TD = model.post_experts(layer, routed, experts_TD)
-    return model.logits(h_TD, torch.arange(h_TD.shape[0], device=h_TD.device))
+    rows = torch.arange(batch.token_ids.shape[0], device=batch.token_ids.device)
+    return model.forward(batch, PagedAttention(k_cache, v_cache, meta), dispatcher, rows)

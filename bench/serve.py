@@ -53,6 +53,21 @@ class Outcome:
     tokens: int = 0
     expected: int = 0
     status: str = "OK"
+    start: float = field(default_factory=time.perf_counter)
+    last: float = 0.0  # when the latest token came
+
+    def arrived(self, tokens: int) -> None:
+        """Notes `tokens` arriving now: the first arrival sets TTFT, later ones add an ITL."""
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - self.start
+        else:
+            self.itls.append(now - self.last)
+        self.last, self.tokens = now, self.tokens + tokens
+
+    def done(self) -> Outcome:
+        self.e2e = time.perf_counter() - self.start
+        return self
 
 
 def _traffic(n: int, prompt_words: tuple[int, int], output: tuple[int, int], seed: int):
@@ -68,22 +83,14 @@ def _traffic(n: int, prompt_words: tuple[int, int], output: tuple[int, int], see
 
 async def _one(stub: pb_grpc.AfdStub, prompt: str, max_tokens: int, timeout_s: float) -> Outcome:
     out = Outcome(expected=max_tokens)
-    start = last = time.perf_counter()
     try:
         async for r in stub.Generate(
             request(text=prompt, max_tokens=max_tokens, ignore_eos=True), timeout=timeout_s
         ):
-            now = time.perf_counter()
-            if out.ttft is None:
-                out.ttft = now - start
-            else:
-                out.itls.append(now - last)
-            last = now
-            out.tokens += len(r.token_ids)
+            out.arrived(len(r.token_ids))
     except grpc.aio.AioRpcError as err:
         out.status = err.code().name
-    out.e2e = time.perf_counter() - start
-    return out
+    return out.done()
 
 
 async def _one_http(
@@ -92,7 +99,6 @@ async def _one_http(
     """One streamed /v1/completions request; each SSE chunk with a choice is one token."""
     out = Outcome(expected=max_tokens)
     body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
-    start = last = time.perf_counter()
     try:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         async with session.post(f"{url}/v1/completions", json=body, timeout=timeout) as resp:
@@ -105,19 +111,11 @@ async def _one_http(
                 if "error" in chunk:
                     out.status = chunk["error"].get("type") or "STREAM_ERROR"
                     break
-                if not chunk.get("choices"):
-                    continue
-                now = time.perf_counter()
-                if out.ttft is None:
-                    out.ttft = now - start
-                else:
-                    out.itls.append(now - last)
-                last = now
-                out.tokens += 1
+                if chunk.get("choices"):
+                    out.arrived(1)
     except (aiohttp.ClientError, TimeoutError) as err:
         out.status = type(err).__name__
-    out.e2e = time.perf_counter() - start
-    return out
+    return out.done()
 
 
 async def run_load(

@@ -105,8 +105,13 @@ class AttentionSideModel:
         return F.linear(h_BD, self.lm_head).float()
 
     def forward(
-        self, batch: TokenBatch, attn: BatchAttention, dispatcher: Dispatcher
+        self,
+        batch: TokenBatch,
+        attn: BatchAttention,
+        dispatcher: Dispatcher,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Logits at `rows` of the batch (default: each sequence's last token)."""
         h_TD = self.embed(batch)
         for layer in range(self.config.num_layers):
             routed = self.pre_experts(layer, h_TD, batch, attn)
@@ -116,7 +121,7 @@ class AttentionSideModel:
                     layer, routed.x_TD, routed.ids_TK, routed.weights_TK
                 )
             h_TD = self.post_experts(layer, routed, experts_TD)
-        return self.logits(h_TD, batch.last_token_indices())
+        return self.logits(h_TD, batch.last_token_indices() if rows is None else rows)
 
     def _w(self, layer: int, name: str) -> torch.Tensor:
         return self.t[f"model.layers.{layer}.{name}.weight"]

@@ -368,13 +368,7 @@ class Cluster:
             record = StepRecord(self.step_id, result.timings.total_s, attention, [])
             self._last_attention[i] = result
             self._attention_tokens[i] += result.tokens
-            if self.keep_history:
-                self.history.append(record)
-        for hook in list(self.step_hooks):
-            try:
-                hook(record)
-            except Exception as err:
-                log.warning("step hook failed: %s", err)
+        self._observe(record)
 
     def _recover_colocated(self, i: int, err: Exception) -> None:
         """A colocated node failed: the others go on. A dead one is awaited (Ray restarts it and
@@ -437,14 +431,18 @@ class Cluster:
         attention = [results["attention", i] for i in range(len(self.attention))]
         experts = [results[k] for k in sorted(results) if k[0] == "expert"]
         record = StepRecord(s, wall, attention, experts)
-        if self.keep_history:
-            self.history.append(record)
         for i, a in enumerate(attention):
             self._last_attention[i] = a
             self._attention_tokens[i] += a.tokens
         for e in experts:
             for expert, tokens in e.tokens_per_expert.items():
                 self._expert_tokens[expert] += tokens
+        self._observe(record)
+
+    def _observe(self, record: StepRecord) -> None:
+        """Keeps the step (when asked) and hands it to the hooks (metrics)."""
+        if self.keep_history:
+            self.history.append(record)
         for hook in list(self.step_hooks):
             try:
                 hook(record)

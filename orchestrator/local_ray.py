@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 _ADDRESS = re.compile(r"--address='([^']+)'")
 _PR_SET_PDEATHSIG = 1
@@ -94,10 +95,10 @@ class LocalRayHead:
 
     def _await_address(self, timeout_s: float) -> str:
         """The GCS address, once the head says it runs; LocalRayError after `timeout_s`."""
-        address = None
+        address, deadline = None, time.monotonic() + timeout_s
         while True:
             try:
-                line = self._lines.get(timeout=timeout_s)
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 line = None
             if line is None:
