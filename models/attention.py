@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 from afd.models.batch import TokenBatch
-from afd.models.layers import causal_attention
+from afd.models.layers import Rope, causal_attention
 
 
 class BatchAttention(Protocol):
@@ -138,15 +138,41 @@ class PagedAttention:
         if self._shared is None:
             G = k_TGDh.shape[1]
             self._shared = _SharedIndices.of(self.meta, self.k_cache.shape[2], q_THDh.shape[1] // G)
-        return paged_attention(
-            self.k_cache[layer],
-            self.v_cache[layer],
-            self.meta,
-            self._shared,
-            q_THDh,
-            k_TGDh,
-            v_TGDh,
-        )
+        k_flat, v_flat = _flat(self.k_cache[layer]), _flat(self.v_cache[layer])
+        k_flat.index_copy_(0, self.meta.slot_T, k_TGDh)
+        v_flat.index_copy_(0, self.meta.slot_T, v_TGDh)
+        return attend_cached(k_flat, v_flat, self.meta, self._shared, q_THDh)
+
+    def attend_projected(
+        self,
+        layer: int,
+        qkv_TX: torch.Tensor,
+        positions_T: torch.Tensor,
+        qk_norms: tuple[torch.Tensor, torch.Tensor] | None,
+        eps: float,
+        rope: Rope,
+    ) -> torch.Tensor:
+        """`attend` from the fused q/k/v projection, through the kernels: per-head q/k norm
+        (when `qk_norms` is given), RoPE and the cache write in one kernel, then the paged
+        decode kernel when every sequence brings one token (a mixed batch attends in torch)."""
+        from afd.models.kernels.decode_attention import paged_decode_attention
+        from afd.models.kernels.small_ops import qk_norm_rope_store
+
+        k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
+        q_norm, k_norm = qk_norms if qk_norms is not None else (None, None)
+        inv_freq = rope.inv_freq_on(qkv_TX.device)
+        q_THDh = qk_norm_rope_store(
+            qkv_TX, positions_T, self.meta.slot_T, q_norm, k_norm, eps, inv_freq, rope.scale,
+            k_cache, v_cache,
+        )  # fmt: skip
+        if self.meta.query_row_BQ.shape[1] == 1:  # decode only: row b is sequence b
+            return paged_decode_attention(
+                q_THDh, k_cache, v_cache, self.meta.block_table_BM, self.meta.query_pos_BQ[:, 0]
+            )
+        if self._shared is None:
+            G = k_cache.shape[2]
+            self._shared = _SharedIndices.of(self.meta, k_cache.shape[1], q_THDh.shape[1] // G)
+        return attend_cached(_flat(k_cache), _flat(v_cache), self.meta, self._shared, q_THDh)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,25 +194,25 @@ class _SharedIndices:
         return cls(slots_BS, masked_BxS, meta.query_row_BQ.reshape(-1))
 
 
-def paged_attention(
-    k_NBBSGDh: torch.Tensor,
-    v_NBBSGDh: torch.Tensor,
+def _flat(cache_NBBSGDh: torch.Tensor) -> torch.Tensor:
+    """One layer's cache as [slots, G, Dh] (a view)."""
+    return cache_NBBSGDh.flatten(0, 1)
+
+
+def attend_cached(
+    k_flat: torch.Tensor,
+    v_flat: torch.Tensor,
     meta: PagedMetadata,
     shared: _SharedIndices,
     q_THDh: torch.Tensor,
-    k_TGDh: torch.Tensor,
-    v_TGDh: torch.Tensor,
 ) -> torch.Tensor:
-    """Writes the new K/V into their slots, then attends every sequence's queries over its
-    blocks at once (keys past a query's position masked). The same arithmetic as
+    """Every sequence's queries over its blocks at once (keys past a query's position
+    masked); the new keys are already in the cache. The same arithmetic as
     `causal_attention` per sequence, so results match the reference to rounding."""
-    NB, BS, G, Dh = k_NBBSGDh.shape
+    G, Dh = k_flat.shape[1], k_flat.shape[2]
     T, H, _ = q_THDh.shape
     B, Q = meta.query_row_BQ.shape
     r = H // G
-    k_flat, v_flat = k_NBBSGDh.view(NB * BS, G, Dh), v_NBBSGDh.view(NB * BS, G, Dh)
-    k_flat.index_copy_(0, meta.slot_T, k_TGDh)
-    v_flat.index_copy_(0, meta.slot_T, v_TGDh)
     k_BGSDh = k_flat[shared.slots_BS].permute(0, 2, 1, 3)
     v_BGSDh = v_flat[shared.slots_BS].permute(0, 2, 1, 3)
     q_padded = torch.cat([q_THDh, q_THDh.new_zeros(1, H, Dh)])  # row T: padding queries

@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from afd.models import kernels
 from afd.models.config import ModelConfig, RopeConfig
 
 
@@ -18,6 +19,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     In fp32 it is the HF models' arithmetic; in bf16 the weight multiplies before the one
     rounding, where HF rounds, then multiplies."""
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def add_rms_norm(
+    h_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + Δ, rms_norm(h + Δ)): the residual add and the norm after it, one kernel on GPU."""
+    if kernels.usable(h_TD):
+        from afd.models.kernels.small_ops import add_rms_norm as fused
+
+        return fused(h_TD, delta_TD, weight_D, eps)
+    total_TD = h_TD + delta_TD
+    return total_TD, rms_norm(total_TD, weight_D, eps)
 
 
 class Rope:
@@ -44,12 +57,16 @@ class Rope:
         self._last = (positions_T, dtype, capturing, result)
         return result
 
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """The inverse frequencies on `device`, moved once (no copy per layer, nor in a graph)."""
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        return self.inv_freq
+
     def _cos_sin(
         self, positions_T: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inv_freq.device != positions_T.device:  # once: no copy per layer (nor in a graph)
-            self.inv_freq = self.inv_freq.to(positions_T.device)
-        freqs_TF = positions_T.float()[:, None] * self.inv_freq[None, :]
+        freqs_TF = positions_T.float()[:, None] * self.inv_freq_on(positions_T.device)[None, :]
         emb_TDh = torch.cat((freqs_TF, freqs_TF), dim=-1)
         return (emb_TDh.cos() * self.scale).to(dtype), (emb_TDh.sin() * self.scale).to(dtype)
 
@@ -120,6 +137,10 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert ids and their weights per token; weights in fp32 math, activation dtype out."""
     logits_TE = F.linear(x_TD, gate_ED)
+    if kernels.usable(x_TD):  # softmax, top-k and renormalisation in one kernel
+        from afd.models.kernels.small_ops import route_top_k
+
+        return route_top_k(logits_TE, config.top_k, config.renormalize_topk)
     probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     weights_TK, ids_TK = torch.topk(probs_TE, config.top_k, dim=-1)
     if config.renormalize_topk:

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from afd.models.attention import BatchAttention
+from afd.models import kernels
+from afd.models.attention import BatchAttention, PagedAttention
 from afd.models.batch import TokenBatch
 from afd.models.checkpoint import TensorSource
 from afd.models.config import ModelConfig
-from afd.models.layers import Rope, apply_rope, rms_norm, route, swiglu
+from afd.models.layers import Rope, add_rms_norm, apply_rope, rms_norm, route, swiglu
 from afd.models.moe import Dispatcher
 from afd.models.weights import ATTENTION_SIDE_KINDS, tensor_specs
 
@@ -58,13 +59,13 @@ class AttentionSideModel:
     def pre_experts(
         self, layer: int, h_TD: torch.Tensor, batch: TokenBatch, attn: BatchAttention
     ) -> Routed:
-        h_TD = h_TD + self._attention(
-            layer,
-            rms_norm(h_TD, self._w(layer, "input_layernorm"), self.config.rms_norm_eps),
-            batch,
-            attn,
+        eps = self.config.rms_norm_eps
+        attended_TD = self._attention(
+            layer, rms_norm(h_TD, self._w(layer, "input_layernorm"), eps), batch, attn
         )
-        x_TD = rms_norm(h_TD, self._w(layer, "post_attention_layernorm"), self.config.rms_norm_eps)
+        h_TD, x_TD = add_rms_norm(
+            h_TD, attended_TD, self._w(layer, "post_attention_layernorm"), eps
+        )
         if not self.config.is_moe_layer(layer):
             empty = torch.empty(x_TD.shape[0], 0, dtype=torch.int64, device=x_TD.device)
             return Routed(h_TD, x_TD, empty, empty.to(x_TD.dtype))
@@ -123,6 +124,17 @@ class AttentionSideModel:
             h_TD = self.post_experts(layer, routed, experts_TD)
         return self.logits(h_TD, batch.last_token_indices() if rows is None else rows)
 
+    def _fused_attention(self, x_TD: torch.Tensor) -> bool:
+        """Whether q/k norm, RoPE and the cache write run as one kernel: on the kernels'
+        devices, for per-head or no q/k norm (OLMoE's norm spans all heads) and no clipping."""
+        c = self.config
+        return (
+            kernels.usable(x_TD)
+            and c.qk_norm != "full"
+            and c.clip_qkv is None
+            and c.head_dim & (c.head_dim - 1) == 0
+        )
+
     def _w(self, layer: int, name: str) -> torch.Tensor:
         return self.t[f"model.layers.{layer}.{name}.weight"]
 
@@ -135,6 +147,16 @@ class AttentionSideModel:
     ) -> torch.Tensor:
         c, p = self.config, f"model.layers.{layer}.self_attn"
         qkv = F.linear(x_TD, self.t[f"{p}.qkv_proj.weight"], self.t.get(f"{p}.qkv_proj.bias"))
+        if isinstance(attn, PagedAttention) and self._fused_attention(x_TD):
+            norms = (
+                (self.t[f"{p}.q_norm.weight"], self.t[f"{p}.k_norm.weight"])
+                if c.qk_norm == "per_head"
+                else None
+            )
+            out_THDh = attn.attend_projected(
+                layer, qkv, batch.positions, norms, c.rms_norm_eps, self.rope
+            )
+            return F.linear(out_THDh.flatten(1), self.t[f"{p}.o_proj.weight"])
         q, k, v = qkv.split(
             [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim],
             dim=-1,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from afd.models import kernels
 from afd.models.checkpoint import TensorSource
 from afd.models.config import ModelConfig
 from afd.models.weights import expert_tensor_name, tensor_specs
@@ -76,8 +77,10 @@ class ExpertShard:
         Tokens are grouped by expert so each expert runs one GEMM over all its tokens.
         """
         w = self.layers[layer]
-        if x_TD.is_cuda:  # no host sync; grouped GEMMs in bf16
-            return grouped_experts(w, x_TD, local_ids_TK, weights_TK)
+        if kernels.usable(x_TD):  # no host sync, fixed shapes: what a CUDA graph captures
+            from afd.models.kernels.fused_moe import fused_experts
+
+            return fused_experts(x_TD, w.gate_EID, w.up_EID, w.down_EDI, local_ids_TK, weights_TK)
         out_TD = torch.zeros_like(x_TD)
         if x_TD.shape[0] == 0:
             return out_TD
@@ -164,42 +167,3 @@ class LocalDispatcher(Dispatcher):
     def combine(self, plan: torch.Tensor, like_TD: torch.Tensor) -> torch.Tensor:
         self.rounds += 1
         return plan
-
-
-def grouped_experts(
-    w: StackedExperts, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
-) -> torch.Tensor:
-    """`ExpertShard.forward` without a host synchronisation: every (token, slot) pair sorted by
-    expert, then one grouped GEMM per projection over all local experts (`torch._grouped_mm`,
-    bf16 on CUDA; in other dtypes each pair multiplies its expert's gathered weights, which
-    costs T·K·I·D memory and suits tests and small models). Fixed shapes throughout, so CUDA
-    graphs can capture it. Entries with local id -1 are skipped."""
-    T, K = ids_TK.shape
-    E = w.gate_EID.shape[0]
-    flat_N = ids_TK.reshape(-1).long()
-    valid_N = flat_N >= 0
-    flat_N = torch.where(valid_N, flat_N, E)  # skipped pairs sort after every expert
-    order_N = torch.argsort(flat_N, stable=True)
-    token_N = order_N // K
-    counts_E = torch.zeros(E + 1, dtype=torch.int64, device=x_TD.device)
-    counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N))  # bincount would sync for its size
-    ends_E = torch.cumsum(counts_E[:E], 0)
-    x_ND = x_TD[token_N]
-    if x_TD.is_cuda and x_TD.dtype == torch.bfloat16:  # what torch._grouped_mm takes
-        offs = ends_E.to(torch.int32)
-        gate_NI = torch._grouped_mm(x_ND, w.gate_EID.transpose(1, 2), offs=offs)
-        up_NI = torch._grouped_mm(x_ND, w.up_EID.transpose(1, 2), offs=offs)
-        y_ND = torch._grouped_mm(F.silu(gate_NI) * up_NI, w.down_EDI.transpose(1, 2), offs=offs)
-    else:  # fp32/fp16 (tests, small models): each pair through its expert's gathered weights
-        e_N = torch.where(flat_N[order_N] < E, flat_N[order_N], 0)
-        x_N1D = x_ND[:, None, :]
-        gate_NI = (x_N1D @ w.gate_EID[e_N].transpose(1, 2)).squeeze(1)
-        up_NI = (x_N1D @ w.up_EID[e_N].transpose(1, 2)).squeeze(1)
-        h_N1I = (F.silu(gate_NI) * up_NI)[:, None, :]
-        y_ND = (h_N1I @ w.down_EDI[e_N].transpose(1, 2)).squeeze(1)
-    weight_N = (weights_TK.reshape(-1)[order_N] * valid_N[order_N]).to(y_ND.dtype)
-    # rows past the groups are garbage; then back to (token, slot) order and a sum over slots,
-    # which is deterministic, unlike an atomic index_add_
-    y_ND = torch.where(valid_N[order_N, None], y_ND * weight_N[:, None], 0)
-    y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(T, K, x_TD.shape[1])
-    return y_TKD.sum(1)

@@ -18,6 +18,7 @@ import torch
 from afd.attention_nodes.node import AttentionNode, AttentionNodeSettings
 from afd.attention_nodes.remote_dispatch import RemoteDispatcher
 from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
+from afd.models import kernels
 from afd.models.checkpoint import Checkpoint
 from afd.models.config import load_config
 from afd.models.expert_placement import ExpertPlacement
@@ -27,6 +28,8 @@ from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.transport.endpoint import Transport, TransportError
 from afd.transport.wire import FrameKind
+
+from tests.conftest import ARCHS
 
 EXPERT_BASE = 1000
 TIMEOUT_S = 30.0
@@ -291,3 +294,35 @@ def test_a_request_the_cache_can_never_hold_does_not_spin_the_loop(tiny_model: P
         assert len(results) == 1 and results[0].tokens == 0 and results[0].waiting == 1
     finally:
         node.shutdown()
+
+
+@pytest.mark.skipif(not kernels.HAVE_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_kernels_give_the_reference_tokens_colocated_and_disaggregated(
+    tiny_models: dict[str, Path], arch: str
+) -> None:
+    """The served math through the Triton kernels (the interpreter on CPU): fused MoE on
+    both node kinds, fused norms, router and, where the model allows, q/k norm + RoPE + cache
+    write and the paged decode kernel."""
+    model = tiny_models[arch]
+    engine = ReferenceEngine(model)
+    placement = ExpertPlacement.even(load_config(model).num_experts, 2)
+    with kernels.force():
+        colocated = AttentionNode(AttentionNodeSettings(0, str(model)), None)
+        attention = AttentionNode(AttentionNodeSettings(0, str(model), micro_batches=2), placement)
+        experts = [
+            ExpertNode(ExpertNodeSettings(EXPERT_BASE + j, str(model), ids, micro_batches=2))
+            for j, ids in enumerate(placement.assignment)
+        ]
+        try:
+            _wire(attention, experts)
+            requests = _requests(engine)
+            runs = [_serve(colocated, [], requests), _serve(attention, experts, requests)]
+        finally:
+            for node in [colocated, attention, *experts]:
+                node.shutdown()
+    for r in requests:
+        want = engine.generate(r.prompt_ids, r.params)
+        for got in runs:
+            assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
+            assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-4)

@@ -1,0 +1,314 @@
+"""The routed experts of one layer in four kernels, without a host synchronisation:
+
+1. `_align_kernel` (one program): a counting sort of the T·K (token, slot) pairs by local
+   expert, each expert's run padded to the GEMM block BM, so that every block of BM rows
+   belongs to one expert. Pairs with expert id -1 (held elsewhere) are left out.
+2. `_gate_up_kernel`: per (block, column tile), x[token] @ gate[e]ᵀ and x[token] @ up[e]ᵀ in
+   one pass over x, SiLU(gate)·up in the epilogue, stored per pair.
+3. `_down_kernel`: the down projection, the pair's routing weight applied in the epilogue,
+   stored per pair ([T, K, D]).
+4. `_combine_kernel`: each token's sum over its K slots in slot order, left-out slots skipped.
+   No atomics, so a graph replay and an eager step give identical bits.
+
+Grids are sized for the worst case (every expert's run padded), so shapes depend on T only
+and CUDA graphs can capture the whole thing; blocks past the padded total exit at once.
+
+Shape legend: T = tokens, K = top-k, N = T·K pairs, D = hidden, E = local experts,
+I = expert FFN width, BM/BN/BK = GEMM tiles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from afd.models.kernels import launching
+
+CONFIG_FILE = Path(__file__).with_name("moe_configs.json")
+
+
+@dataclass(frozen=True, slots=True)
+class MoEConfig:
+    """One tile configuration of the two GEMMs (the alignment pads to `block_m`)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def config_key(experts: int, ffn: int, hidden: int, dtype: torch.dtype, device: str) -> str:
+    return f"E={experts},I={ffn},D={hidden},dtype={str(dtype).removeprefix('torch.')},gpu={device}"
+
+
+@cache
+def _table() -> dict[str, dict[str, dict[str, int]]]:
+    if not CONFIG_FILE.exists():
+        return {}
+    loaded: dict[str, dict[str, dict[str, int]]] = json.loads(CONFIG_FILE.read_text())
+    return loaded
+
+
+@cache
+def device_name(device: torch.device) -> str:
+    """The GPU's model name as CUDA reports it (\"cpu\" for the interpreter), once per device."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def pick_config(
+    pairs: int, experts: int, ffn: int, hidden: int, dtype: torch.dtype, device: str
+) -> MoEConfig:
+    """The tuned configuration for this shape and GPU (`bench/tune_moe.py` writes the table),
+    at the smallest tuned pair count ≥ `pairs` (the largest if none); defaults otherwise."""
+    entry = _table().get(config_key(experts, ffn, hidden, dtype, device))
+    if not entry:
+        return MoEConfig()
+    sizes = sorted(int(n) for n in entry)
+    at = next((n for n in sizes if n >= pairs), sizes[-1])
+    return MoEConfig(**entry[str(at)])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 tensors multiply in full fp32 (the tests' parity runs); tf32 would cost digits."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def max_blocks(pairs: int, experts: int, block_m: int) -> int:
+    """Blocks of `block_m` rows the padded sort can fill: each expert that holds any pair
+    wastes less than one block, and at most min(E, N) experts hold one."""
+    return -(-pairs // block_m) + min(experts, pairs)
+
+
+@triton.jit
+def _align_kernel(
+    ids_ptr,  # [N] local expert id per pair, -1: not here
+    sorted_ptr,  # [max_blocks·BM] out: pair index per padded row, N for padding
+    block_expert_ptr,  # [max_blocks] out: the expert of each block
+    total_ptr,  # [1] out: rows in use (a multiple of BM)
+    N,
+    MAX_BLOCKS,
+    E: tl.constexpr,
+    E_P2: tl.constexpr,
+    BM: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    experts = tl.arange(0, E_P2)
+    lane = tl.arange(0, CHUNK)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for start in range(0, N, CHUNK):
+        ids = tl.load(ids_ptr + start + lane, mask=start + lane < N, other=-1)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    tl.store(total_ptr, tl.sum(padded, axis=0))
+    for start in range(0, MAX_BLOCKS * BM, CHUNK):
+        tl.store(sorted_ptr + start + lane, N, mask=start + lane < MAX_BLOCKS * BM)
+    for start in range(0, MAX_BLOCKS, CHUNK):
+        block = start + lane
+        # the block's expert: how many experts' padded runs end at or before its first row
+        owner = tl.sum((ends[None, :] <= (block * BM)[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + block, tl.minimum(owner, E - 1), mask=block < MAX_BLOCKS)
+    tl.debug_barrier()  # the padding fill above lands before the scatter below
+    taken = tl.zeros([E_P2], dtype=tl.int32)
+    for start in range(0, N, CHUNK):
+        pair = start + lane
+        ids = tl.load(ids_ptr + pair, mask=pair < N, other=-1)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+        earlier = (ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])
+        rank = tl.sum(earlier.to(tl.int32), axis=1)
+        base = tl.sum(onehot * (starts + taken)[None, :], axis=1)
+        tl.store(sorted_ptr + base + rank, pair, mask=(pair < N) & (ids >= 0))
+        taken += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr,  # [T, D]
+    gate_ptr,  # [E, FFN, D]
+    up_ptr,  # [E, FFN, D]
+    h_ptr,  # [N, FFN] out
+    sorted_ptr,
+    block_expert_ptr,
+    total_ptr,
+    N,
+    D,
+    FFN,
+    TOP_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    block, tile = tl.program_id(0), tl.program_id(1)
+    if block * BM >= tl.load(total_ptr):
+        return
+    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    pair = tl.load(sorted_ptr + block * BM + tl.arange(0, BM))
+    live = pair < N
+    token = (pair // TOP_K).to(tl.int64)
+    cols = tile * BN + tl.arange(0, BN)
+    inner = tl.arange(0, BK)
+    x_at = x_ptr + token[:, None] * D + inner[None, :]
+    w_at = expert * FFN * D + cols[None, :].to(tl.int64) * D + inner[:, None]  # [BK, BN]
+    acc_gate = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_up = tl.zeros([BM, BN], dtype=tl.float32)
+    for k in range(0, D, BK):
+        in_k = k + inner < D
+        a = tl.load(x_at + k, mask=live[:, None] & in_k[None, :], other=0.0)
+        w_mask = in_k[:, None] & (cols < FFN)[None, :]
+        g = tl.load(gate_ptr + w_at + k, mask=w_mask, other=0.0)
+        u = tl.load(up_ptr + w_at + k, mask=w_mask, other=0.0)
+        acc_gate = tl.dot(a, g, acc_gate, input_precision=PRECISION)
+        acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    out = h_ptr + pair[:, None].to(tl.int64) * FFN + cols[None, :]
+    tl.store(out, h.to(h_ptr.dtype.element_ty), mask=live[:, None] & (cols < FFN)[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr,  # [N, FFN]
+    down_ptr,  # [E, D, FFN]
+    weight_ptr,  # [N] routing weight per pair
+    y_ptr,  # [N, D] out
+    sorted_ptr,
+    block_expert_ptr,
+    total_ptr,
+    N,
+    D,
+    FFN,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    block, tile = tl.program_id(0), tl.program_id(1)
+    if block * BM >= tl.load(total_ptr):
+        return
+    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    pair = tl.load(sorted_ptr + block * BM + tl.arange(0, BM))
+    live = pair < N
+    cols = tile * BN + tl.arange(0, BN)
+    inner = tl.arange(0, BK)
+    h_at = h_ptr + pair[:, None].to(tl.int64) * FFN + inner[None, :]
+    w_at = down_ptr + expert * D * FFN + cols[None, :].to(tl.int64) * FFN + inner[:, None]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k in range(0, FFN, BK):
+        in_k = k + inner < FFN
+        a = tl.load(h_at + k, mask=live[:, None] & in_k[None, :], other=0.0)
+        w = tl.load(w_at + k, mask=in_k[:, None] & (cols < D)[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    weight = tl.load(weight_ptr + pair, mask=live, other=0.0).to(tl.float32)
+    y = acc * weight[:, None]
+    out = y_ptr + pair[:, None].to(tl.int64) * D + cols[None, :]
+    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=live[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr,  # [T, K, D]
+    ids_ptr,  # [T, K]
+    out_ptr,  # [T, D]
+    D,
+    TOP_K: tl.constexpr,
+    BD: tl.constexpr,
+):
+    token, tile = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = tile * BD + tl.arange(0, BD)
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        width = tl.where(tl.load(ids_ptr + token * TOP_K + k) >= 0, D, 0)  # 0: slot left out
+        y = tl.load(y_ptr + (token * TOP_K + k) * D + cols, mask=cols < width, other=0.0)
+        acc += y.to(tl.float32)
+    tl.store(out_ptr + token * D + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < D)
+
+
+def fused_experts(
+    x_TD: torch.Tensor,
+    gate_EID: torch.Tensor,
+    up_EID: torch.Tensor,
+    down_EDI: torch.Tensor,
+    ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    config: MoEConfig | None = None,
+) -> torch.Tensor:
+    """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) over this shard's experts (local
+    ids; -1 skips the slot), as [T, D] in x's dtype."""
+    T, D = x_TD.shape
+    K = ids_TK.shape[1]
+    E, FFN, _ = gate_EID.shape
+    N = T * K
+    out_TD = torch.empty_like(x_TD)
+    if N == 0:
+        return out_TD.zero_()
+    cfg = config or pick_config(N, E, FFN, D, x_TD.dtype, device_name(x_TD.device))
+    BM = cfg.block_m
+    blocks = max_blocks(N, E, BM)
+    ids_N = ids_TK.reshape(-1).to(torch.int32).contiguous()
+    sorted_R = torch.empty(blocks * BM, dtype=torch.int32, device=x_TD.device)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=x_TD.device)
+    total = torch.empty(1, dtype=torch.int32, device=x_TD.device)
+    with launching():
+        _align_kernel[(1,)](
+            ids_N,
+            sorted_R,
+            block_expert,
+            total,
+            N,
+            blocks,
+            E=E,
+            E_P2=triton.next_power_of_2(E),
+            BM=BM,
+            CHUNK=128,
+            num_warps=4,
+        )
+    x = x_TD.contiguous()
+    h_NI = torch.empty(N, FFN, dtype=x_TD.dtype, device=x_TD.device)
+    tiles = dict(BM=BM, BN=cfg.block_n, BK=cfg.block_k, PRECISION=dot_precision(x_TD.dtype))
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with launching():
+        _gate_up_kernel[(blocks, triton.cdiv(FFN, cfg.block_n))](
+            x,
+            gate_EID,
+            up_EID,
+            h_NI,
+            sorted_R,
+            block_expert,
+            total,
+            N,
+            D,
+            FFN,
+            TOP_K=K,
+            **tiles,
+            **launch,
+        )
+    y_ND = torch.empty(N, D, dtype=x_TD.dtype, device=x_TD.device)
+    weights_N = weights_TK.reshape(-1).contiguous()
+    with launching():
+        _down_kernel[(blocks, triton.cdiv(D, cfg.block_n))](
+            h_NI,
+            down_EDI,
+            weights_N,
+            y_ND,
+            sorted_R,
+            block_expert,
+            total,
+            N,
+            D,
+            FFN,
+            **tiles,
+            **launch,
+        )
+    BD = min(1024, triton.next_power_of_2(D))
+    with launching():
+        _combine_kernel[(T, triton.cdiv(D, BD))](
+            y_ND, ids_N, out_TD, D, TOP_K=K, BD=BD, num_warps=4
+        )
+    return out_TD

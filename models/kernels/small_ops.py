@@ -1,0 +1,211 @@
+"""The small per-token steps of a layer, each one kernel instead of several torch ops:
+
+- `add_rms_norm`: the residual add and the next RMSNorm (h + Δ rounded like the unfused add,
+  then normalised from the rounded sum);
+- `route_top_k`: the router's softmax, top-k and renormalisation;
+- `qk_norm_rope_store`: per-head q/k RMSNorm, RoPE on q and k, and the new K/V written into
+  their paged-cache slots.
+
+Each follows the torch math in `afd.models.layers` / `afd.models.attention`, with fp32 inside
+and one rounding where torch rounds after several ops (a few bf16 ulps apart at most).
+
+Shape legend: T = tokens, D = hidden, E = experts, K = top-k, H = query heads, G = kv heads,
+Dh = head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from afd.models.kernels import launching
+
+
+@triton.jit
+def _add_rms_norm_kernel(h_ptr, delta_ptr, weight_ptr, sum_ptr, norm_ptr, D, eps, BD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BD)
+    inside = cols < D
+    h = tl.load(h_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
+    delta = tl.load(delta_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
+    total = (h + delta).to(sum_ptr.dtype.element_ty)
+    tl.store(sum_ptr + row * D + cols, total, mask=inside)
+    s = total.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / D + eps)
+    w = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(norm_ptr + row * D + cols, (s * rstd * w).to(norm_ptr.dtype.element_ty), mask=inside)
+
+
+def add_rms_norm(
+    h_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + Δ, rms_norm(h + Δ) · weight)."""
+    T, D = h_TD.shape
+    sum_TD, norm_TD = torch.empty_like(h_TD), torch.empty_like(h_TD)
+    if T:
+        with launching():
+            _add_rms_norm_kernel[(T,)](
+                h_TD.contiguous(),
+                delta_TD.contiguous(),
+                weight_D,
+                sum_TD,
+                norm_TD,
+                D,
+                eps,
+                BD=triton.next_power_of_2(D),
+                num_warps=4,
+            )
+    return sum_TD, norm_TD
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr,  # [T, E]
+    ids_ptr,  # [T, K] int64 out
+    weights_ptr,  # [T, K] out
+    E,
+    K: tl.constexpr,
+    K_P2: tl.constexpr,
+    E_P2: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, E_P2)
+    logits = tl.load(logits_ptr + row * E + experts, mask=experts < E, other=float("-inf"))
+    logits = logits.to(tl.float32)
+    top = tl.max(logits, axis=0)
+    denominator = tl.sum(tl.exp(logits - top), axis=0)
+    slots = tl.arange(0, K_P2)
+    picked = tl.zeros([K_P2], dtype=tl.float32)
+    chosen = tl.zeros([K_P2], dtype=tl.int64)
+    for k in tl.static_range(K):
+        best = tl.argmax(logits, axis=0)  # the lowest id among equal logits
+        prob = tl.exp(tl.max(logits, axis=0) - top) / denominator
+        picked = tl.where(slots == k, prob, picked)
+        chosen = tl.where(slots == k, best.to(tl.int64), chosen)
+        logits = tl.where(experts == best, float("-inf"), logits)
+    if RENORMALIZE:
+        picked = picked / tl.sum(picked, axis=0)
+    tl.store(ids_ptr + row * K + slots, chosen, mask=slots < K)
+    tl.store(weights_ptr + row * K + slots, picked.to(weights_ptr.dtype.element_ty), mask=slots < K)
+
+
+def route_top_k(
+    logits_TE: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k expert ids (int64, by falling probability) and their softmax weights, in the
+    logits' dtype; renormalised to sum to one when the model says so."""
+    T, E = logits_TE.shape
+    ids_TK = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
+    weights_TK = torch.empty(T, top_k, dtype=logits_TE.dtype, device=logits_TE.device)
+    if T:
+        with launching():
+            _route_kernel[(T,)](
+                logits_TE.contiguous(),
+                ids_TK,
+                weights_TK,
+                E,
+                K=top_k,
+                K_P2=triton.next_power_of_2(top_k),
+                E_P2=triton.next_power_of_2(E),
+                RENORMALIZE=renormalize,
+                num_warps=1,
+            )
+    return ids_TK, weights_TK
+
+
+@triton.jit
+def _qk_norm_rope_store_kernel(
+    qkv_ptr,  # [T, (H + 2G)·Dh]
+    positions_ptr,  # [T]
+    slots_ptr,  # [T] cache slot of each token
+    q_norm_ptr,  # [Dh] (unused without NORM)
+    k_norm_ptr,
+    inv_freq_ptr,  # [Dh / 2]
+    q_ptr,  # [T, H, Dh] out
+    k_cache_ptr,  # [slots, G, Dh]
+    v_cache_ptr,
+    rope_scale,
+    eps,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    DH: tl.constexpr,
+    HEADS_P2: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.arange(0, HEADS_P2)[:, None]  # q heads, then k heads, then v heads
+    d = tl.arange(0, DH)[None, :]
+    half: tl.constexpr = DH // 2
+    partner = (d + half) % DH  # rotate_half's source column
+    is_q, is_k = head < H, (head >= H) & (head < H + G)
+    is_v = (head >= H + G) & (head < H + 2 * G)
+    row = qkv_ptr + token * (H + 2 * G) * DH + head * DH
+    live = head < H + 2 * G
+    x = tl.load(row + d, mask=live, other=0.0).to(tl.float32)
+    x_partner = tl.load(row + partner, mask=live, other=0.0).to(tl.float32)
+    dtype = q_ptr.dtype.element_ty
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / DH + eps)[:, None]
+        qw = tl.load(q_norm_ptr + d).to(tl.float32)
+        kw = tl.load(k_norm_ptr + d).to(tl.float32)
+        qw_p = tl.load(q_norm_ptr + partner).to(tl.float32)
+        kw_p = tl.load(k_norm_ptr + partner).to(tl.float32)
+        x_n = (x * rstd * tl.where(is_q, qw, kw)).to(dtype).to(tl.float32)
+        x_partner_n = (x_partner * rstd * tl.where(is_q, qw_p, kw_p)).to(dtype).to(tl.float32)
+        x = tl.where(is_v, x, x_n)
+        x_partner = tl.where(is_v, x_partner, x_partner_n)
+    position = tl.load(positions_ptr + token).to(tl.float32)
+    angle = position * tl.load(inv_freq_ptr + d % half)
+    cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
+    sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
+    rotated = x * cos + tl.where(d < half, -x_partner, x_partner) * sin
+    out = tl.where(is_v, x, rotated).to(dtype)
+    tl.store(q_ptr + token * H * DH + head * DH + d, out, mask=is_q)
+    slot = tl.load(slots_ptr + token)
+    kv_at = slot * G * DH + (head - H) * DH + d
+    tl.store(k_cache_ptr + kv_at, out, mask=is_k)
+    tl.store(v_cache_ptr + kv_at - G * DH, out, mask=is_v)
+
+
+def qk_norm_rope_store(
+    qkv_TX: torch.Tensor,
+    positions_T: torch.Tensor,
+    slots_T: torch.Tensor,
+    q_norm_Dh: torch.Tensor | None,
+    k_norm_Dh: torch.Tensor | None,
+    eps: float,
+    inv_freq: torch.Tensor,
+    rope_scale: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> torch.Tensor:
+    """Rotated (and, with norm weights, per-head normalised) queries [T, H, Dh]; the new keys
+    (likewise) and values go straight into `k_cache`/`v_cache` ([NB, BS, G, Dh]) at `slots_T`."""
+    G, Dh = k_cache.shape[-2], k_cache.shape[-1]
+    T = qkv_TX.shape[0]
+    H = qkv_TX.shape[1] // Dh - 2 * G
+    q_THDh = torch.empty(T, H, Dh, dtype=qkv_TX.dtype, device=qkv_TX.device)
+    if T:
+        norm = q_norm_Dh is not None and k_norm_Dh is not None
+        with launching():
+            _qk_norm_rope_store_kernel[(T,)](
+                qkv_TX.contiguous(),
+                positions_T,
+                slots_T,
+                q_norm_Dh if norm else inv_freq,
+                k_norm_Dh if norm else inv_freq,
+                inv_freq,
+                q_THDh,
+                k_cache,
+                v_cache,
+                rope_scale,
+                eps,
+                H=H,
+                G=G,
+                DH=Dh,
+                HEADS_P2=triton.next_power_of_2(H + 2 * G),
+                NORM=norm,
+                num_warps=4,
+            )
+    return q_THDh

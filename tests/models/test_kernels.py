@@ -1,0 +1,155 @@
+"""The Triton kernels against the torch math they replace. Without a GPU they run in Triton's
+interpreter on CPU tensors (tests/conftest.py turns it on), in fp32, so each must equal its
+reference to fp32 rounding; tests/gpu runs the same kernels compiled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from afd.models import kernels
+from afd.models.attention import PagedAttention, PagedMetadata
+from afd.models.batch import TokenBatch
+from afd.models.config import RopeConfig
+from afd.models.layers import Rope, apply_rope, causal_attention, rms_norm
+
+pytestmark = pytest.mark.skipif(not kernels.HAVE_TRITON, reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _loop_experts(x, gate, up, down, ids, weights):
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e >= 0:
+                h = torch.nn.functional.silu(gate[e] @ x[t]) * (up[e] @ x[t])
+                out[t] += weights[t, k] * (down[e] @ h)
+    return out
+
+
+@pytest.mark.parametrize(
+    "tokens,experts,top_k,case",
+    [(1, 8, 2, "random"), (7, 8, 2, "left-out"), (40, 16, 4, "random"), (9, 8, 4, "one-expert")],
+)
+def test_fused_experts_equal_the_per_expert_loop(tokens, experts, top_k, case) -> None:
+    from afd.models.kernels.fused_moe import MoEConfig, fused_experts
+
+    g = torch.Generator().manual_seed(tokens)
+    D, FFN = 64, 48
+    x = torch.randn(tokens, D, generator=g)
+    gate, up = (torch.randn(experts, FFN, D, generator=g) / 8 for _ in range(2))
+    down = torch.randn(experts, D, FFN, generator=g) / 8
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    if case == "left-out":  # experts held by another node: -1, in one slot and a whole row
+        ids[0, 0], ids[2, :] = -1, -1
+    if case == "one-expert":  # every token on expert 3 (and its other slots left out)
+        ids[:, 0], ids[:, 1:] = 3, -1
+    weights = torch.rand(tokens, top_k, generator=g)
+    want = _loop_experts(x, gate, up, down, ids, weights)
+    args = [t.to(DEVICE) for t in (x, gate, up, down, ids, weights)]
+    with kernels.force():
+        got = fused_experts(*args, MoEConfig(block_m=16, block_n=32, block_k=32))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    if case == "left-out":
+        assert torch.equal(got[2].cpu(), torch.zeros(D))
+
+
+def test_add_rms_norm_equals_add_then_norm() -> None:
+    from afd.models.kernels.small_ops import add_rms_norm
+
+    h, delta, w = torch.randn(5, 48), torch.randn(5, 48), torch.randn(48)
+    total, norm = add_rms_norm(h.to(DEVICE), delta.to(DEVICE), w.to(DEVICE), 1e-6)
+    torch.testing.assert_close(total.cpu(), h + delta)
+    torch.testing.assert_close(norm.cpu(), rms_norm(h + delta, w, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_top_k_equals_softmax_then_topk(renormalize: bool) -> None:
+    from afd.models.kernels.small_ops import route_top_k
+
+    logits = torch.randn(6, 12)
+    probs = torch.softmax(logits, -1)
+    want_w, want_ids = torch.topk(probs, 3, dim=-1)
+    if renormalize:
+        want_w = want_w / want_w.sum(-1, keepdim=True)
+    ids, w = route_top_k(logits.to(DEVICE), 3, renormalize)
+    assert torch.equal(ids.cpu(), want_ids)
+    torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_qk_norm_rope_store_equals_the_unfused_steps(norm: bool) -> None:
+    from afd.models.kernels.small_ops import qk_norm_rope_store
+
+    T, H, G, Dh, slots = 4, 4, 2, 16, 32
+    qkv = torch.randn(T, (H + 2 * G) * Dh)
+    positions = torch.tensor([0, 5, 17, 300])
+    slot = torch.tensor([3, 9, 10, 31])
+    qw, kw = torch.randn(Dh), torch.randn(Dh)
+    rope = Rope(RopeConfig(theta=10000.0), Dh, 512)
+    q, k, v = qkv.view(T, H + 2 * G, Dh).split([H, G, G], dim=1)
+    if norm:
+        q, k = rms_norm(q, qw, 1e-6), rms_norm(k, kw, 1e-6)
+    cos, sin = rope.cos_sin(positions, torch.float32)
+    want_q, want_k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache, v_cache = torch.zeros(2, slots // 2, G, Dh), torch.zeros(2, slots // 2, G, Dh)
+    got_q = qk_norm_rope_store(
+        qkv, positions, slot, qw if norm else None, kw if norm else None, 1e-6,
+        rope.inv_freq, rope.scale, k_cache, v_cache,
+    )  # fmt: skip
+    torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache.flatten(0, 1)[slot], want_k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(v_cache.flatten(0, 1)[slot], v)
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[slot] = False
+    assert not k_cache.flatten(0, 1)[untouched].any()
+
+
+def test_paged_decode_attention_equals_attention_over_each_sequence() -> None:
+    """Contexts of 1, 70 and 200 keys in shuffled blocks: one split and several."""
+    from afd.models.kernels.decode_attention import paged_decode_attention, splits_for
+
+    H, G, Dh, BS, NB = 4, 2, 16, 8, 64
+    lengths = [1, 70, 200]
+    g = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(NB, BS, G, Dh, generator=g), torch.randn(NB, BS, G, Dh, generator=g)
+    free = torch.randperm(NB, generator=g).tolist()
+    tables = [[free.pop() for _ in range(-(-n // BS))] for n in lengths]
+    M = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (M - len(t)) for t in tables])
+    q = torch.randn(len(lengths), H, Dh, generator=g)
+    got = paged_decode_attention(q, k_cache, v_cache, table, torch.tensor(lengths) - 1)
+    assert splits_for(len(lengths), G, M * BS) > 1
+    for b, n in enumerate(lengths):
+        slots = [t * BS + i for t in tables[b] for i in range(BS)][:n]
+        keys, values = k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
+        want = causal_attention(q[b : b + 1], keys, values, torch.tensor([n - 1]))
+        torch.testing.assert_close(got[b], want[0], rtol=1e-5, atol=1e-5)
+    one = paged_decode_attention(q[:1], k_cache, v_cache, table[:1, :1], torch.tensor([0]))
+    torch.testing.assert_close(one[0], got[0])
+
+
+def test_paged_attention_through_the_kernels_equals_the_torch_backend() -> None:
+    """`attend_projected` (kernels) against `attend` (torch) on a mixed batch and a decode one."""
+    H, G, Dh, BS = 4, 2, 16, 4
+    rope = Rope(RopeConfig(theta=10000.0), Dh, 512)
+    for segments in ([(0, 5, 0), (1, 1, 6)], [(0, 1, 9), (1, 1, 3)]):  # (seq, tokens, first)
+        tables = [[2, 5, 7], [1, 3]]
+        batch = TokenBatch.build([(s, [1] * n, first) for s, n, first in segments])
+        meta = PagedMetadata.build(batch, [tables[s] for s, _, _ in segments], BS, "cpu")
+        qkv = torch.randn(batch.token_ids.shape[0], (H + 2 * G) * Dh)
+        results = []
+        for fused in (False, True):
+            k_cache = torch.randn(1, 8, BS, G, Dh, generator=torch.Generator().manual_seed(1))
+            v_cache = torch.randn(1, 8, BS, G, Dh, generator=torch.Generator().manual_seed(2))
+            attn = PagedAttention(k_cache, v_cache, meta)
+            if fused:
+                with kernels.force():
+                    results.append(attn.attend_projected(0, qkv, batch.positions, None, 1e-6, rope))
+            else:
+                q, k, v = qkv.view(-1, H + 2 * G, Dh).split([H, G, G], dim=1)
+                cos, sin = rope.cos_sin(batch.positions, torch.float32)
+                results.append(attn.attend(0, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v))
+        torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
