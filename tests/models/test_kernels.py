@@ -4,8 +4,6 @@ reference to fp32 rounding; tests/gpu runs the same kernels compiled."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from afd.models import kernels
@@ -114,7 +112,10 @@ def test_paged_decode_attention_equals_attention_over_each_sequence() -> None:
     H, G, Dh, BS, NB = 4, 2, 16, 8, 64
     lengths = [1, 70, 200]
     g = torch.Generator().manual_seed(0)
-    k_cache, v_cache = torch.randn(NB, BS, G, Dh, generator=g), torch.randn(NB, BS, G, Dh, generator=g)
+    k_cache, v_cache = (
+        torch.randn(NB, BS, G, Dh, generator=g),
+        torch.randn(NB, BS, G, Dh, generator=g),
+    )
     free = torch.randperm(NB, generator=g).tolist()
     tables = [[free.pop() for _ in range(-(-n // BS))] for n in lengths]
     M = max(len(t) for t in tables)
