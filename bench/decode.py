@@ -168,13 +168,16 @@ def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         node.step(4, [], [])
         _sync(args.device)
-    kernels = Counter()
+    kernels: Counter[str] = Counter()
+    device_us: Counter[str] = Counter()
     for e in prof.events():
         if e.device_type.name == "CUDA":
-            kernels[e.name[:90]] += 1
-    print(f"eager step at batch {args.profile}: {sum(kernels.values())} kernels")
-    for name, count in kernels.most_common(45):
-        print(f"{count:6} {name}")
+            kernels[e.name[:80]] += 1
+            device_us[e.name[:80]] += e.device_time_total
+    print(f"eager step at batch {args.profile}: {sum(kernels.values())} kernels, "
+          f"{sum(device_us.values()) / 1e3:.2f} ms of kernel time")  # fmt: skip
+    for name, us in device_us.most_common(30):
+        print(f"{kernels[name]:6} {us / 1e3:8.3f} ms  {name}")
     node.shutdown()
     del node
     _free(args.device)

@@ -92,12 +92,14 @@ def test_qk_norm_rope_store_equals_the_unfused_steps(norm: bool) -> None:
         q, k = rms_norm(q, qw, 1e-6), rms_norm(k, kw, 1e-6)
     cos, sin = rope.cos_sin(positions, torch.float32)
     want_q, want_k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_cache, v_cache = torch.zeros(2, slots // 2, G, Dh), torch.zeros(2, slots // 2, G, Dh)
+    k_cache, v_cache = (torch.zeros(2, slots // 2, G, Dh, device=DEVICE) for _ in range(2))
+    on = [t.to(DEVICE) for t in (qkv, positions, slot, qw, kw, rope.inv_freq)]
     got_q = qk_norm_rope_store(
-        qkv, positions, slot, qw if norm else None, kw if norm else None, 1e-6,
-        rope.inv_freq, rope.scale, k_cache, v_cache,
+        *on[:3], on[3] if norm else None, on[4] if norm else None, 1e-6, on[5], rope.scale,
+        k_cache, v_cache,
     )  # fmt: skip
-    torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
+    k_cache, v_cache = k_cache.cpu(), v_cache.cpu()
+    torch.testing.assert_close(got_q.cpu(), want_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k_cache.flatten(0, 1)[slot], want_k, rtol=1e-5, atol=1e-5)
     assert torch.equal(v_cache.flatten(0, 1)[slot], v)
     untouched = torch.ones(slots, dtype=torch.bool)
@@ -121,15 +123,16 @@ def test_paged_decode_attention_equals_attention_over_each_sequence() -> None:
     M = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (M - len(t)) for t in tables])
     q = torch.randn(len(lengths), H, Dh, generator=g)
-    got = paged_decode_attention(q, k_cache, v_cache, table, torch.tensor(lengths) - 1)
+    on = [t.to(DEVICE) for t in (q, k_cache, v_cache, table, torch.tensor(lengths) - 1)]
+    got = paged_decode_attention(*on).cpu()
     assert splits_for(len(lengths), G, M * BS) > 1
     for b, n in enumerate(lengths):
         slots = [t * BS + i for t in tables[b] for i in range(BS)][:n]
         keys, values = k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
         want = causal_attention(q[b : b + 1], keys, values, torch.tensor([n - 1]))
         torch.testing.assert_close(got[b], want[0], rtol=1e-5, atol=1e-5)
-    one = paged_decode_attention(q[:1], k_cache, v_cache, table[:1, :1], torch.tensor([0]))
-    torch.testing.assert_close(one[0], got[0])
+    one = paged_decode_attention(on[0][:1], *on[1:3], on[3][:1, :1], on[4][:1])
+    torch.testing.assert_close(one[0].cpu(), got[0])
 
 
 def test_paged_attention_through_the_kernels_equals_the_torch_backend() -> None:
@@ -139,13 +142,14 @@ def test_paged_attention_through_the_kernels_equals_the_torch_backend() -> None:
     for segments in ([(0, 5, 0), (1, 1, 6)], [(0, 1, 9), (1, 1, 3)]):  # (seq, tokens, first)
         tables = [[2, 5, 7], [1, 3]]
         batch = TokenBatch.build([(s, [1] * n, first) for s, n, first in segments])
-        meta = PagedMetadata.build(batch, [tables[s] for s, _, _ in segments], BS, "cpu")
-        qkv = torch.randn(batch.token_ids.shape[0], (H + 2 * G) * Dh)
+        batch = batch.to(DEVICE)
+        meta = PagedMetadata.build(batch, [tables[s] for s, _, _ in segments], BS, DEVICE)
+        qkv = torch.randn(batch.token_ids.shape[0], (H + 2 * G) * Dh).to(DEVICE)
         results = []
         for fused in (False, True):
             k_cache = torch.randn(1, 8, BS, G, Dh, generator=torch.Generator().manual_seed(1))
             v_cache = torch.randn(1, 8, BS, G, Dh, generator=torch.Generator().manual_seed(2))
-            attn = PagedAttention(k_cache, v_cache, meta)
+            attn = PagedAttention(k_cache.to(DEVICE), v_cache.to(DEVICE), meta)
             if fused:
                 with kernels.force():
                     results.append(attn.attend_projected(0, qkv, batch.positions, None, 1e-6, rope))
