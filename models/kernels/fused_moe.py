@@ -251,7 +251,7 @@ def fused_experts(
     cfg = config or pick_config(N, E, FFN, D, x_TD.dtype, device_name(x_TD.device))
     BM = cfg.block_m
     blocks = max_blocks(N, E, BM)
-    ids_N = ids_TK.reshape(-1).to(torch.int32).contiguous()
+    ids_N = ids_TK.reshape(-1).contiguous()  # int32 or int64: the kernels load either
     sorted_R = torch.empty(blocks * BM, dtype=torch.int32, device=x_TD.device)
     block_expert = torch.empty(blocks, dtype=torch.int32, device=x_TD.device)
     total = torch.empty(1, dtype=torch.int32, device=x_TD.device)
