@@ -16,7 +16,7 @@ import torch
 from afd.attention_nodes.paged_kv_cache import PagedKVCache
 from afd.models.batch import TokenBatch
 from afd.models.messages import StepTimings
-from afd.models.model import AttentionSideModel, Routed
+from afd.models.model import AttentionSideModel, Residual, Routed
 from afd.models.moe import Dispatcher
 
 
@@ -40,7 +40,7 @@ class PingPongPipeline:
         d = self.dispatcher
         start, wait_before = time.perf_counter(), d.wait_s
         rounds_before, rtt_before = d.rounds, d.round_trip_s
-        h = [self.model.embed(b) for b in batches]
+        h = [self.model.embed_residual(b) for b in batches]
         attns = [self.cache.attention(b) for b in batches]  # metadata once per micro-batch
         inflight: list[_InFlight | None] = [None] * len(batches)
         for layer in range(self.model.config.num_layers):
@@ -67,6 +67,6 @@ class PingPongPipeline:
             total, total - wait, wait, d.rounds - rounds_before, d.round_trip_s - rtt_before
         )
 
-    def _finish(self, f: _InFlight) -> torch.Tensor:
+    def _finish(self, f: _InFlight) -> Residual:
         experts_TD = None if f.plan is None else self.dispatcher.combine(f.plan, f.routed.x_TD)
         return self.model.post_experts(f.layer, f.routed, experts_TD)

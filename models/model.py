@@ -1,9 +1,11 @@
 """Everything of the model except the routed experts: what an attention node holds.
 
 Each layer is split where the routed experts sit, `pre_experts` (attention, norm, router) and
-`post_experts` (add expert output and shared expert), so the ping-pong pipeline can run
+`post_experts` (expert output and shared expert), so the ping-pong pipeline can run
 micro-batch j+1's attention while micro-batch j is at the expert nodes. `forward` composes the
-pieces for the single-process path.
+pieces for the single-process path. Between layers the residual stream travels as a
+`Residual`, h plus the last layer's output not yet added: the next layer's first norm does the
+add (one kernel for both on GPU).
 
 Shape legend: T = tokens, D = hidden, H = query heads, G = kv heads, Dh = head dim, K = top-k,
 V = vocab, B = sequences.
@@ -23,6 +25,23 @@ from afd.models.config import ModelConfig
 from afd.models.layers import Rope, add_rms_norm, apply_rope, rms_norm, route, swiglu
 from afd.models.moe import Dispatcher
 from afd.models.weights import ATTENTION_SIDE_KINDS, tensor_specs
+
+
+@dataclass(frozen=True, slots=True)
+class Residual:
+    """The residual stream h + delta, with the add left to whoever normalises it next."""
+
+    h_TD: torch.Tensor
+    delta_TD: torch.Tensor | None = None
+
+    def normed(self, weight_D: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, rms_norm(h + delta) · weight)."""
+        if self.delta_TD is None:
+            return self.h_TD, rms_norm(self.h_TD, weight_D, eps)
+        return add_rms_norm(self.h_TD, self.delta_TD, weight_D, eps)
+
+    def rows(self, rows: torch.Tensor) -> Residual:
+        return Residual(self.h_TD[rows], None if self.delta_TD is None else self.delta_TD[rows])
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +76,11 @@ class AttentionSideModel:
         return F.embedding(batch.token_ids, self.t["model.embed_tokens.weight"])
 
     def pre_experts(
-        self, layer: int, h_TD: torch.Tensor, batch: TokenBatch, attn: BatchAttention
+        self, layer: int, residual: Residual, batch: TokenBatch, attn: BatchAttention
     ) -> Routed:
         eps = self.config.rms_norm_eps
-        attended_TD = self._attention(
-            layer, rms_norm(h_TD, self._w(layer, "input_layernorm"), eps), batch, attn
-        )
+        h_TD, normed_TD = residual.normed(self._w(layer, "input_layernorm"), eps)
+        attended_TD = self._attention(layer, normed_TD, batch, attn)
         h_TD, x_TD = add_rms_norm(
             h_TD, attended_TD, self._w(layer, "post_attention_layernorm"), eps
         )
@@ -72,19 +90,13 @@ class AttentionSideModel:
         ids_TK, weights_TK = route(x_TD, self._moe(layer, "gate.weight"), self.config)
         return Routed(h_TD, x_TD, ids_TK, weights_TK)
 
-    def post_experts(
-        self, layer: int, routed: Routed, experts_TD: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Residual + routed experts' sum + shared expert (or the dense MLP on dense layers)."""
+    def post_experts(self, layer: int, routed: Routed, experts_TD: torch.Tensor | None) -> Residual:
+        """Residual + (routed experts' sum + shared expert, or the dense MLP on dense layers)."""
         x = routed.x_TD
         if not self.config.is_moe_layer(layer):
             p = f"model.layers.{layer}.mlp"
-            return routed.h_TD + swiglu(
-                x,
-                self.t[f"{p}.gate_proj.weight"],
-                self.t[f"{p}.up_proj.weight"],
-                self.t[f"{p}.down_proj.weight"],
-            )
+            mlp = (self.t[f"{p}.{n}_proj.weight"] for n in ("gate", "up", "down"))
+            return Residual(routed.h_TD, swiglu(x, *mlp))
         assert experts_TD is not None
         out_TD = experts_TD
         if self.config.shared_expert_size:
@@ -98,11 +110,14 @@ class AttentionSideModel:
                 out_TD
                 + torch.sigmoid(F.linear(x, self._moe(layer, "shared_expert_gate.weight"))) * shared
             )
-        return routed.h_TD + out_TD
+        return Residual(routed.h_TD, out_TD)
 
-    def logits(self, h_TD: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def embed_residual(self, batch: TokenBatch) -> Residual:
+        return Residual(self.embed(batch))
+
+    def logits(self, residual: Residual, rows: torch.Tensor) -> torch.Tensor:
         """LM head over the chosen rows only (the last token of each sequence): [B, V] in fp32."""
-        h_BD = rms_norm(h_TD[rows], self.t["model.norm.weight"], self.config.rms_norm_eps)
+        _, h_BD = residual.rows(rows).normed(self.t["model.norm.weight"], self.config.rms_norm_eps)
         return F.linear(h_BD, self.lm_head).float()
 
     def forward(
@@ -113,16 +128,16 @@ class AttentionSideModel:
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits at `rows` of the batch (default: each sequence's last token)."""
-        h_TD = self.embed(batch)
+        residual = self.embed_residual(batch)
         for layer in range(self.config.num_layers):
-            routed = self.pre_experts(layer, h_TD, batch, attn)
+            routed = self.pre_experts(layer, residual, batch, attn)
             experts_TD = None
             if self.config.is_moe_layer(layer):
                 experts_TD = dispatcher.experts(
                     layer, routed.x_TD, routed.ids_TK, routed.weights_TK
                 )
-            h_TD = self.post_experts(layer, routed, experts_TD)
-        return self.logits(h_TD, batch.last_token_indices() if rows is None else rows)
+            residual = self.post_experts(layer, routed, experts_TD)
+        return self.logits(residual, batch.last_token_indices() if rows is None else rows)
 
     def _fused_attention(self, x_TD: torch.Tensor) -> bool:
         """Whether q/k norm, RoPE and the cache write run as one kernel: on the kernels'

@@ -1,8 +1,9 @@
-"""The routed experts of one layer in four kernels, without a host synchronisation:
+"""The routed experts of one layer in five kernels, without a host synchronisation:
 
-1. `_align_kernel` (one program): a counting sort of the T·K (token, slot) pairs by local
-   expert, each expert's run padded to the GEMM block BM, so that every block of BM rows
-   belongs to one expert. Pairs with expert id -1 (held elsewhere) are left out.
+1. `_count_kernel` and `_place_kernel` (one program per expert each): a counting sort of the
+   T·K (token, slot) pairs by local expert, each expert's run padded to the GEMM block BM, so
+   that every block of BM rows belongs to one expert; within a run, pairs keep their order.
+   Pairs with expert id -1 (held elsewhere) are left out.
 2. `_gate_up_kernel`: per (block, column tile), x[token] @ gate[e]ᵀ and x[token] @ up[e]ᵀ in
    one pass over x, SiLU(gate)·up in the epilogue, stored per pair.
 3. `_down_kernel`: the down projection, the pair's routing weight applied in the epilogue,
@@ -86,46 +87,54 @@ def max_blocks(pairs: int, experts: int, block_m: int) -> int:
 
 
 @triton.jit
-def _align_kernel(
+def _count_kernel(ids_ptr, counts_ptr, N, CHUNK: tl.constexpr):
+    """Program e counts the pairs routed to local expert e."""
+    expert = tl.program_id(0)
+    lane = tl.arange(0, CHUNK)
+    hits = tl.zeros([CHUNK], dtype=tl.int32)
+    for start in range(0, N, CHUNK):
+        ids = tl.load(ids_ptr + start + lane, mask=start + lane < N, other=-1)
+        hits += (ids == expert).to(tl.int32)
+    tl.store(counts_ptr + expert, tl.sum(hits, axis=0))
+
+
+@triton.jit
+def _place_kernel(
     ids_ptr,  # [N] local expert id per pair, -1: not here
+    counts_ptr,  # [E] pairs per expert
     sorted_ptr,  # [max_blocks·BM] out: pair index per padded row, N for padding
     block_expert_ptr,  # [max_blocks] out: the expert of each block
     total_ptr,  # [1] out: rows in use (a multiple of BM)
     N,
-    MAX_BLOCKS,
     E: tl.constexpr,
     E_P2: tl.constexpr,
     BM: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
+    """Program e writes expert e's run: its pairs in pair order, then padding to BM, and the
+    expert id of the run's blocks. Rows and blocks past the total are never read."""
+    expert = tl.program_id(0)
     experts = tl.arange(0, E_P2)
-    lane = tl.arange(0, CHUNK)
-    counts = tl.zeros([E_P2], dtype=tl.int32)
-    for start in range(0, N, CHUNK):
-        ids = tl.load(ids_ptr + start + lane, mask=start + lane < N, other=-1)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
     padded = (counts + BM - 1) // BM * BM
-    ends = tl.cumsum(padded, axis=0)
-    starts = ends - padded
-    tl.store(total_ptr, tl.sum(padded, axis=0))
-    for start in range(0, MAX_BLOCKS * BM, CHUNK):
-        tl.store(sorted_ptr + start + lane, N, mask=start + lane < MAX_BLOCKS * BM)
-    for start in range(0, MAX_BLOCKS, CHUNK):
-        block = start + lane
-        # the block's expert: how many experts' padded runs end at or before its first row
-        owner = tl.sum((ends[None, :] <= (block * BM)[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + block, tl.minimum(owner, E - 1), mask=block < MAX_BLOCKS)
-    tl.debug_barrier()  # the padding fill above lands before the scatter below
-    taken = tl.zeros([E_P2], dtype=tl.int32)
+    first = tl.sum(tl.where(experts < expert, padded, 0), axis=0)
+    mine = tl.sum(tl.where(experts == expert, counts, 0), axis=0)
+    mine_padded = (mine + BM - 1) // BM * BM
+    if expert == 0:
+        tl.store(total_ptr, tl.sum(padded, axis=0))
+    lane = tl.arange(0, CHUNK)
+    taken = 0
     for start in range(0, N, CHUNK):
         pair = start + lane
-        ids = tl.load(ids_ptr + pair, mask=pair < N, other=-1)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
-        earlier = (ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])
-        rank = tl.sum(earlier.to(tl.int32), axis=1)
-        base = tl.sum(onehot * (starts + taken)[None, :], axis=1)
-        tl.store(sorted_ptr + base + rank, pair, mask=(pair < N) & (ids >= 0))
-        taken += tl.sum(onehot, axis=0)
+        hit = (tl.load(ids_ptr + pair, mask=pair < N, other=-1) == expert).to(tl.int32)
+        rank = taken + tl.cumsum(hit, axis=0) - hit
+        tl.store(sorted_ptr + first + rank, pair, mask=hit > 0)
+        taken += tl.sum(hit, axis=0)
+    for row in range(mine, mine_padded, CHUNK):
+        tl.store(sorted_ptr + first + row + lane, N, mask=row + lane < mine_padded)
+    for block in range(first // BM, (first + mine_padded) // BM, CHUNK):
+        at = block + lane
+        tl.store(block_expert_ptr + at, expert, mask=at < (first + mine_padded) // BM)
 
 
 @triton.jit
@@ -254,19 +263,23 @@ def fused_experts(
     ids_N = ids_TK.reshape(-1).contiguous()  # int32 or int64: the kernels load either
     sorted_R = torch.empty(blocks * BM, dtype=torch.int32, device=x_TD.device)
     block_expert = torch.empty(blocks, dtype=torch.int32, device=x_TD.device)
+    counts_E = torch.empty(E, dtype=torch.int32, device=x_TD.device)
     total = torch.empty(1, dtype=torch.int32, device=x_TD.device)
+    chunk = min(1024, max(16, triton.next_power_of_2(N)))
     with launching():
-        _align_kernel[(1,)](
+        _count_kernel[(E,)](ids_N, counts_E, N, CHUNK=chunk, num_warps=4)
+    with launching():
+        _place_kernel[(E,)](
             ids_N,
+            counts_E,
             sorted_R,
             block_expert,
             total,
             N,
-            blocks,
             E=E,
             E_P2=triton.next_power_of_2(E),
             BM=BM,
-            CHUNK=128,
+            CHUNK=chunk,
             num_warps=4,
         )
     x = x_TD.contiguous()
