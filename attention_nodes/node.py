@@ -30,7 +30,7 @@ from afd.models.messages import AttentionStepResult, NewRequest, StepTimings, To
 from afd.models.model import AttentionSideModel
 from afd.models.moe import ExpertShard, LocalDispatcher
 from afd.models.request_state import RequestState, check_prompt
-from afd.models.sampling import greedy_tokens
+from afd.models.sampling import sample_rows
 from afd.models.tokenizer import Tokenizer
 from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
 
@@ -262,27 +262,17 @@ class AttentionNode:
         self._next_seq_id += 1
 
     def _advance(self, group: list[Chunk], logits_BV: torch.Tensor) -> list[TokenOutput]:
-        """Samples the next token of every chunk that reached its sequence's end: greedy rows
-        on the logits' device, all at once; the others on the host, where each request's
-        seeded generator draws exactly as in the reference."""
+        """Samples the next token of every chunk that reached its sequence's end, all rows at
+        once on the logits' device (each request's draws depend on its seed alone)."""
         sampling = [c for c in group if c.samples]
         for c in group:
             c.seq.num_computed += c.num_tokens
-        greedy = [i for i, c in enumerate(sampling) if c.seq.state.params.temperature == 0]
-        drawn = [i for i, c in enumerate(sampling) if c.seq.state.params.temperature != 0]
-        picked = {}
-        if greedy:
-            rows_BV = logits_BV if len(greedy) == len(sampling) else logits_BV[greedy]
-            tokens, logprobs = greedy_tokens(rows_BV)
-            picked = dict(zip(greedy, zip(tokens, logprobs, strict=True), strict=True))
-        host_BV = logits_BV[drawn].cpu() if drawn else None  # [len(drawn), V]
+        if not sampling:
+            return []
+        tokens, logprobs = sample_rows(logits_BV, [c.seq.state.sampling() for c in sampling])
         outputs = []
-        for i, c in enumerate(sampling):
-            if i in picked:
-                token = c.seq.state.record(*picked[i])
-            else:
-                assert host_BV is not None
-                token = c.seq.state.accept(host_BV[drawn.index(i)])
+        for c, token_id, logprob in zip(sampling, tokens, logprobs, strict=True):
+            token = c.seq.state.record(token_id, logprob)
             outputs.append(token)
             if token.finish_reason is not None:
                 self.scheduler.finish(c.seq)

@@ -21,6 +21,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+def linear(
+    x_TK: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x·Wᵀ + b: cuBLAS, or at a few rows the skinny Triton kernel where it was measured
+    faster for this shape on this GPU (`afd.models.kernels.skinny_linear`)."""
+    if kernels.usable(x_TK) and x_TK.shape[0] <= 16:
+        from afd.models.kernels.skinny_linear import skinny_linear, tuned_config
+
+        if (config := tuned_config(x_TK, weight_NK)) is not None:
+            return skinny_linear(x_TK, weight_NK, bias_N, config)
+    return F.linear(x_TK, weight_NK, bias_N)
+
+
 def add_rms_norm(
     h_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +149,7 @@ def route(
     x_TD: torch.Tensor, gate_ED: torch.Tensor, config: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert ids and their weights per token; weights in fp32 math, activation dtype out."""
-    logits_TE = F.linear(x_TD, gate_ED)
+    logits_TE = linear(x_TD, gate_ED)
     if kernels.usable(x_TD):  # softmax, top-k and renormalisation in one kernel
         from afd.models.kernels.small_ops import route_top_k
 

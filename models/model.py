@@ -22,7 +22,7 @@ from afd.models.attention import BatchAttention, PagedAttention
 from afd.models.batch import TokenBatch
 from afd.models.checkpoint import TensorSource
 from afd.models.config import ModelConfig
-from afd.models.layers import Rope, add_rms_norm, apply_rope, rms_norm, route, swiglu
+from afd.models.layers import Rope, add_rms_norm, apply_rope, linear, rms_norm, route, swiglu
 from afd.models.moe import Dispatcher
 from afd.models.weights import ATTENTION_SIDE_KINDS, tensor_specs
 
@@ -161,7 +161,7 @@ class AttentionSideModel:
         self, layer: int, x_TD: torch.Tensor, batch: TokenBatch, attn: BatchAttention
     ) -> torch.Tensor:
         c, p = self.config, f"model.layers.{layer}.self_attn"
-        qkv = F.linear(x_TD, self.t[f"{p}.qkv_proj.weight"], self.t.get(f"{p}.qkv_proj.bias"))
+        qkv = linear(x_TD, self.t[f"{p}.qkv_proj.weight"], self.t.get(f"{p}.qkv_proj.bias"))
         if isinstance(attn, PagedAttention) and self._fused_attention(x_TD):
             norms = (
                 (self.t[f"{p}.q_norm.weight"], self.t[f"{p}.k_norm.weight"])
@@ -171,7 +171,7 @@ class AttentionSideModel:
             out_THDh = attn.attend_projected(
                 layer, qkv, batch.positions, norms, c.rms_norm_eps, self.rope
             )
-            return F.linear(out_THDh.flatten(1), self.t[f"{p}.o_proj.weight"])
+            return linear(out_THDh.flatten(1), self.t[f"{p}.o_proj.weight"])
         q, k, v = qkv.split(
             [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim],
             dim=-1,
@@ -195,7 +195,7 @@ class AttentionSideModel:
         cos, sin = self.rope.cos_sin(batch.positions, x_TD.dtype)
         q_THDh, k_TGDh = apply_rope(q_THDh, cos, sin), apply_rope(k_TGDh, cos, sin)
         out_THDh = attn.attend(layer, q_THDh, k_TGDh, v_TGDh)
-        return F.linear(out_THDh.reshape(T, c.num_heads * c.head_dim), self.t[f"{p}.o_proj.weight"])
+        return linear(out_THDh.reshape(T, c.num_heads * c.head_dim), self.t[f"{p}.o_proj.weight"])
 
 
 def _fuse_qkv(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from afd.models.messages import FinishReason, TokenOutput
 from afd.models.model import AttentionSideModel
 from afd.models.moe import ExpertShard, LocalDispatcher
 from afd.models.request_state import RequestState, check_prompt
-from afd.models.sampling import SamplingParams
+from afd.models.sampling import SamplingParams, sample_rows
 from afd.models.tokenizer import Tokenizer
 
 
@@ -73,7 +73,8 @@ class ReferenceEngine:
             logits_BV = self.model.forward(
                 batch, ContiguousAttention(cache, batch), self.dispatcher
             )
-            event = state.accept(logits_BV[0])
+            tokens, logprobs = sample_rows(logits_BV, [state.sampling()])
+            event = state.record(tokens[0], logprobs[0])
             yield event
             if state.finished:
                 return

@@ -1,14 +1,15 @@
-"""The state of one request between steps: its sampler, its detokenizer and its stop rules,
+"""The state of one request between steps: its sampling seed, its detokenizer and its stop rules,
 and the checks a prompt passes before it runs. Shared by the reference engine and the
 attention nodes, so both sample and stop the same way.
 """
 
 from __future__ import annotations
 
-import torch
+import secrets
+
 from afd.models.config import ModelConfig
 from afd.models.messages import FinishReason, TokenOutput
-from afd.models.sampling import Sampler, SamplingParams
+from afd.models.sampling import RowSampling, SamplingParams
 from afd.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -30,7 +31,7 @@ def check_prompt(prompt_ids: list[int], params: SamplingParams, config: ModelCon
 
 
 class RequestState:
-    """Everything about one request that lives between steps: sampler, output, stop checks."""
+    """Everything about one request that lives between steps: seed, output, stop checks."""
 
     def __init__(
         self,
@@ -43,7 +44,9 @@ class RequestState:
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.sampler = Sampler(params)
+        # a request without a seed still draws from one seed throughout (recomputation after
+        # a preemption repeats its tokens)
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.output_ids: list[int] = []
         self.stop_ids = set(params.stop_token_ids) | (
@@ -56,12 +59,12 @@ class RequestState:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def accept(self, logits_V: torch.Tensor) -> TokenOutput:
-        """Samples the next token from the logits, then records it."""
-        return self.record(*self.sampler.sample(logits_V))
+    def sampling(self) -> RowSampling:
+        """What `sample_rows` needs to draw this request's next token."""
+        return RowSampling(self.params, self.seed, len(self.output_ids))
 
     def record(self, token: int, logprob: float) -> TokenOutput:
-        """Takes a token chosen elsewhere (greedy rows are picked on the GPU, all at once)."""
+        """Takes the sampled token (rows are sampled together, by `sample_rows`)."""
         self.output_ids.append(token)
         delta = self.detokenizer.push(token)
         finish: FinishReason | None = None

@@ -1,13 +1,13 @@
-"""Sampling parameters (validated where requests come in) and the per-request sampler.
-
-Each request owns a seeded `torch.Generator`, so a request samples the same tokens whether it
-runs alone in the reference or batched on any attention node.
+"""Sampling parameters (validated where requests come in) and batched sampling on the logits'
+device: greedy, temperature, top-k and top-p, with logprobs. A request's random draws are a
+function of its seed and its token count only, so it samples the same tokens whether it runs
+alone in the reference or batched on any attention node, on CPU or GPU.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -73,50 +73,84 @@ class SamplingParams:
             raise SamplingError("stop", f"strings must have 1 to {MAX_STOP_CHARS} characters")
 
 
-def greedy_tokens(logits_BV: torch.Tensor) -> tuple[list[int], list[float]]:
-    """Every row's argmax and its logprob, computed where the logits are; only 2·B numbers
-    reach the host (a [B, V] copy and a host softmax per row cost milliseconds at B = 64)."""
+@dataclass(frozen=True, slots=True)
+class RowSampling:
+    """What `sample_rows` needs of one row: the request's rules, its seed (drawn at admission
+    when the request named none) and how many tokens it has sampled before this one."""
+
+    params: SamplingParams
+    seed: int
+    counter: int
+
+
+def sample_rows(logits_BV: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[float]]:
+    """Every row's next token and its logprob under the model's own (unfiltered, T = 1)
+    distribution, computed where the logits are; only 2·B numbers reach the host.
+
+    Greedy rows take the argmax. The others draw by the Gumbel-max trick: argmax of the
+    temperature-scaled, top-k/top-p-filtered logits plus Gumbel noise, the noise a fixed
+    function of (seed, counter, token id) (`gumbel_noise`). So a seeded request draws the
+    same tokens whatever else shares its batch, on any node, after a preemption, and in the
+    single-process reference."""
     logits_BV = logits_BV.float()
+    B, V = logits_BV.shape
     token_B = logits_BV.argmax(-1)
+    drawn = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+    if drawn:
+        device = logits_BV.device
+        picked = [rows[i] for i in drawn]
+        index = torch.tensor(drawn, device=device)
+        temperature = torch.tensor([r.params.temperature for r in picked], device=device)
+        scaled = _filtered(logits_BV[index] / temperature[:, None], picked)
+        noise = gumbel_noise([r.seed for r in picked], [r.counter for r in picked], V, device)
+        token_B[index] = (scaled + noise).argmax(-1)
     logprob_B = logits_BV.gather(1, token_B[:, None])[:, 0] - torch.logsumexp(logits_BV, -1)
     host = torch.stack([token_B.double(), logprob_B.double()]).cpu()
     return [int(t) for t in host[0].tolist()], host[1].tolist()
 
 
-@dataclass
-class Sampler:
-    params: SamplingParams
-    generator: torch.Generator = field(init=False)
+def _filtered(scaled_BV: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    """Top-k, then top-p (the smallest set of most likely tokens whose probability reaches
+    p, the token crossing p included) per row; filtered tokens get -inf."""
+    device, V = scaled_BV.device, scaled_BV.shape[1]
+    ks = [r.params.top_k if 0 < r.params.top_k < V else V for r in rows]
+    if min(ks) < V:
+        k = torch.tensor(ks, device=device)
+        values = torch.topk(scaled_BV, max(ks), dim=-1).values
+        kth = values.gather(1, (k - 1)[:, None])
+        scaled_BV = scaled_BV.masked_fill(scaled_BV < kth, float("-inf"))
+    ps = [r.params.top_p for r in rows]
+    if min(ps) < 1.0:
+        p = torch.tensor(ps, device=device)
+        sorted_BV, order = torch.sort(scaled_BV, descending=True, dim=-1)
+        probs = torch.softmax(sorted_BV, dim=-1)
+        drop = probs.cumsum(-1) - probs >= p[:, None]
+        scaled_BV = scaled_BV.scatter(1, order, sorted_BV.masked_fill(drop, float("-inf")))
+    return scaled_BV
 
-    def __post_init__(self) -> None:
-        self.generator = torch.Generator()
-        if self.params.seed is not None:
-            self.generator.manual_seed(self.params.seed)
-        else:
-            self.generator.seed()
 
-    def sample(self, logits_V: torch.Tensor) -> tuple[int, float]:
-        """Next token and its logprob under the model's own (unfiltered, T=1) distribution."""
-        logits_V = logits_V.float().cpu()
-        logprobs_V = torch.log_softmax(logits_V, dim=-1)
-        p = self.params
-        if p.temperature == 0:
-            token = int(torch.argmax(logits_V))
-        else:
-            token = self._draw(logits_V / p.temperature)
-        return token, float(logprobs_V[token])
+_MASK32 = 0xFFFFFFFF
 
-    def _draw(self, scaled_V: torch.Tensor) -> int:
-        p = self.params
-        if 0 < p.top_k < scaled_V.shape[0]:
-            kth = torch.topk(scaled_V, p.top_k).values[-1]
-            scaled_V = scaled_V.masked_fill(scaled_V < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_V, order = torch.sort(scaled_V, descending=True)
-            cumulative = torch.softmax(sorted_V, dim=-1).cumsum(-1)
-            drop = (
-                cumulative - torch.softmax(sorted_V, dim=-1) >= p.top_p
-            )  # keep the token crossing p
-            scaled_V = scaled_V.scatter(0, order, sorted_V.masked_fill(drop, float("-inf")))
-        probs_V = torch.softmax(scaled_V, dim=-1)
-        return int(torch.multinomial(probs_V, 1, generator=self.generator))
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit values held in int64 (xor-shift-multiply rounds); multipliers
+    below 2**31 keep every product inside int64, so CPU and GPU agree bit for bit."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(
+    seeds: list[int], counters: list[int], V: int, device: torch.device
+) -> torch.Tensor:
+    """[B, V] standard Gumbel noise, a fixed function of (seed, counter, token id): a hash of
+    the three to 24 uniform bits, then -log(-log(u))."""
+    seed = torch.tensor(seeds, dtype=torch.int64, device=device)
+    counter = torch.tensor(counters, dtype=torch.int64, device=device)
+    row = _mix32((seed & _MASK32) ^ _mix32(((seed >> 32) ^ _mix32(counter & _MASK32)) & _MASK32))
+    token = torch.arange(V, dtype=torch.int64, device=device)
+    bits = _mix32(_mix32(row[:, None] ^ token[None, :]) ^ row[:, None])
+    u = ((bits >> 8).float() + 0.5) / float(1 << 24)
+    return -torch.log(-torch.log(u))

@@ -42,3 +42,8 @@ def launching() -> AbstractContextManager[object]:
     """Held around kernel launches: Triton's interpreter is not thread-safe (in-process
     tests run nodes on threads), compiled kernels need nothing."""
     return _interpreter_lock if os.environ.get("TRITON_INTERPRET") == "1" else nullcontext()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 tensors multiply in full fp32 (the tests' parity runs); tf32 would cost digits."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from afd.models.kernels import launching
-from afd.models.kernels.fused_moe import dot_precision
+from afd.models.kernels import dot_precision, launching
 
 KEYS_PER_TILE = 64  # keys a program loads at once
 SM_TARGET = 264  # programs that keep an H100's 132 SMs busy (two each)

@@ -20,17 +20,13 @@ I = expert FFN width, BM/BN/BK = GEMM tiles.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
-from afd.models.kernels import launching
-
-CONFIG_FILE = Path(__file__).with_name("moe_configs.json")
+from afd.models.kernels import dot_precision, launching
+from afd.models.kernels.tuning import device_name, lookup, shape_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,40 +40,12 @@ class MoEConfig:
     num_stages: int = 3
 
 
-def config_key(experts: int, ffn: int, hidden: int, dtype: torch.dtype, device: str) -> str:
-    return f"E={experts},I={ffn},D={hidden},dtype={str(dtype).removeprefix('torch.')},gpu={device}"
-
-
-@cache
-def _table() -> dict[str, dict[str, dict[str, int]]]:
-    if not CONFIG_FILE.exists():
-        return {}
-    loaded: dict[str, dict[str, dict[str, int]]] = json.loads(CONFIG_FILE.read_text())
-    return loaded
-
-
-@cache
-def device_name(device: torch.device) -> str:
-    """The GPU's model name as CUDA reports it (\"cpu\" for the interpreter), once per device."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def pick_config(
-    pairs: int, experts: int, ffn: int, hidden: int, dtype: torch.dtype, device: str
-) -> MoEConfig:
-    """The tuned configuration for this shape and GPU (`bench/tune_moe.py` writes the table),
-    at the smallest tuned pair count ≥ `pairs` (the largest if none); defaults otherwise."""
-    entry = _table().get(config_key(experts, ffn, hidden, dtype, device))
-    if not entry:
-        return MoEConfig()
-    sizes = sorted(int(n) for n in entry)
-    at = next((n for n in sizes if n >= pairs), sizes[-1])
-    return MoEConfig(**entry[str(at)])
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 tensors multiply in full fp32 (the tests' parity runs); tf32 would cost digits."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def pick_config(pairs: int, experts: int, ffn: int, hidden: int, x: torch.Tensor) -> MoEConfig:
+    """The tiles `bench/tune_kernels.py` measured best for this shape and GPU at the smallest
+    tuned pair count ≥ `pairs`; defaults where nothing was measured."""
+    key = shape_key("moe", x.dtype, device_name(x.device), E=experts, I=ffn, D=hidden)
+    found, entry = lookup(key, pairs)
+    return MoEConfig(**entry) if found else MoEConfig()
 
 
 def max_blocks(pairs: int, experts: int, block_m: int) -> int:
@@ -257,7 +225,7 @@ def fused_experts(
     out_TD = torch.empty_like(x_TD)
     if N == 0:
         return out_TD.zero_()
-    cfg = config or pick_config(N, E, FFN, D, x_TD.dtype, device_name(x_TD.device))
+    cfg = config or pick_config(N, E, FFN, D, x_TD)
     BM = cfg.block_m
     blocks = max_blocks(N, E, BM)
     ids_N = ids_TK.reshape(-1).contiguous()  # int32 or int64: the kernels load either

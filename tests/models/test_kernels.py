@@ -158,3 +158,36 @@ def test_paged_attention_through_the_kernels_equals_the_torch_backend() -> None:
                 cos, sin = rope.cos_sin(batch.positions, torch.float32)
                 results.append(attn.attend(0, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v))
         torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear_equals_f_linear(rows: int, bias: bool) -> None:
+    from afd.models.kernels.skinny_linear import SkinnyConfig, skinny_linear
+
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 96, generator=g), torch.randn(40, 96, generator=g), torch.randn(40)
+    got = skinny_linear(
+        x.to(DEVICE), w.to(DEVICE), b.to(DEVICE) if bias else None, SkinnyConfig(16, 64, 4, 3)
+    )
+    want = torch.nn.functional.linear(x, w, b if bias else None)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_the_tuned_table_picks_the_smallest_tuned_size_at_or_above(tmp_path, monkeypatch) -> None:
+    from afd.models.kernels import tuning
+
+    table = tmp_path / "tuned.json"
+    key = tuning.shape_key("linear", torch.bfloat16, "GPU X", N=8, K=4)
+    tuning.save({key: {"1": {"block_n": 16}, "16": None}}, table)
+    tuning.save({tuning.shape_key("moe", torch.bfloat16, "GPU X", E=2): {"8": {}}}, table)
+    monkeypatch.setattr(tuning, "TABLE_FILE", table)
+    tuning.load_table.cache_clear()
+    try:
+        assert key == "linear:N=8,K=4,dtype=bfloat16,gpu=GPU X"
+        assert tuning.lookup(key, 1) == (True, {"block_n": 16})
+        assert tuning.lookup(key, 2) == (True, None)  # 16 rows: cuBLAS won there
+        assert tuning.lookup(key, 64) == (True, None)  # past the largest: the largest
+        assert tuning.lookup(key.replace("GPU X", "GPU Y"), 1) == (False, None)
+    finally:
+        tuning.load_table.cache_clear()

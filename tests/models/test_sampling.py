@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from afd.models.sampling import Sampler, SamplingError, SamplingParams
+from afd.models.sampling import RowSampling, SamplingError, SamplingParams, sample_rows
 
 
 @pytest.mark.parametrize(
@@ -28,20 +28,55 @@ def _logits(seed: int = 0) -> torch.Tensor:
     return torch.randn(300, generator=torch.Generator().manual_seed(seed)) * 3
 
 
+def _sample(logits_V: torch.Tensor, params: SamplingParams, counter: int = 0) -> tuple[int, float]:
+    seed = params.seed if params.seed is not None else 0
+    tokens, logprobs = sample_rows(logits_V[None], [RowSampling(params, seed, counter)])
+    return tokens[0], logprobs[0]
+
+
 def test_greedy_picks_argmax_and_reports_its_logprob() -> None:
     logits = _logits()
-    token, logprob = Sampler(SamplingParams()).sample(logits)
+    token, logprob = _sample(logits, SamplingParams())
     assert token == int(logits.argmax())
     assert logprob == pytest.approx(float(torch.log_softmax(logits, -1)[token]))
 
 
 def test_same_seed_gives_same_tokens_and_different_seeds_differ() -> None:
     def draw(seed: int) -> list[int]:
-        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed))
-        return [sampler.sample(_logits(i))[0] for i in range(20)]
+        params = SamplingParams(temperature=1.0, seed=seed)
+        return [_sample(_logits(i), params, counter=i)[0] for i in range(20)]
 
     assert draw(7) == draw(7)
     assert draw(7) != draw(8)
+
+
+def test_a_row_draws_the_same_token_whatever_shares_its_batch() -> None:
+    rows = [
+        RowSampling(SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=s), s, c)
+        for s, c in [(1, 0), (2, 5), (3, 9)]
+    ]
+    logits = torch.stack([_logits(i) for i in range(3)])
+    together = sample_rows(logits, rows)
+    alone = [sample_rows(logits[i : i + 1], [rows[i]]) for i in range(3)]
+    assert together[0] == [a[0][0] for a in alone]
+    assert together[1] == pytest.approx([a[1][0] for a in alone])
+    greedy = RowSampling(SamplingParams(), 0, 0)  # a greedy row beside them changes nothing
+    mixed = sample_rows(torch.cat([logits[:1], logits]), [greedy, *rows])
+    assert mixed[0][1:] == together[0] and mixed[0][0] == int(logits[0].argmax())
+
+
+def test_draws_follow_the_softmax_of_the_scaled_logits() -> None:
+    """Counts over 4000 draws (counter 0..3999) against softmax(logits / T): the noise is
+    uniform enough that every token's frequency is within 4 standard deviations."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    params = SamplingParams(temperature=1.5, seed=11)
+    n = 4000
+    rows = [RowSampling(params, 11, c) for c in range(n)]
+    tokens, _ = sample_rows(logits.expand(n, -1), rows)
+    counts = torch.bincount(torch.tensor(tokens), minlength=6).double()
+    p = torch.softmax(logits.double() / 1.5, -1)
+    sd = (n * p * (1 - p)).sqrt()
+    assert ((counts - n * p).abs() <= 4 * sd + 1).all(), (counts, n * p)
 
 
 def test_top_k_one_and_tiny_top_p_reduce_to_greedy() -> None:
@@ -49,12 +84,18 @@ def test_top_k_one_and_tiny_top_p_reduce_to_greedy() -> None:
         SamplingParams(temperature=1.0, top_k=1, seed=0),
         SamplingParams(temperature=1.0, top_p=1e-6, seed=0),
     ):
-        sampler = Sampler(params)
-        assert all(sampler.sample(_logits(i))[0] == int(_logits(i).argmax()) for i in range(10))
+        assert all(_sample(_logits(i), params, i)[0] == int(_logits(i).argmax()) for i in range(10))
 
 
-def test_top_k_never_samples_outside_the_k_best() -> None:
+def test_top_k_and_top_p_never_sample_outside_their_set() -> None:
     logits = _logits()
     allowed = set(torch.topk(logits, 5).indices.tolist())
-    sampler = Sampler(SamplingParams(temperature=2.0, top_k=5, seed=1))
-    assert {sampler.sample(logits)[0] for _ in range(200)} <= allowed
+    params = SamplingParams(temperature=2.0, top_k=5, seed=1)
+    assert {_sample(logits, params, c)[0] for c in range(200)} <= allowed
+    logits = logits / 3  # flatter: the nucleus holds several tokens
+    probs = torch.softmax(logits, -1)
+    order = torch.argsort(probs, descending=True)
+    nucleus = set(order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1].tolist())
+    params = SamplingParams(temperature=1.0, top_p=0.5, seed=2)
+    drawn = {_sample(logits, params, c)[0] for c in range(200)}
+    assert drawn <= nucleus and len(drawn) > 1

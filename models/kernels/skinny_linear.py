@@ -1,0 +1,104 @@
+"""x·Wᵀ (+ b) for a few rows: the attention side's projections at small decode batches.
+
+With 1–16 rows a projection is a pass over W; cuBLAS's kernels for that shape reached about a
+third of the copy bandwidth on an H100 (bench/NOTES.md). Here each program owns a slice of
+W's rows (output columns) and streams it once, all the batch's rows at once in one 16-row
+tile. Used only where `bench/tune_kernels.py` measured it faster than cuBLAS for the shape.
+
+Shape legend: M = rows (≤ 16), N = output features, K = input features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from afd.models.kernels import dot_precision, launching
+from afd.models.kernels.tuning import device_name, lookup, shape_key
+
+MAX_ROWS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SkinnyConfig:
+    block_n: int = 32
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@triton.jit
+def _skinny_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K]
+    bias_ptr,  # [N] (unused without HAS_BIAS)
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = tl.arange(0, 16)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    inner = tl.arange(0, BK)
+    x_at = x_ptr + rows[:, None] * K + inner[None, :]
+    w_at = w_ptr + cols[None, :].to(tl.int64) * K + inner[:, None]  # [BK, BN]
+    acc = tl.zeros([16, BN], dtype=tl.float32)
+    for k in range(0, K, BK):
+        in_k = k + inner < K
+        a = tl.load(x_at + k, mask=(rows < M)[:, None] & in_k[None, :], other=0.0)
+        w = tl.load(w_at + k, mask=in_k[:, None] & (cols < N)[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows[:, None] * N + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+def tuned_config(x_MK: torch.Tensor, w_NK: torch.Tensor) -> SkinnyConfig | None:
+    """The measured winner for this shape, batch and GPU; None where cuBLAS won or nothing was
+    measured."""
+    M, (N, K) = x_MK.shape[0], w_NK.shape
+    if M > MAX_ROWS:
+        return None
+    key = shape_key("linear", x_MK.dtype, device_name(x_MK.device), N=N, K=K)
+    found, entry = lookup(key, M)
+    return SkinnyConfig(**entry) if found and entry else None
+
+
+def skinny_linear(
+    x_MK: torch.Tensor,
+    w_NK: torch.Tensor,
+    bias_N: torch.Tensor | None,
+    config: SkinnyConfig,
+) -> torch.Tensor:
+    """x·Wᵀ + b for M ≤ 16 rows, in x's dtype."""
+    M, K = x_MK.shape
+    N = w_NK.shape[0]
+    if M > MAX_ROWS:
+        raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {M}")
+    out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
+    if M == 0:
+        return out
+    with launching():
+        _skinny_kernel[(triton.cdiv(N, config.block_n),)](
+            x_MK.contiguous(),
+            w_NK,
+            bias_N if bias_N is not None else w_NK,
+            out,
+            M,
+            N,
+            K,
+            HAS_BIAS=bias_N is not None,
+            BN=config.block_n,
+            BK=config.block_k,
+            PRECISION=dot_precision(x_MK.dtype),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+    return out
