@@ -50,6 +50,7 @@ TINY = {
     "vocab_size": 512,
 }
 BLOCK = 16
+SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
 
 
 def copy_bandwidth(device: str) -> float:
@@ -87,7 +88,16 @@ def floor_bytes(c: ModelConfig, batch: int, context: int, dtype_bytes: int) -> f
     return (c.num_layers * per_layer + c.vocab_size * c.hidden_size) * dtype_bytes
 
 
-def bench_afd(model_dir: Path, args: argparse.Namespace, dtype: str, graphs: bool) -> list[dict]:
+def bench_afd(
+    model_dir: Path,
+    args: argparse.Namespace,
+    dtype: str,
+    graphs: bool,
+    sampling: dict[str, float] | None = None,
+) -> list[dict]:
+    """Rows of the colocated engine; `sampling` (temperature, top-k, top-p) makes every
+    request sample, seeded, instead of greedy."""
+    sampling = sampling or {}
     most, total = max(args.batches), args.prompt + args.warmup + args.steps + 2
     settings = AttentionNodeSettings(
         0,
@@ -106,10 +116,11 @@ def bench_afd(model_dir: Path, args: argparse.Namespace, dtype: str, graphs: boo
     rows, step = [], 0
     for B in args.batches:
         gen = torch.Generator().manual_seed(B)
-        params = SamplingParams(max_tokens=total, ignore_eos=True)
         requests = [
             NewRequest(
-                f"b{B}-{i}", torch.randint(0, vocab, (args.prompt,), generator=gen).tolist(), params
+                f"b{B}-{i}",
+                torch.randint(0, vocab, (args.prompt,), generator=gen).tolist(),
+                SamplingParams(max_tokens=total, ignore_eos=True, **sampling, seed=i),
             )
             for i in range(B)
         ]
@@ -128,7 +139,7 @@ def bench_afd(model_dir: Path, args: argparse.Namespace, dtype: str, graphs: boo
         seconds = (time.perf_counter() - start) / args.steps
         node.step(step, [], [r.request_id for r in requests])
         step += 1
-        name = "afd-graph" if graphs else "afd-eager"
+        name = ("afd-graph" if graphs else "afd-eager") + ("-sampled" if sampling else "")
         rows.append(_row(name, B, seconds, args.prompt + args.warmup + args.steps))
         if graphs and node.graphs is not None:
             rows[-1]["graph_replays"] = node.graphs.replays
@@ -277,6 +288,11 @@ def main() -> int:
         metavar="B",
         help="print the top GPU kernels of an eager decode step at batch B, then exit",
     )
+    p.add_argument(
+        "--sampled",
+        action="store_true",
+        help="add rows whose requests sample (temperature 0.8, top-k 50, top-p 0.95, seeded)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--json-out", help="also write the JSON object to this file")
     args = p.parse_args()
@@ -299,6 +315,9 @@ def main() -> int:
             _free(args.device)
         rows += bench_afd(model_dir, args, dtype, graphs=args.device == "cuda")
         _free(args.device)
+        if args.sampled:
+            rows += bench_afd(model_dir, args, dtype, args.device == "cuda", SAMPLED)
+            _free(args.device)
         if args.device == "cuda" and not args.skip_eager:
             rows += bench_afd(model_dir, args, dtype, graphs=False)
     itemsize = getattr(torch, dtype).itemsize

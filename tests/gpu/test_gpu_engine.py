@@ -1,5 +1,6 @@
 """The served engine on a GPU, colocated, in-process (run on the GPU host; skipped elsewhere):
-decode steps replay CUDA graphs, and tokens equal the CPU reference's."""
+decode steps replay CUDA graphs, and tokens equal the CPU reference's, a seeded sampled
+request's included."""
 
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ def test_colocated_gpu_engine_replays_graphs_and_matches_the_cpu_reference(
     tiny_model: Path,
 ) -> None:
     ref = ReferenceEngine(tiny_model)
+    params = [SamplingParams(max_tokens=20, ignore_eos=True)] * (len(PROMPTS) - 1)
+    params.append(SamplingParams(max_tokens=20, ignore_eos=True, temperature=0.8, top_k=40, seed=9))
     requests = [
-        NewRequest(f"r{i}", ref.tokenizer.encode(p), SamplingParams(max_tokens=20, ignore_eos=True))
-        for i, p in enumerate(PROMPTS)
+        NewRequest(f"r{i}", ref.tokenizer.encode(text), p)
+        for i, (text, p) in enumerate(zip(PROMPTS, params, strict=True))
     ]
     settings = AttentionNodeSettings(0, str(tiny_model), device="cuda", block_size=4)
     graphed = AttentionNode(settings, None)
