@@ -93,7 +93,7 @@ def sample_rows(logits_BV: torch.Tensor, rows: list[RowSampling]) -> tuple[list[
     same tokens whatever else shares its batch, on any node, after a preemption, and in the
     single-process reference."""
     logits_BV = logits_BV.float()
-    B, V = logits_BV.shape
+    V = logits_BV.shape[1]
     token_B = logits_BV.argmax(-1)
     drawn = [i for i, r in enumerate(rows) if r.params.temperature > 0]
     if drawn:
@@ -101,12 +101,40 @@ def sample_rows(logits_BV: torch.Tensor, rows: list[RowSampling]) -> tuple[list[
         picked = [rows[i] for i in drawn]
         index = torch.tensor(drawn, device=device)
         temperature = torch.tensor([r.params.temperature for r in picked], device=device)
-        scaled = _filtered(logits_BV[index] / temperature[:, None], picked)
-        noise = gumbel_noise([r.seed for r in picked], [r.counter for r in picked], V, device)
-        token_B[index] = (scaled + noise).argmax(-1)
+        scaled = logits_BV[index] / temperature[:, None]
+        seeds, counters = [r.seed for r in picked], [r.counter for r in picked]
+        if all(0 < r.params.top_k < V for r in picked):  # only the k best can be drawn
+            values, ids = _top_k_top_p(scaled, picked)
+            noise = gumbel_noise(seeds, counters, ids)
+            token_B[index] = ids.gather(1, (values + noise).argmax(-1, keepdim=True))[:, 0]
+        else:
+            vocab = torch.arange(V, device=device)[None, :]
+            token_B[index] = (
+                _filtered(scaled, picked) + gumbel_noise(seeds, counters, vocab)
+            ).argmax(-1)
     logprob_B = logits_BV.gather(1, token_B[:, None])[:, 0] - torch.logsumexp(logits_BV, -1)
     host = torch.stack([token_B.double(), logprob_B.double()]).cpu()
     return [int(t) for t in host[0].tolist()], host[1].tolist()
+
+
+def _top_k_top_p(
+    scaled_BV: torch.Tensor, rows: list[RowSampling]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates of rows that all set top-k: the k best (values, ids) [B, k_max] by
+    falling value, the ones past a row's k or outside its top-p set at -inf. The same
+    candidates `_filtered` leaves, without sorting the vocabulary."""
+    device = scaled_BV.device
+    k = torch.tensor([r.params.top_k for r in rows], device=device)
+    values, ids = torch.topk(scaled_BV, int(k.max()), dim=-1)
+    values = values.masked_fill(
+        torch.arange(values.shape[1], device=device) >= k[:, None], float("-inf")
+    )
+    ps = [r.params.top_p for r in rows]
+    if min(ps) < 1.0:
+        probs = torch.softmax(values, dim=-1)
+        drop = probs.cumsum(-1) - probs >= torch.tensor(ps, device=device)[:, None]
+        values = values.masked_fill(drop, float("-inf"))
+    return values, ids
 
 
 def _filtered(scaled_BV: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
@@ -142,15 +170,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(
-    seeds: list[int], counters: list[int], V: int, device: torch.device
-) -> torch.Tensor:
-    """[B, V] standard Gumbel noise, a fixed function of (seed, counter, token id): a hash of
-    the three to 24 uniform bits, then -log(-log(u))."""
+def gumbel_noise(seeds: list[int], counters: list[int], token_ids: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise for each row's `token_ids` ([B, N], or [1, N] for every row), a
+    fixed function of (seed, counter, token id): a hash of the three to 24 uniform bits,
+    then -log(-log(u))."""
+    device = token_ids.device
     seed = torch.tensor(seeds, dtype=torch.int64, device=device)
     counter = torch.tensor(counters, dtype=torch.int64, device=device)
     row = _mix32((seed & _MASK32) ^ _mix32(((seed >> 32) ^ _mix32(counter & _MASK32)) & _MASK32))
-    token = torch.arange(V, dtype=torch.int64, device=device)
-    bits = _mix32(_mix32(row[:, None] ^ token[None, :]) ^ row[:, None])
+    bits = _mix32(_mix32(row[:, None] ^ token_ids.long()) ^ row[:, None])
     u = ((bits >> 8).float() + 0.5) / float(1 << 24)
     return -torch.log(-torch.log(u))

@@ -11,6 +11,7 @@
 4. `_combine_kernel`: each token's sum over its K slots in slot order, left-out slots skipped.
    No atomics, so a graph replay and an eager step give identical bits.
 
+With very few pairs (`is_direct`) the alignment is skipped and each pair is a block of its own.
 Grids are sized for the worst case (every expert's run padded), so shapes depend on T only
 and CUDA graphs can capture the whole thing; blocks past the padded total exit at once.
 
@@ -46,6 +47,13 @@ def pick_config(pairs: int, experts: int, ffn: int, hidden: int, x: torch.Tensor
     key = shape_key("moe", x.dtype, device_name(x.device), E=experts, I=ffn, D=hidden)
     found, entry = lookup(key, pairs)
     return MoEConfig(**entry) if found else MoEConfig()
+
+
+def is_direct(pairs: int, experts: int, top_k: int) -> bool:
+    """Few pairs (a decode step of one or two sequences): each pair is its own GEMM block and
+    no alignment runs. Two kernels fewer; the price, an expert read once per pair that chose
+    it, is small while pairs rarely share an expert."""
+    return pairs <= max(top_k, experts // 8)
 
 
 def max_blocks(pairs: int, experts: int, block_m: int) -> int:
@@ -111,6 +119,7 @@ def _gate_up_kernel(
     gate_ptr,  # [E, FFN, D]
     up_ptr,  # [E, FFN, D]
     h_ptr,  # [N, FFN] out
+    ids_ptr,  # [N] local expert of each pair (read in DIRECT mode)
     sorted_ptr,
     block_expert_ptr,
     total_ptr,
@@ -122,12 +131,19 @@ def _gate_up_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     block, tile = tl.program_id(0), tl.program_id(1)
-    if block * BM >= tl.load(total_ptr):
-        return
-    expert = tl.load(block_expert_ptr + block).to(tl.int64)
-    pair = tl.load(sorted_ptr + block * BM + tl.arange(0, BM))
+    if DIRECT:  # block b is pair b alone (row 0 of the tile)
+        expert = tl.load(ids_ptr + block).to(tl.int64)
+        if expert < 0:
+            return
+        pair = tl.where(tl.arange(0, BM) == 0, block, N)
+    else:
+        if block * BM >= tl.load(total_ptr):
+            return
+        expert = tl.load(block_expert_ptr + block).to(tl.int64)
+        pair = tl.load(sorted_ptr + block * BM + tl.arange(0, BM))
     live = pair < N
     token = (pair // TOP_K).to(tl.int64)
     cols = tile * BN + tl.arange(0, BN)
@@ -155,6 +171,7 @@ def _down_kernel(
     down_ptr,  # [E, D, FFN]
     weight_ptr,  # [N] routing weight per pair
     y_ptr,  # [N, D] out
+    ids_ptr,
     sorted_ptr,
     block_expert_ptr,
     total_ptr,
@@ -165,12 +182,19 @@ def _down_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     block, tile = tl.program_id(0), tl.program_id(1)
-    if block * BM >= tl.load(total_ptr):
-        return
-    expert = tl.load(block_expert_ptr + block).to(tl.int64)
-    pair = tl.load(sorted_ptr + block * BM + tl.arange(0, BM))
+    if DIRECT:
+        expert = tl.load(ids_ptr + block).to(tl.int64)
+        if expert < 0:
+            return
+        pair = tl.where(tl.arange(0, BM) == 0, block, N)
+    else:
+        if block * BM >= tl.load(total_ptr):
+            return
+        expert = tl.load(block_expert_ptr + block).to(tl.int64)
+        pair = tl.load(sorted_ptr + block * BM + tl.arange(0, BM))
     live = pair < N
     cols = tile * BN + tl.arange(0, BN)
     inner = tl.arange(0, BK)
@@ -227,66 +251,39 @@ def fused_experts(
         return out_TD.zero_()
     cfg = config or pick_config(N, E, FFN, D, x_TD)
     BM = cfg.block_m
-    blocks = max_blocks(N, E, BM)
     ids_N = ids_TK.reshape(-1).contiguous()  # int32 or int64: the kernels load either
-    sorted_R = torch.empty(blocks * BM, dtype=torch.int32, device=x_TD.device)
-    block_expert = torch.empty(blocks, dtype=torch.int32, device=x_TD.device)
-    counts_E = torch.empty(E, dtype=torch.int32, device=x_TD.device)
-    total = torch.empty(1, dtype=torch.int32, device=x_TD.device)
-    chunk = min(1024, max(16, triton.next_power_of_2(N)))
-    with launching():
-        _count_kernel[(E,)](ids_N, counts_E, N, CHUNK=chunk, num_warps=4)
-    with launching():
-        _place_kernel[(E,)](
-            ids_N,
-            counts_E,
-            sorted_R,
-            block_expert,
-            total,
-            N,
-            E=E,
-            E_P2=triton.next_power_of_2(E),
-            BM=BM,
-            CHUNK=chunk,
-            num_warps=4,
-        )
+    direct = is_direct(N, E, K)
+    blocks = N if direct else max_blocks(N, E, BM)
+    sorted_R = block_expert = total = ids_N  # unused in direct mode
+    if not direct:
+        sorted_R = torch.empty(blocks * BM, dtype=torch.int32, device=x_TD.device)
+        block_expert = torch.empty(blocks, dtype=torch.int32, device=x_TD.device)
+        counts_E = torch.empty(E, dtype=torch.int32, device=x_TD.device)
+        total = torch.empty(1, dtype=torch.int32, device=x_TD.device)
+        chunk = min(1024, max(16, triton.next_power_of_2(N)))
+        with launching():
+            _count_kernel[(E,)](ids_N, counts_E, N, CHUNK=chunk, num_warps=4)
+        with launching():
+            _place_kernel[(E,)](
+                ids_N, counts_E, sorted_R, block_expert, total, N,
+                E=E, E_P2=triton.next_power_of_2(E), BM=BM, CHUNK=chunk, num_warps=4,
+            )  # fmt: skip
     x = x_TD.contiguous()
     h_NI = torch.empty(N, FFN, dtype=x_TD.dtype, device=x_TD.device)
     tiles = dict(BM=BM, BN=cfg.block_n, BK=cfg.block_k, PRECISION=dot_precision(x_TD.dtype))
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch = dict(DIRECT=direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     with launching():
         _gate_up_kernel[(blocks, triton.cdiv(FFN, cfg.block_n))](
-            x,
-            gate_EID,
-            up_EID,
-            h_NI,
-            sorted_R,
-            block_expert,
-            total,
-            N,
-            D,
-            FFN,
-            TOP_K=K,
-            **tiles,
-            **launch,
-        )
+            x, gate_EID, up_EID, h_NI, ids_N, sorted_R, block_expert, total, N, D, FFN,
+            TOP_K=K, **tiles, **launch,
+        )  # fmt: skip
     y_ND = torch.empty(N, D, dtype=x_TD.dtype, device=x_TD.device)
     weights_N = weights_TK.reshape(-1).contiguous()
     with launching():
         _down_kernel[(blocks, triton.cdiv(D, cfg.block_n))](
-            h_NI,
-            down_EDI,
-            weights_N,
-            y_ND,
-            sorted_R,
-            block_expert,
-            total,
-            N,
-            D,
-            FFN,
-            **tiles,
-            **launch,
-        )
+            h_NI, down_EDI, weights_N, y_ND, ids_N, sorted_R, block_expert, total, N, D, FFN,
+            **tiles, **launch,
+        )  # fmt: skip
     BD = min(1024, triton.next_power_of_2(D))
     with launching():
         _combine_kernel[(T, triton.cdiv(D, BD))](

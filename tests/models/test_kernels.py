@@ -29,7 +29,13 @@ def _loop_experts(x, gate, up, down, ids, weights):
 
 @pytest.mark.parametrize(
     "tokens,experts,top_k,case",
-    [(1, 8, 2, "random"), (7, 8, 2, "left-out"), (40, 16, 4, "random"), (9, 8, 4, "one-expert")],
+    [
+        (1, 8, 2, "random"),  # few pairs: each its own block, no alignment (`is_direct`)
+        (3, 64, 2, "left-out"),  # the same, with slots held elsewhere
+        (7, 8, 2, "left-out"),
+        (40, 16, 4, "random"),
+        (9, 8, 4, "one-expert"),
+    ],
 )
 def test_fused_experts_equal_the_per_expert_loop(tokens, experts, top_k, case) -> None:
     from afd.models.kernels.fused_moe import MoEConfig, fused_experts
@@ -40,6 +46,9 @@ def test_fused_experts_equal_the_per_expert_loop(tokens, experts, top_k, case) -
     gate, up = (torch.randn(experts, FFN, D, generator=g) / 8 for _ in range(2))
     down = torch.randn(experts, D, FFN, generator=g) / 8
     ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    from afd.models.kernels.fused_moe import is_direct
+
+    assert is_direct(tokens * top_k, experts, top_k) == (tokens <= 3)
     if case == "left-out":  # experts held by another node: -1, in one slot and a whole row
         ids[0, 0], ids[2, :] = -1, -1
     if case == "one-expert":  # every token on expert 3 (and its other slots left out)

@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from afd.models.sampling import RowSampling, SamplingError, SamplingParams, sample_rows
+from afd.models.sampling import (
+    RowSampling,
+    SamplingError,
+    SamplingParams,
+    gumbel_noise,
+    sample_rows,
+)
 
 
 @pytest.mark.parametrize(
@@ -99,3 +105,25 @@ def test_top_k_and_top_p_never_sample_outside_their_set() -> None:
     params = SamplingParams(temperature=1.0, top_p=0.5, seed=2)
     drawn = {_sample(logits, params, c)[0] for c in range(200)}
     assert drawn <= nucleus and len(drawn) > 1
+
+
+def test_rows_with_top_k_draw_what_the_whole_vocabulary_would() -> None:
+    """The top-k shortcut (noise for the k candidates only) against the plain rule: filter
+    the scaled logits over the whole vocabulary, add every token's noise, take the argmax."""
+    logits = torch.stack([_logits(i) for i in range(3)]) / 2
+    for params in (
+        SamplingParams(temperature=0.9, top_k=20, seed=4),
+        SamplingParams(temperature=1.2, top_k=40, top_p=0.8, seed=4),
+    ):
+        for counter in range(30):
+            rows = [RowSampling(params, 4 + i, counter) for i in range(3)]
+            got, _ = sample_rows(logits, rows)
+            scaled = logits / params.temperature
+            kth = torch.topk(scaled, params.top_k).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+            sorted_, order = torch.sort(scaled, descending=True)
+            probs = torch.softmax(sorted_, -1)
+            drop = probs.cumsum(-1) - probs >= params.top_p
+            scaled = scaled.scatter(1, order, sorted_.masked_fill(drop, float("-inf")))
+            noise = gumbel_noise([4, 5, 6], [counter] * 3, torch.arange(300)[None, :])
+            assert got == (scaled + noise).argmax(-1).tolist()
