@@ -165,7 +165,8 @@ def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
         cuda_graphs=False,
     )
     node = AttentionNode(settings, None)
-    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    sampling = SAMPLED if args.sampled else {}
+    params = SamplingParams(max_tokens=200, ignore_eos=True, **sampling, seed=0)
     gen = torch.Generator().manual_seed(0)
     prompts = [  # distinct prompts: identical ones would all route to the same experts
         torch.randint(0, node.config.vocab_size, (args.prompt,), generator=gen).tolist()

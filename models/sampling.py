@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 MAX_TEMPERATURE = 100.0
+T = TypeVar("T", int, torch.Tensor)
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
@@ -99,60 +101,75 @@ def sample_rows(logits_BV: torch.Tensor, rows: list[RowSampling]) -> tuple[list[
     if drawn:
         device = logits_BV.device
         picked = [rows[i] for i in drawn]
-        index = torch.tensor(drawn, device=device)
-        temperature = torch.tensor([r.params.temperature for r in picked], device=device)
+        # every per-row number in two host-to-device copies
+        ints = torch.tensor(
+            [
+                drawn,
+                [r.params.top_k for r in picked],
+                [noise_key(r.seed, r.counter) for r in picked],
+            ]
+        ).to(device)
+        floats = torch.tensor(
+            [[r.params.temperature for r in picked], [r.params.top_p for r in picked]]
+        )
+        index, top_k, keys = ints
+        temperature, top_p = floats.to(device)
         scaled = logits_BV[index] / temperature[:, None]
-        seeds, counters = [r.seed for r in picked], [r.counter for r in picked]
+        rules = _Rules(
+            top_k, top_p, max(r.params.top_k for r in picked), min(r.params.top_p for r in picked)
+        )
         if all(0 < r.params.top_k < V for r in picked):  # only the k best can be drawn
-            values, ids = _top_k_top_p(scaled, picked)
-            noise = gumbel_noise(seeds, counters, ids)
+            values, ids = _top_k_top_p(scaled, rules)
+            noise = gumbel_noise(keys, ids)
             token_B[index] = ids.gather(1, (values + noise).argmax(-1, keepdim=True))[:, 0]
         else:
             vocab = torch.arange(V, device=device)[None, :]
-            token_B[index] = (
-                _filtered(scaled, picked) + gumbel_noise(seeds, counters, vocab)
-            ).argmax(-1)
+            token_B[index] = (_filtered(scaled, rules) + gumbel_noise(keys, vocab)).argmax(-1)
     logprob_B = logits_BV.gather(1, token_B[:, None])[:, 0] - torch.logsumexp(logits_BV, -1)
     host = torch.stack([token_B.double(), logprob_B.double()]).cpu()
     return [int(t) for t in host[0].tolist()], host[1].tolist()
 
 
-def _top_k_top_p(
-    scaled_BV: torch.Tensor, rows: list[RowSampling]
-) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """The drawn rows' filters on the device, and their extremes on the host."""
+
+    top_k_B: torch.Tensor  # 0: no top-k
+    top_p_B: torch.Tensor
+    most_k: int
+    least_p: float
+
+
+def _top_k_top_p(scaled_BV: torch.Tensor, rules: _Rules) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidates of rows that all set top-k: the k best (values, ids) [B, k_max] by
     falling value, the ones past a row's k or outside its top-p set at -inf. The same
     candidates `_filtered` leaves, without sorting the vocabulary."""
-    device = scaled_BV.device
-    k = torch.tensor([r.params.top_k for r in rows], device=device)
-    values, ids = torch.topk(scaled_BV, int(k.max()), dim=-1)
-    values = values.masked_fill(
-        torch.arange(values.shape[1], device=device) >= k[:, None], float("-inf")
-    )
-    ps = [r.params.top_p for r in rows]
-    if min(ps) < 1.0:
+    values, ids = torch.topk(scaled_BV, rules.most_k, dim=-1)
+    past_k = torch.arange(rules.most_k, device=scaled_BV.device) >= rules.top_k_B[:, None]
+    values = values.masked_fill(past_k, float("-inf"))
+    if rules.least_p < 1.0:
         probs = torch.softmax(values, dim=-1)
-        drop = probs.cumsum(-1) - probs >= torch.tensor(ps, device=device)[:, None]
-        values = values.masked_fill(drop, float("-inf"))
+        values = values.masked_fill(
+            probs.cumsum(-1) - probs >= rules.top_p_B[:, None], float("-inf")
+        )
     return values, ids
 
 
-def _filtered(scaled_BV: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+def _filtered(scaled_BV: torch.Tensor, rules: _Rules) -> torch.Tensor:
     """Top-k, then top-p (the smallest set of most likely tokens whose probability reaches
     p, the token crossing p included) per row; filtered tokens get -inf."""
-    device, V = scaled_BV.device, scaled_BV.shape[1]
-    ks = [r.params.top_k if 0 < r.params.top_k < V else V for r in rows]
-    if min(ks) < V:
-        k = torch.tensor(ks, device=device)
-        values = torch.topk(scaled_BV, max(ks), dim=-1).values
-        kth = values.gather(1, (k - 1)[:, None])
+    V = scaled_BV.shape[1]
+    if rules.most_k > 0:
+        k = torch.where((rules.top_k_B > 0) & (rules.top_k_B < V), rules.top_k_B, V)
+        values = torch.topk(scaled_BV, min(rules.most_k, V), dim=-1).values
+        values = torch.cat([values, values.new_full((values.shape[0], 1), float("-inf"))], 1)
+        kth = values.gather(1, torch.clamp(k - 1, max=values.shape[1] - 1)[:, None])
+        kth = torch.where(k[:, None] < V, kth, float("-inf"))  # rows without top-k keep all
         scaled_BV = scaled_BV.masked_fill(scaled_BV < kth, float("-inf"))
-    ps = [r.params.top_p for r in rows]
-    if min(ps) < 1.0:
-        p = torch.tensor(ps, device=device)
+    if rules.least_p < 1.0:
         sorted_BV, order = torch.sort(scaled_BV, descending=True, dim=-1)
         probs = torch.softmax(sorted_BV, dim=-1)
-        drop = probs.cumsum(-1) - probs >= p[:, None]
+        drop = probs.cumsum(-1) - probs >= rules.top_p_B[:, None]
         scaled_BV = scaled_BV.scatter(1, order, sorted_BV.masked_fill(drop, float("-inf")))
     return scaled_BV
 
@@ -160,9 +177,10 @@ def _filtered(scaled_BV: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijection of 32-bit values held in int64 (xor-shift-multiply rounds); multipliers
-    below 2**31 keep every product inside int64, so CPU and GPU agree bit for bit."""
+def _mix32(x: T) -> T:
+    """A bijection of 32-bit values (xor-shift-multiply rounds), on Python ints or on int64
+    tensors; multipliers below 2**31 keep every product inside int64, so CPU and GPU agree
+    bit for bit."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -170,14 +188,16 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seeds: list[int], counters: list[int], token_ids: torch.Tensor) -> torch.Tensor:
+def noise_key(seed: int, counter: int) -> int:
+    """The 32-bit key of a request's draw number `counter` (its tokens so far)."""
+    return _mix32((seed & _MASK32) ^ _mix32(((seed >> 32) ^ _mix32(counter & _MASK32)) & _MASK32))
+
+
+def gumbel_noise(keys_B: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise for each row's `token_ids` ([B, N], or [1, N] for every row), a
-    fixed function of (seed, counter, token id): a hash of the three to 24 uniform bits,
-    then -log(-log(u))."""
-    device = token_ids.device
-    seed = torch.tensor(seeds, dtype=torch.int64, device=device)
-    counter = torch.tensor(counters, dtype=torch.int64, device=device)
-    row = _mix32((seed & _MASK32) ^ _mix32(((seed >> 32) ^ _mix32(counter & _MASK32)) & _MASK32))
-    bits = _mix32(_mix32(row[:, None] ^ token_ids.long()) ^ row[:, None])
+    fixed function of the row's key (`noise_key`) and the token id: a hash to 24 uniform
+    bits, then -log(-log(u))."""
+    row = keys_B.long()[:, None]
+    bits = _mix32(_mix32(row ^ token_ids.long()) ^ row)
     u = ((bits >> 8).float() + 0.5) / float(1 << 24)
     return -torch.log(-torch.log(u))

@@ -7,6 +7,7 @@ from afd.models.sampling import (
     SamplingError,
     SamplingParams,
     gumbel_noise,
+    noise_key,
     sample_rows,
 )
 
@@ -125,5 +126,19 @@ def test_rows_with_top_k_draw_what_the_whole_vocabulary_would() -> None:
             probs = torch.softmax(sorted_, -1)
             drop = probs.cumsum(-1) - probs >= params.top_p
             scaled = scaled.scatter(1, order, sorted_.masked_fill(drop, float("-inf")))
-            noise = gumbel_noise([4, 5, 6], [counter] * 3, torch.arange(300)[None, :])
+            keys = torch.tensor([noise_key(seed, counter) for seed in (4, 5, 6)])
+            noise = gumbel_noise(keys, torch.arange(300)[None, :])
             assert got == (scaled + noise).argmax(-1).tolist()
+
+
+def test_a_top_k_row_draws_the_same_beside_rows_without_top_k() -> None:
+    """Beside a row without top-k the batch takes the whole-vocabulary path; the top-k row
+    must still draw what it draws alone (through the k-candidate path)."""
+    logits = torch.stack([_logits(i) for i in range(2)]) / 2
+    with_k = SamplingParams(temperature=1.0, top_k=10, top_p=0.9, seed=1)
+    without = SamplingParams(temperature=1.0, seed=2)
+    for counter in range(20):
+        rows = [RowSampling(with_k, 1, counter), RowSampling(without, 2, counter)]
+        together, _ = sample_rows(logits, rows)
+        assert together[0] == sample_rows(logits[:1], rows[:1])[0][0]
+        assert together[1] == sample_rows(logits[1:], rows[1:])[0][0]
