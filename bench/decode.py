@@ -3,11 +3,15 @@
     python bench/decode.py                           # Qwen3-30B-A3B shape, 48 layers, bf16
     python bench/decode.py --layers 4 --batches 1,8 --skip-hf --json
     python bench/decode.py --preset tiny --device cpu --batches 1,4 --steps 4   # a smoke run
+    python bench/decode.py --skip-hf --skip-eager --disaggregated 1,2   # + 1 attn + 1 expert
 
 afd rows drive a colocated `AttentionNode` in-process (`experts.nodes: 0`, what a one-GPU
 `afd serve` runs on each node, without Ray and the front ends): dummy weights from the preset's
 config.json, paged KV, continuous batching, CUDA graphs for decode steps (`afd-graph`) or not
-(`afd-eager`), sampling and detokenization on the host. Each row admits B requests of a
+(`afd-eager`), sampling on the device, detokenization on the host. `afd-disagg-m<m>` rows: the
+same attention node with its experts in an `ExpertNode` in a second process (the real nodes,
+their transport between them, m micro-batches, no graphs), what a disaggregated deployment runs
+on each node. Each row admits B requests of a
 `--prompt`-token random prompt, runs their prefill and `--warmup` decode steps, then times
 `--steps` decode steps by the host clock around `AttentionNode.step` (which returns after the
 logits reached the host). `hf` = transformers `generate` (greedy) on the same shape. The floor:
@@ -21,17 +25,22 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import replace
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import torch
 from afd.attention_nodes.decode_graphs import batch_bucket, block_bucket
 from afd.attention_nodes.node import AttentionNode, AttentionNodeSettings
+from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
 from afd.models.config import ModelConfig, load_config
+from afd.models.expert_placement import ExpertPlacement
 from afd.models.messages import NewRequest
 from afd.models.presets import PRESETS, write_preset
 from afd.models.sampling import SamplingParams
@@ -88,15 +97,60 @@ def floor_bytes(c: ModelConfig, batch: int, context: int, dtype_bytes: int) -> f
     return (c.num_layers * per_layer + c.vocab_size * c.hidden_size) * dtype_bytes
 
 
+EXPERT_NODE_ID = 1000
+
+
+def _expert_process(settings: ExpertNodeSettings, conn: Connection) -> None:
+    """The expert node of the disaggregated rows, in a process of its own: it tells the bench
+    its address, waits for the attention node, then runs step after step until terminated."""
+    node = ExpertNode(settings)
+    conn.send(node.address())
+    node.wait_for_attention_nodes(conn.recv(), 120.0)
+    step = 0
+    while True:
+        node.run_step(step)
+        step += 1
+
+
+def _start_disaggregated(
+    settings: AttentionNodeSettings, micro_batches: int
+) -> tuple[AttentionNode, BaseProcess]:
+    """1 attention node here + 1 expert process holding every expert, wired over the
+    transport (the host lane: on a GPU, frames are staged through the host)."""
+    config = load_config(settings.model_dir)
+    placement = ExpertPlacement.even(config.num_experts, 1)
+    settings = replace(settings, micro_batches=micro_batches)
+    expert_settings = ExpertNodeSettings(
+        EXPERT_NODE_ID,
+        settings.model_dir,
+        placement.assignment[0],
+        dtype=settings.dtype,
+        load_format=settings.load_format,
+        micro_batches=micro_batches,
+        device=settings.device,
+    )
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    process = ctx.Process(target=_expert_process, args=(expert_settings, there), daemon=True)
+    process.start()
+    node = AttentionNode(settings, placement)
+    address = here.recv()
+    here.send([settings.node_id])
+    node.connect([(EXPERT_NODE_ID, address)])
+    return node, process
+
+
 def bench_afd(
     model_dir: Path,
     args: argparse.Namespace,
     dtype: str,
     graphs: bool,
     sampling: dict[str, float] | None = None,
+    micro_batches: int = 0,
 ) -> list[dict]:
     """Rows of the colocated engine; `sampling` (temperature, top-k, top-p) makes every
-    request sample, seeded, instead of greedy."""
+    request sample, seeded, instead of greedy; `micro_batches` > 0: the disaggregated engine
+    (1 attention node here, 1 expert process) with that many micro-batches."""
     sampling = sampling or {}
     most, total = max(args.batches), args.prompt + args.warmup + args.steps + 2
     settings = AttentionNodeSettings(
@@ -111,7 +165,11 @@ def bench_afd(
         device=args.device,
         cuda_graphs=graphs,
     )
-    node = AttentionNode(settings, None)  # colocated: every expert on the node
+    expert_process = None
+    if micro_batches:
+        node, expert_process = _start_disaggregated(settings, micro_batches)
+    else:
+        node = AttentionNode(settings, None)  # colocated: every expert on the node
     vocab = node.config.vocab_size
     rows, step = [], 0
     for B in args.batches:
@@ -140,10 +198,15 @@ def bench_afd(
         node.step(step, [], [r.request_id for r in requests])
         step += 1
         name = ("afd-graph" if graphs else "afd-eager") + ("-sampled" if sampling else "")
+        if micro_batches:
+            name = f"afd-disagg-m{micro_batches}"
         rows.append(_row(name, B, seconds, args.prompt + args.warmup + args.steps))
         if graphs and node.graphs is not None:
             rows[-1]["graph_replays"] = node.graphs.replays
     node.shutdown()
+    if expert_process is not None:
+        expert_process.terminate()
+        expert_process.join(30)
     del node
     return rows
 
@@ -294,6 +357,13 @@ def main() -> int:
         action="store_true",
         help="add rows whose requests sample (temperature 0.8, top-k 50, top-p 0.95, seeded)",
     )
+    p.add_argument(
+        "--disaggregated",
+        type=lambda s: [int(m) for m in s.split(",")],
+        default=[],
+        metavar="M,...",
+        help="add rows of 1 attention node + 1 expert process, for each micro-batch count",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--json-out", help="also write the JSON object to this file")
     args = p.parse_args()
@@ -318,6 +388,9 @@ def main() -> int:
         _free(args.device)
         if args.sampled:
             rows += bench_afd(model_dir, args, dtype, args.device == "cuda", SAMPLED)
+            _free(args.device)
+        for m in args.disaggregated:
+            rows += bench_afd(model_dir, args, dtype, False, micro_batches=m)
             _free(args.device)
         if args.device == "cuda" and not args.skip_eager:
             rows += bench_afd(model_dir, args, dtype, graphs=False)
