@@ -5,6 +5,10 @@ of torch). Everything else (CPU deployments, CI) runs the plain torch math in `a
 which is also what each kernel is tested against. On a machine without a GPU the kernels can
 still be run, slowly, by Triton's interpreter (`TRITON_INTERPRET=1` set before Triton is
 imported, and `force(True)`): that is how CI checks them.
+
+Arguments that follow the batch (row and pair counts, table widths) are marked
+`do_not_specialize`: Triton would otherwise compile a kernel variant per divisibility class of
+each value, and a server would compile in the middle of a request.
 """
 
 from __future__ import annotations

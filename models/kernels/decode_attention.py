@@ -22,7 +22,7 @@ KEYS_PER_TILE = 64  # keys a program loads at once
 SM_TARGET = 264  # programs that keep an H100's 132 SMs busy (two each)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "keys_per_split"])
 def _decode_kernel(
     q_ptr,  # [B, H, Dh]
     k_cache_ptr,  # [NB, BS, G, Dh]

@@ -62,7 +62,7 @@ def max_blocks(pairs: int, experts: int, block_m: int) -> int:
     return -(-pairs // block_m) + min(experts, pairs)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _count_kernel(ids_ptr, counts_ptr, N, CHUNK: tl.constexpr):
     """Program e counts the pairs routed to local expert e."""
     expert = tl.program_id(0)
@@ -74,7 +74,7 @@ def _count_kernel(ids_ptr, counts_ptr, N, CHUNK: tl.constexpr):
     tl.store(counts_ptr + expert, tl.sum(hits, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _place_kernel(
     ids_ptr,  # [N] local expert id per pair, -1: not here
     counts_ptr,  # [E] pairs per expert
@@ -113,7 +113,7 @@ def _place_kernel(
         tl.store(block_expert_ptr + at, expert, mask=at < (first + mine_padded) // BM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _gate_up_kernel(
     x_ptr,  # [T, D]
     gate_ptr,  # [E, FFN, D]
@@ -165,7 +165,7 @@ def _gate_up_kernel(
     tl.store(out, h.to(h_ptr.dtype.element_ty), mask=live[:, None] & (cols < FFN)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _down_kernel(
     h_ptr,  # [N, FFN]
     down_ptr,  # [E, D, FFN]

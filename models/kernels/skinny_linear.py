@@ -29,7 +29,7 @@ class SkinnyConfig:
     num_stages: int = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K]
