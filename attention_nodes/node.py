@@ -41,6 +41,7 @@ class AttentionNodeSettings:
     model_dir: str
     dtype: str = "float32"
     load_format: str = "auto"  # "dummy": random weights from config.json alone
+    quantization: str = "none"  # "fp8": projections and experts in block-scaled fp8
     micro_batches: int = 1
     kv_blocks: int = 256
     block_size: int = 16
@@ -73,7 +74,7 @@ class AttentionNode:
         self.checkpoint = open_checkpoint(settings.model_dir, settings.load_format, settings.device)
         self.device = torch.device(settings.device)
         self.model = AttentionSideModel.load(
-            self.checkpoint, self.config, DTYPES[settings.dtype]
+            self.checkpoint, self.config, DTYPES[settings.dtype], settings.quantization
         ).to(self.device)
         self.tokenizer = Tokenizer(settings.model_dir)
         c = self.config
@@ -92,7 +93,11 @@ class AttentionNode:
         self.graphs: DecodeGraphs | None = None  # colocated on CUDA: decode steps replay graphs
         if placement is None:
             shard = ExpertShard.load(
-                self.checkpoint, c, range(c.num_experts), DTYPES[settings.dtype]
+                self.checkpoint,
+                c,
+                range(c.num_experts),
+                DTYPES[settings.dtype],
+                settings.quantization,
             ).to(self.device)
             dispatcher = LocalDispatcher(shard)
             self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)

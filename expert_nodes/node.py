@@ -34,6 +34,7 @@ class ExpertNodeSettings:
     expert_ids: tuple[int, ...]
     dtype: str = "float32"
     load_format: str = "auto"  # "dummy": random weights from config.json alone
+    quantization: str = "none"  # "fp8": experts in block-scaled fp8
     micro_batches: int = 1
     round_timeout_s: float = 30.0
     transport: TransportSettings = field(default_factory=TransportSettings)
@@ -47,7 +48,11 @@ class ExpertNode:
         self.config = load_config(settings.model_dir)
         self.checkpoint = open_checkpoint(settings.model_dir, settings.load_format, settings.device)
         self.shard = ExpertShard.load(
-            self.checkpoint, self.config, settings.expert_ids, DTYPES[settings.dtype]
+            self.checkpoint,
+            self.config,
+            settings.expert_ids,
+            DTYPES[settings.dtype],
+            settings.quantization,
         ).to(settings.device)
         self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self.attention_peers: list[int] = []

@@ -1,7 +1,9 @@
 """Reads exactly the tensors a caller asks for from single-file or sharded safetensors.
 
 Only headers are read to map names to files; each requested tensor is read once, from its
-own file, and converted to the requested dtype. Nothing else is touched.
+own file, and converted to the requested dtype. Nothing else is touched. FP8 checkpoints
+(`quantization_config.weight_block_size` in config.json, each float8_e4m3fn weight beside its
+`weight_scale_inv` blocks) are read the same way: each weight is dequantized with its scales.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from afd.models import fp8
 from afd.models.config import ModelConfig
 from afd.models.dummy_weights import DummyCheckpoint
 from afd.models.weights import ALL_KINDS, IGNORED_SUFFIXES, TensorSpec, tensor_specs
 from safetensors import safe_open
 
 SINGLE_FILE = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"  # an fp8 weight's block scales: dequantized = weight · scales
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -76,6 +80,7 @@ class Checkpoint:
     def check_names(self, config: ModelConfig) -> None:
         """Fails on tensors the config does not explain, e.g. a ninth expert in an 8-expert model."""
         expected = {s.name for s in tensor_specs(config, ALL_KINDS)}
+        expected |= {f"{n}{SCALE_SUFFIX}" for n in expected}
         unexpected = sorted(
             n for n in self.file_of if n not in expected and not n.endswith(IGNORED_SUFFIXES)
         )
@@ -112,4 +117,32 @@ class Checkpoint:
         tensor = f.get_tensor(spec.name)
         self.bytes_read += tensor.numel() * tensor.element_size()
         self.names_read.append(spec.name)
+        if tensor.dtype == fp8.FP8:
+            return fp8.dequantize(tensor, self._scales(spec.name), dtype, self._fp8_block())
         return tensor.to(dtype)
+
+    def _scales(self, name: str) -> torch.Tensor:
+        scale_name = f"{name}{SCALE_SUFFIX}"
+        if scale_name not in self.file_of:
+            raise CheckpointError(f"{self.model_dir}: fp8 tensor '{name}' has no '{scale_name}'")
+        with safe_open(self.file_of[scale_name], framework="pt") as f:
+            scales = f.get_tensor(scale_name)
+        self.bytes_read += scales.numel() * scales.element_size()
+        return scales
+
+    def _fp8_block(self) -> int:
+        """The square block of the checkpoint's scales, from config.json."""
+        try:
+            quant = json.loads((self.model_dir / "config.json").read_text())["quantization_config"]
+            bn, bk = quant["weight_block_size"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(
+                f"{self.model_dir}: fp8 tensors need quantization_config.weight_block_size "
+                f"[n, k] in config.json ({err!r})"
+            ) from err
+        if bn != bk or not isinstance(bn, int) or bn <= 0:
+            raise CheckpointError(
+                f"{self.model_dir}: weight_block_size {[bn, bk]} is not supported; "
+                "afd reads square blocks, e.g. [128, 128]"
+            )
+        return bn

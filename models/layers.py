@@ -10,7 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from afd.models import kernels
+from afd.models import fp8, kernels
 from afd.models.config import ModelConfig, RopeConfig
 
 
@@ -22,15 +22,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def linear(
-    x_TK: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None = None
+    x_TK: torch.Tensor,
+    weight_NK: torch.Tensor,
+    bias_N: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x·Wᵀ + b: cuBLAS, or at a few rows the skinny Triton kernel where it was measured
-    faster for this shape on this GPU (`afd.models.kernels.skinny_linear`)."""
-    if kernels.usable(x_TK) and x_TK.shape[0] <= 16:
-        from afd.models.kernels.skinny_linear import skinny_linear, tuned_config
+    faster for this shape on this GPU (`afd.models.kernels.skinny_linear`). `scale`: W is fp8
+    with these block scales (`afd.models.fp8`): the Triton kernel on GPU, W dequantized on CPU."""
+    if kernels.usable(x_TK) and (scale is not None or x_TK.shape[0] <= 16):
+        from afd.models.kernels.skinny_linear import SkinnyConfig, skinny_linear, tuned_config
 
+        if scale is not None:
+            return skinny_linear(x_TK, weight_NK, bias_N, SkinnyConfig(), scale)
         if (config := tuned_config(x_TK, weight_NK)) is not None:
             return skinny_linear(x_TK, weight_NK, bias_N, config)
+    if scale is not None:
+        weight_NK = fp8.dequantize(weight_NK, scale, x_TK.dtype)
     return F.linear(x_TK, weight_NK, bias_N)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from afd.models import kernels
+from afd.models import fp8, kernels
 from afd.models.attention import BatchAttention, PagedAttention
 from afd.models.batch import TokenBatch
 from afd.models.checkpoint import TensorSource
@@ -55,9 +55,17 @@ class Routed:
 
 
 class AttentionSideModel:
-    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, config: ModelConfig, tensors: dict[str, torch.Tensor], quantization: str = "none"
+    ) -> None:
         self.config = config
         self.t = _fuse_qkv(config, tensors)
+        if quantization == "fp8":
+            _quantize_projections(config, self.t)
+        elif quantization != "none":
+            raise ValueError(
+                f"quantization must be one of {fp8.QUANTIZATIONS}, got {quantization!r}"
+            )
         self.rope = Rope(config.rope, config.head_dim, config.max_position_embeddings)
         self.lm_head = tensors[
             "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
@@ -68,9 +76,14 @@ class AttentionSideModel:
 
     @classmethod
     def load(
-        cls, checkpoint: TensorSource, config: ModelConfig, dtype: torch.dtype
+        cls,
+        checkpoint: TensorSource,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        quantization: str = "none",
     ) -> AttentionSideModel:
-        return cls(config, checkpoint.load(tensor_specs(config, ATTENTION_SIDE_KINDS), dtype))
+        tensors = checkpoint.load(tensor_specs(config, ATTENTION_SIDE_KINDS), dtype)
+        return cls(config, tensors, quantization)
 
     def embed(self, batch: TokenBatch) -> torch.Tensor:
         return F.embedding(batch.token_ids, self.t["model.embed_tokens.weight"])
@@ -150,6 +163,13 @@ class AttentionSideModel:
             and c.head_dim & (c.head_dim - 1) == 0
         )
 
+    def _project(self, prefix: str, x_TK: torch.Tensor) -> torch.Tensor:
+        """An attention projection: weight, bias if any, fp8 scales if quantized."""
+        t = self.t
+        return linear(
+            x_TK, t[f"{prefix}.weight"], t.get(f"{prefix}.bias"), t.get(f"{prefix}.weight_scale")
+        )
+
     def _w(self, layer: int, name: str) -> torch.Tensor:
         return self.t[f"model.layers.{layer}.{name}.weight"]
 
@@ -161,7 +181,7 @@ class AttentionSideModel:
         self, layer: int, x_TD: torch.Tensor, batch: TokenBatch, attn: BatchAttention
     ) -> torch.Tensor:
         c, p = self.config, f"model.layers.{layer}.self_attn"
-        qkv = linear(x_TD, self.t[f"{p}.qkv_proj.weight"], self.t.get(f"{p}.qkv_proj.bias"))
+        qkv = self._project(f"{p}.qkv_proj", x_TD)
         if isinstance(attn, PagedAttention) and self._fused_attention(x_TD):
             norms = (
                 (self.t[f"{p}.q_norm.weight"], self.t[f"{p}.k_norm.weight"])
@@ -171,7 +191,7 @@ class AttentionSideModel:
             out_THDh = attn.attend_projected(
                 layer, qkv, batch.positions, norms, c.rms_norm_eps, self.rope
             )
-            return linear(out_THDh.flatten(1), self.t[f"{p}.o_proj.weight"])
+            return self._project(f"{p}.o_proj", out_THDh.flatten(1))
         q, k, v = qkv.split(
             [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim],
             dim=-1,
@@ -195,7 +215,17 @@ class AttentionSideModel:
         cos, sin = self.rope.cos_sin(batch.positions, x_TD.dtype)
         q_THDh, k_TGDh = apply_rope(q_THDh, cos, sin), apply_rope(k_TGDh, cos, sin)
         out_THDh = attn.attend(layer, q_THDh, k_TGDh, v_TGDh)
-        return linear(out_THDh.reshape(T, c.num_heads * c.head_dim), self.t[f"{p}.o_proj.weight"])
+        return self._project(f"{p}.o_proj", out_THDh.reshape(T, c.num_heads * c.head_dim))
+
+
+def _quantize_projections(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """The fused QKV and output projections of every layer to fp8 with their block scales
+    (`<name>_scale`); weights already in fp8 (a model moved between devices) stay as they are."""
+    for layer in range(config.num_layers):
+        for proj in ("qkv_proj", "o_proj"):
+            name = f"model.layers.{layer}.self_attn.{proj}.weight"
+            if tensors[name].dtype != fp8.FP8:
+                tensors[name], tensors[f"{name}_scale"] = fp8.quantize(tensors[name])
 
 
 def _fuse_qkv(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

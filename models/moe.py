@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from afd.models import kernels
+from afd.models import fp8, kernels
 from afd.models.checkpoint import TensorSource
 from afd.models.config import ModelConfig
 from afd.models.weights import expert_tensor_name, tensor_specs
@@ -24,9 +24,43 @@ from afd.models.weights import expert_tensor_name, tensor_specs
 
 @dataclass(frozen=True, slots=True)
 class StackedExperts:
+    """One layer's experts. With fp8 quantization the weights are float8_e4m3fn and `scales`
+    holds the 128×128 block scales of gate, up and down (`afd.models.fp8`)."""
+
     gate_EID: torch.Tensor
     up_EID: torch.Tensor
     down_EDI: torch.Tensor
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, stack: list[torch.Tensor], quantization: str) -> StackedExperts:
+        """From the stacked (gate, up, down) weights, quantized to fp8 if asked."""
+        gate, up, down = stack
+        if quantization == "none":
+            return cls(gate, up, down)
+        (gq, gs), (uq, us), (dq, ds) = (fp8.quantize(w) for w in (gate, up, down))
+        return cls(gq, uq, dq, (gs, us, ds))
+
+    def to(self, device: str | torch.device) -> StackedExperts:
+        scales = None
+        if self.scales is not None:
+            gs, us, ds = (s.to(device) for s in self.scales)
+            scales = (gs, us, ds)
+        return StackedExperts(
+            self.gate_EID.to(device), self.up_EID.to(device), self.down_EDI.to(device), scales
+        )
+
+    def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert e's (gate, up, down) in `dtype`, dequantized when they are fp8."""
+        gate, up, down = self.gate_EID[e], self.up_EID[e], self.down_EDI[e]
+        if self.scales is None:
+            return gate, up, down
+        gs, us, ds = self.scales
+        return (
+            fp8.dequantize(gate, gs[e], dtype),
+            fp8.dequantize(up, us[e], dtype),
+            fp8.dequantize(down, ds[e], dtype),
+        )
 
 
 class ExpertShard:
@@ -40,10 +74,7 @@ class ExpertShard:
         self.layers = layers
 
     def to(self, device: str | torch.device) -> ExpertShard:
-        layers = {
-            layer: StackedExperts(w.gate_EID.to(device), w.up_EID.to(device), w.down_EDI.to(device))
-            for layer, w in self.layers.items()
-        }
+        layers = {layer: w.to(device) for layer, w in self.layers.items()}
         return ExpertShard(self.config, self.expert_ids, layers)
 
     @classmethod
@@ -53,20 +84,26 @@ class ExpertShard:
         config: ModelConfig,
         expert_ids: Sequence[int],
         dtype: torch.dtype,
+        quantization: str = "none",
     ) -> ExpertShard:
+        """Layer by layer, so that quantizing never holds more than one layer at full width."""
         ids = list(expert_ids)  # in the placement's order: local id i is ids[i]
         if len(set(ids)) != len(ids):
             raise ValueError(f"expert ids {ids} repeat an expert")
-        tensors = checkpoint.load(tensor_specs(config, ["experts"], experts=ids), dtype)
+        if quantization not in fp8.QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {fp8.QUANTIZATIONS}, got {quantization!r}"
+            )
         layers = {}
         for layer in config.moe_layers:
-            stack = {
-                proj: torch.stack(
-                    [tensors.pop(expert_tensor_name(config, layer, e, proj)) for e in ids]
-                )
+            tensors = checkpoint.load(
+                tensor_specs(config, ["experts"], layers=[layer], experts=ids), dtype
+            )
+            stack = [
+                torch.stack([tensors.pop(expert_tensor_name(config, layer, e, proj)) for e in ids])
                 for proj in ("gate", "up", "down")
-            }
-            layers[layer] = StackedExperts(stack["gate"], stack["up"], stack["down"])
+            ]
+            layers[layer] = StackedExperts.of(stack, quantization)
         return cls(config, ids, layers)
 
     def forward(
@@ -80,7 +117,10 @@ class ExpertShard:
         if kernels.usable(x_TD):  # no host sync, fixed shapes: what a CUDA graph captures
             from afd.models.kernels.fused_moe import fused_experts
 
-            return fused_experts(x_TD, w.gate_EID, w.up_EID, w.down_EDI, local_ids_TK, weights_TK)
+            return fused_experts(
+                x_TD, w.gate_EID, w.up_EID, w.down_EDI, local_ids_TK, weights_TK,
+                scales=w.scales,
+            )  # fmt: skip
         out_TD = torch.zeros_like(x_TD)
         if x_TD.shape[0] == 0:
             return out_TD
@@ -95,9 +135,8 @@ class ExpertShard:
                 continue
             tok = token_T[start : start + n]
             x = x_TD[tok]
-            y = F.linear(
-                F.silu(F.linear(x, w.gate_EID[e])) * F.linear(x, w.up_EID[e]), w.down_EDI[e]
-            )
+            gate, up, down = w.expert(e, x_TD.dtype)
+            y = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
             out_TD.index_add_(0, tok, y * weights_TK[tok, slot_T[start : start + n], None])
             start += n
         return out_TD

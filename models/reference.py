@@ -49,16 +49,20 @@ class ReferenceEngine:
     """The whole model in one process, one request at a time: slow, simple and exact."""
 
     def __init__(
-        self, model_dir: str | Path, dtype: str = "float32", load_format: str = "auto"
+        self,
+        model_dir: str | Path,
+        dtype: str = "float32",
+        load_format: str = "auto",
+        quantization: str = "none",
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.config = load_config(model_dir)
         checkpoint = open_checkpoint(model_dir, load_format)
         checkpoint.check_names(self.config)
-        self.model = AttentionSideModel.load(checkpoint, self.config, DTYPES[dtype])
+        self.model = AttentionSideModel.load(checkpoint, self.config, DTYPES[dtype], quantization)
         shard = ExpertShard.load(
-            checkpoint, self.config, range(self.config.num_experts), DTYPES[dtype]
+            checkpoint, self.config, range(self.config.num_experts), DTYPES[dtype], quantization
         )
         self.dispatcher = LocalDispatcher(shard)
         self.tokenizer = Tokenizer(model_dir)

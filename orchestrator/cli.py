@@ -14,6 +14,7 @@ import grpc
 from afd.models.checkpoint import LOAD_FORMATS, CheckpointError
 from afd.models.config import DTYPES, SUPPORTED_ARCHS, ConfigError, load_config
 from afd.models.expert_placement import ExpertPlacementError
+from afd.models.fp8 import QUANTIZATIONS
 from afd.models.messages import TokenOutput
 from afd.models.reference import GenerationResult, ReferenceEngine
 from afd.models.request_state import PromptError
@@ -37,6 +38,7 @@ from afd.orchestrator.server import BackgroundServer, Server, with_ports
 
 DEMO_MODEL_DIR = Path(".afd/tiny-qwen3_moe")
 LOAD_HELP = "dummy: random weights from config.json alone (no checkpoint needed)"
+QUANT_HELP = "fp8: attention projections and experts in 128x128 block-scaled fp8 (E4M3)"
 USER_ERRORS = (
     ConfigError,
     CheckpointError,
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.add_argument("--dtype", choices=list(DTYPES), default="float32")
     gen.add_argument("--load-format", choices=LOAD_FORMATS, default=None, help=LOAD_HELP)
+    gen.add_argument("--quantization", choices=QUANTIZATIONS, default=None, help=QUANT_HELP)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(handler=_generate)
 
@@ -97,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--expert-nodes", type=int)
     serve.add_argument("--micro-batches", type=int)
     serve.add_argument("--load-format", choices=LOAD_FORMATS, default=None, help=LOAD_HELP)
+    serve.add_argument("--quantization", choices=QUANTIZATIONS, default=None, help=QUANT_HELP)
     serve.add_argument("--host")
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--http-port", type=int)
@@ -184,7 +188,7 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 def _deployment(args: argparse.Namespace) -> Deployment | None:
     """The cluster to run on, or None for the single-process path."""
     shape = (args.attention_nodes, args.expert_nodes, args.micro_batches)
-    if args.config is None and all(v is None for v in shape):
+    if args.config is None and all(v is None for v in shape):  # the single-process reference
         if args.model is None:
             raise DeploymentError("give --model DIR, --config CONFIG.yaml, or both")
         return None
@@ -193,7 +197,9 @@ def _deployment(args: argparse.Namespace) -> Deployment | None:
         if args.config
         else Deployment(model=ModelSection(path=args.model or ""))
     )
-    return base.with_shape(*shape, model=args.model, load_format=args.load_format)
+    return base.with_shape(
+        *shape, model=args.model, load_format=args.load_format, quantization=args.quantization
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -208,7 +214,9 @@ def _generate(args: argparse.Namespace) -> int:
         else tokenizer.encode(args.prompt)
     )
     if deployment is None:
-        engine = ReferenceEngine(model_dir, args.dtype, args.load_format or "auto")
+        engine = ReferenceEngine(
+            model_dir, args.dtype, args.load_format or "auto", args.quantization or "none"
+        )
         events = engine.stream(prompt_ids, params)
         return _print_stream(events, args.json)
     cluster = Cluster(deployment)
@@ -237,6 +245,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.micro_batches,
         model=args.model,
         load_format=args.load_format,
+        quantization=args.quantization,
     )
     load_config(deployment.model.path)  # a bad model directory fails before Ray starts
     deployment = with_ports(deployment, args.host, args.grpc_port, args.http_port)

@@ -12,6 +12,7 @@ from typing import Any, get_args, get_type_hints
 import yaml
 from afd.models.checkpoint import LOAD_FORMATS
 from afd.models.config import DTYPES
+from afd.models.fp8 import QUANTIZATIONS
 from afd.transport.endpoint import TransportSettings
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
@@ -26,6 +27,7 @@ class ModelSection:
     path: str = ""  # the HF model directory: config.json, tokenizer, safetensors
     dtype: str = "float32"
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benches)
+    quantization: str = "none"  # "fp8": attention projections and experts in block-scaled fp8
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,7 @@ class Deployment:
         micro_batches: int | None,
         model: str | None = None,
         load_format: str | None = None,
+        quantization: str | None = None,
     ) -> Deployment:
         """The same deployment with the CLI's overrides applied, and checked again."""
         d = self
@@ -131,6 +134,8 @@ class Deployment:
             d = replace(d, model=replace(d.model, path=model))
         if load_format is not None:
             d = replace(d, model=replace(d.model, load_format=load_format))
+        if quantization is not None:
+            d = replace(d, model=replace(d.model, quantization=quantization))
         if attention_nodes is not None:
             d = replace(d, attention=replace(d.attention, nodes=attention_nodes))
         if expert_nodes is not None:
@@ -227,6 +232,7 @@ def _check(d: Deployment, source: str) -> None:
         ("model.path", bool(d.model.path), "a model directory"),
         ("model.dtype", d.model.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
         ("model.load_format", d.model.load_format in LOAD_FORMATS, " or ".join(LOAD_FORMATS)),
+        ("model.quantization", d.model.quantization in QUANTIZATIONS, " or ".join(QUANTIZATIONS)),
         *_pool_rules("attention", d.attention),
         *_pool_rules("experts", d.experts, colocated_allowed=True),
         (

@@ -41,10 +41,12 @@ class MoEConfig:
     num_stages: int = 3
 
 
-def pick_config(pairs: int, experts: int, ffn: int, hidden: int, x: torch.Tensor) -> MoEConfig:
-    """The tiles `bench/tune_kernels.py` measured best for this shape and GPU at the smallest
-    tuned pair count ≥ `pairs`; defaults where nothing was measured."""
-    key = shape_key("moe", x.dtype, device_name(x.device), E=experts, I=ffn, D=hidden)
+def pick_config(
+    pairs: int, experts: int, ffn: int, hidden: int, x: torch.Tensor, weight_dtype: torch.dtype
+) -> MoEConfig:
+    """The tiles `bench/tune_kernels.py` measured best for this shape, weight dtype and GPU at
+    the smallest tuned pair count ≥ `pairs`; defaults where nothing was measured."""
+    key = shape_key("moe", weight_dtype, device_name(x.device), E=experts, I=ffn, D=hidden)
     found, entry = lookup(key, pairs)
     return MoEConfig(**entry) if found else MoEConfig()
 
@@ -118,6 +120,8 @@ def _gate_up_kernel(
     x_ptr,  # [T, D]
     gate_ptr,  # [E, FFN, D]
     up_ptr,  # [E, FFN, D]
+    gate_scale_ptr,  # [E, ⌈FFN/128⌉, ⌈D/128⌉] fp8 block scales (with SCALED)
+    up_scale_ptr,
     h_ptr,  # [N, FFN] out
     ids_ptr,  # [N] local expert of each pair (read in DIRECT mode)
     sorted_ptr,
@@ -132,6 +136,7 @@ def _gate_up_kernel(
     BK: tl.constexpr,
     PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     block, tile = tl.program_id(0), tl.program_id(1)
     if DIRECT:  # block b is pair b alone (row 0 of the tile)
@@ -158,6 +163,12 @@ def _gate_up_kernel(
         w_mask = in_k[:, None] & (cols < FFN)[None, :]
         g = tl.load(gate_ptr + w_at + k, mask=w_mask, other=0.0)
         u = tl.load(up_ptr + w_at + k, mask=w_mask, other=0.0)
+        if SCALED:  # fp8 tiles: up to the activations' dtype with their block's scale
+            s_at = (expert * tl.cdiv(FFN, 128) + cols // 128) * tl.cdiv(D, 128) + k // 128
+            gs = tl.load(gate_scale_ptr + s_at, mask=cols < FFN, other=0.0)
+            us = tl.load(up_scale_ptr + s_at, mask=cols < FFN, other=0.0)
+            g = (g.to(tl.float32) * gs[None, :]).to(a.dtype)
+            u = (u.to(tl.float32) * us[None, :]).to(a.dtype)
         acc_gate = tl.dot(a, g, acc_gate, input_precision=PRECISION)
         acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
@@ -169,6 +180,7 @@ def _gate_up_kernel(
 def _down_kernel(
     h_ptr,  # [N, FFN]
     down_ptr,  # [E, D, FFN]
+    down_scale_ptr,  # [E, ⌈D/128⌉, ⌈FFN/128⌉] (with SCALED)
     weight_ptr,  # [N] routing weight per pair
     y_ptr,  # [N, D] out
     ids_ptr,
@@ -183,6 +195,7 @@ def _down_kernel(
     BK: tl.constexpr,
     PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     block, tile = tl.program_id(0), tl.program_id(1)
     if DIRECT:
@@ -205,6 +218,10 @@ def _down_kernel(
         in_k = k + inner < FFN
         a = tl.load(h_at + k, mask=live[:, None] & in_k[None, :], other=0.0)
         w = tl.load(w_at + k, mask=in_k[:, None] & (cols < D)[None, :], other=0.0)
+        if SCALED:
+            s_at = (expert * tl.cdiv(D, 128) + cols // 128) * tl.cdiv(FFN, 128) + k // 128
+            ws = tl.load(down_scale_ptr + s_at, mask=cols < D, other=0.0)
+            w = (w.to(tl.float32) * ws[None, :]).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     weight = tl.load(weight_ptr + pair, mask=live, other=0.0).to(tl.float32)
     y = acc * weight[:, None]
@@ -239,9 +256,11 @@ def fused_experts(
     ids_TK: torch.Tensor,
     weights_TK: torch.Tensor,
     config: MoEConfig | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) over this shard's experts (local
-    ids; -1 skips the slot), as [T, D] in x's dtype."""
+    ids; -1 skips the slot), as [T, D] in x's dtype. With `scales` (gate, up, down) the weights
+    are fp8 in 128×128 blocks (`afd.models.fp8`), scaled up tile by tile."""
     T, D = x_TD.shape
     K = ids_TK.shape[1]
     E, FFN, _ = gate_EID.shape
@@ -249,7 +268,7 @@ def fused_experts(
     out_TD = torch.empty_like(x_TD)
     if N == 0:
         return out_TD.zero_()
-    cfg = config or pick_config(N, E, FFN, D, x_TD)
+    cfg = config or pick_config(N, E, FFN, D, x_TD, gate_EID.dtype)
     BM = cfg.block_m
     ids_N = ids_TK.reshape(-1).contiguous()  # int32 or int64: the kernels load either
     direct = is_direct(N, E, K)
@@ -270,18 +289,24 @@ def fused_experts(
             )  # fmt: skip
     x = x_TD.contiguous()
     h_NI = torch.empty(N, FFN, dtype=x_TD.dtype, device=x_TD.device)
-    tiles = dict(BM=BM, BN=cfg.block_n, BK=cfg.block_k, PRECISION=dot_precision(x_TD.dtype))
-    launch = dict(DIRECT=direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    block_k = cfg.block_k if scales is None else min(cfg.block_k, 128)  # a tile in one block
+    tiles = dict(BM=BM, BN=cfg.block_n, BK=block_k, PRECISION=dot_precision(x_TD.dtype))
+    launch = dict(
+        DIRECT=direct, SCALED=scales is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+    )
+    gate_scale, up_scale, down_scale = scales if scales is not None else (ids_N, ids_N, ids_N)
     with launching():
         _gate_up_kernel[(blocks, triton.cdiv(FFN, cfg.block_n))](
-            x, gate_EID, up_EID, h_NI, ids_N, sorted_R, block_expert, total, N, D, FFN,
+            x, gate_EID, up_EID, gate_scale, up_scale, h_NI, ids_N, sorted_R, block_expert,
+            total, N, D, FFN,
             TOP_K=K, **tiles, **launch,
         )  # fmt: skip
     y_ND = torch.empty(N, D, dtype=x_TD.dtype, device=x_TD.device)
     weights_N = weights_TK.reshape(-1).contiguous()
     with launching():
         _down_kernel[(blocks, triton.cdiv(D, cfg.block_n))](
-            h_NI, down_EDI, weights_N, y_ND, ids_N, sorted_R, block_expert, total, N, D, FFN,
+            h_NI, down_EDI, down_scale, weights_N, y_ND, ids_N, sorted_R, block_expert, total,
+            N, D, FFN,
             **tiles, **launch,
         )  # fmt: skip
     BD = min(1024, triton.next_power_of_2(D))

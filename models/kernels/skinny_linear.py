@@ -1,11 +1,15 @@
-"""x·Wᵀ (+ b) for a few rows: the attention side's projections at small decode batches.
+"""x·Wᵀ (+ b) streaming W once: the attention side's projections at small decode batches,
+and every projection whose weight is fp8.
 
 With 1–16 rows a projection is a pass over W; cuBLAS's kernels for that shape reached about a
 third of the copy bandwidth on an H100 (bench/NOTES.md). Here each program owns a slice of
 W's rows (output columns) and streams it once, all the batch's rows at once in one 16-row
-tile. Used only where `bench/tune_kernels.py` measured it faster than cuBLAS for the shape.
+tile. For bf16 weights it is used only where `bench/tune_kernels.py` measured it faster than
+cuBLAS for the shape. An fp8 weight (128×128 block scales, `afd.models.fp8`) always goes
+through it, at any row count (tiles of up to 64 rows): each weight tile is scaled up to the
+activations' dtype in registers, so the bytes read are half of bf16's.
 
-Shape legend: M = rows (≤ 16), N = output features, K = input features.
+Shape legend: M = rows, N = output features, K = input features.
 """
 
 from __future__ import annotations
@@ -33,30 +37,36 @@ class SkinnyConfig:
 def _skinny_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K]
+    scale_ptr,  # [⌈N/128⌉, ⌈K/128⌉] (with SCALED)
     bias_ptr,  # [N] (unused without HAS_BIAS)
     out_ptr,  # [M, N]
     M,
     N,
     K,
     HAS_BIAS: tl.constexpr,
+    SCALED: tl.constexpr,
+    BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows = tl.arange(0, 16)
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     inner = tl.arange(0, BK)
-    x_at = x_ptr + rows[:, None] * K + inner[None, :]
+    x_at = x_ptr + rows[:, None].to(tl.int64) * K + inner[None, :]
     w_at = w_ptr + cols[None, :].to(tl.int64) * K + inner[:, None]  # [BK, BN]
-    acc = tl.zeros([16, BN], dtype=tl.float32)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k in range(0, K, BK):
         in_k = k + inner < K
         a = tl.load(x_at + k, mask=(rows < M)[:, None] & in_k[None, :], other=0.0)
         w = tl.load(w_at + k, mask=in_k[:, None] & (cols < N)[None, :], other=0.0)
+        if SCALED:
+            s = tl.load(scale_ptr + (cols // 128) * tl.cdiv(K, 128) + k // 128, mask=cols < N)
+            w = (w.to(tl.float32) * s[None, :]).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows[:, None] * N + cols[None, :]
+    out = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
@@ -76,27 +86,33 @@ def skinny_linear(
     w_NK: torch.Tensor,
     bias_N: torch.Tensor | None,
     config: SkinnyConfig,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x·Wᵀ + b for M ≤ 16 rows, in x's dtype."""
+    """x·Wᵀ + b in x's dtype; `scale`: W is fp8 with these 128×128 block scales."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
-    if M > MAX_ROWS:
-        raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {M}")
+    if scale is None and M > MAX_ROWS:
+        raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows of bf16, got {M}")
     out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     if M == 0:
         return out
+    BM = min(64, max(16, triton.next_power_of_2(M)))
+    block_k = config.block_k if scale is None else min(config.block_k, 128)  # a tile in one block
     with launching():
-        _skinny_kernel[(triton.cdiv(N, config.block_n),)](
+        _skinny_kernel[(triton.cdiv(N, config.block_n), triton.cdiv(M, BM))](
             x_MK.contiguous(),
             w_NK,
+            scale if scale is not None else w_NK,
             bias_N if bias_N is not None else w_NK,
             out,
             M,
             N,
             K,
             HAS_BIAS=bias_N is not None,
+            SCALED=scale is not None,
+            BM=BM,
             BN=config.block_n,
-            BK=config.block_k,
+            BK=block_k,
             PRECISION=dot_precision(x_MK.dtype),
             num_warps=config.num_warps,
             num_stages=config.num_stages,

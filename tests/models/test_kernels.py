@@ -63,6 +63,31 @@ def test_fused_experts_equal_the_per_expert_loop(tokens, experts, top_k, case) -
         assert torch.equal(got[2].cpu(), torch.zeros(D))
 
 
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_fused_experts_with_fp8_weights_equal_the_loop_over_dequantized_ones(tokens) -> None:
+    """Block-scaled fp8 experts (blocks of 128 over a 160-wide hidden: two blocks, one
+    partial), scaled up tile by tile in the kernel, against the same dequantized weights."""
+    from afd.models.fp8 import dequantize, quantize
+    from afd.models.kernels.fused_moe import MoEConfig, fused_experts
+
+    g = torch.Generator().manual_seed(7)
+    E, D, FFN, K = 8, 160, 48, 2
+    x = torch.randn(tokens, D, generator=g)
+    weights_q = [
+        quantize(torch.randn(E, FFN, D, generator=g) / 8),
+        quantize(torch.randn(E, FFN, D, generator=g) / 8),
+        quantize(torch.randn(E, D, FFN, generator=g) / 8),
+    ]
+    gate, up, down = (dequantize(q, s, torch.float32) for q, s in weights_q)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)])
+    weights = torch.rand(tokens, K, generator=g)
+    want = _loop_experts(x, gate, up, down, ids, weights)
+    on = [t.to(DEVICE) for t in (x, *(q for q, _ in weights_q), ids, weights)]
+    scales = tuple(s.to(DEVICE) for _, s in weights_q)
+    got = fused_experts(*on, MoEConfig(block_m=16, block_n=32, block_k=64), scales=scales)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_add_rms_norm_equals_add_then_norm() -> None:
     from afd.models.kernels.small_ops import add_rms_norm
 

@@ -66,6 +66,18 @@ def test_sampled_generation_is_reproducible_with_a_seed(tiny_model: Path) -> Non
     assert json.loads(first.stdout) == json.loads(second.stdout)
 
 
+def test_generate_quantized_to_fp8_prints_the_quantized_reference(tiny_model: Path) -> None:
+    out = _afd(
+        "generate", "--model", str(tiny_model), "--prompt-ids", "5,6,7", "--max-tokens", "5",
+        "--quantization", "fp8", "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    want = ReferenceEngine(tiny_model, quantization="fp8").generate(
+        [5, 6, 7], SamplingParams(max_tokens=5)
+    )
+    assert json.loads(out.stdout) == want.as_json()
+
+
 def test_bad_input_exits_with_a_message_not_a_traceback(tiny_model: Path, tmp_path: Path) -> None:
     cases = [
         (("--prompt", ""), "prompt is empty"),

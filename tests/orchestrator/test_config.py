@@ -26,6 +26,10 @@ def test_shipped_tiny_cpu_config_loads() -> None:
             "field 'pipeline.micro_batches' must be between 1 and 16",
         ),
         ("model: {path: m, dtype: float8}\n", "field 'model.dtype' must be one of"),
+        (
+            "model: {path: m, quantization: int4}\n",
+            "field 'model.quantization' must be none or fp8",
+        ),
         ("attention: {nodes: 1}\n", "field 'model.path' must be a model directory"),
         (
             "model: {path: m}\nexperts: {nodes: 2, assignment: [[0, 1]]}\n",
