@@ -39,6 +39,8 @@ import torch
 from afd.attention_nodes.decode_graphs import batch_bucket, block_bucket
 from afd.attention_nodes.node import AttentionNode, AttentionNodeSettings
 from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
+from afd.models.attention import ContiguousAttention, ContiguousKVCache
+from afd.models.batch import TokenBatch
 from afd.models.config import ModelConfig, load_config
 from afd.models.expert_placement import ExpertPlacement
 from afd.models.messages import NewRequest
@@ -82,9 +84,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def floor_bytes(c: ModelConfig, batch: int, context: int, dtype_bytes: int) -> float:
+def floor_bytes(
+    c: ModelConfig, batch: int, context: int, dtype_bytes: int, fp8_weights: bool = False
+) -> float:
     """What one decode step must read at least: every attention-side weight but the embedding
-    table (one row per token), the experts the batch is expected to touch, and the KV cache."""
+    table (one row per token), the experts the batch is expected to touch, and the KV cache;
+    `fp8_weights`: the attention projections and the experts at one byte a weight."""
     attn = (
         c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
         + c.num_heads * c.head_dim * c.hidden_size
@@ -93,8 +98,9 @@ def floor_bytes(c: ModelConfig, batch: int, context: int, dtype_bytes: int) -> f
     expert = 3 * c.hidden_size * c.moe_intermediate_size
     touched = c.num_experts * (1 - (1 - c.top_k / c.num_experts) ** batch)
     kv = 2 * batch * context * c.num_kv_heads * c.head_dim
-    per_layer = attn + router + touched * expert + kv
-    return (c.num_layers * per_layer + c.vocab_size * c.hidden_size) * dtype_bytes
+    weight_bytes = 1 if fp8_weights else dtype_bytes
+    per_layer = (attn + touched * expert) * weight_bytes + (router + kv) * dtype_bytes
+    return c.num_layers * per_layer + c.vocab_size * c.hidden_size * dtype_bytes
 
 
 EXPERT_NODE_ID = 1000
@@ -147,6 +153,7 @@ def bench_afd(
     graphs: bool,
     sampling: dict[str, float] | None = None,
     micro_batches: int = 0,
+    quantization: str = "none",
 ) -> list[dict]:
     """Rows of the colocated engine; `sampling` (temperature, top-k, top-p) makes every
     request sample, seeded, instead of greedy; `micro_batches` > 0: the disaggregated engine
@@ -164,6 +171,7 @@ def bench_afd(
         max_running=most,
         device=args.device,
         cuda_graphs=graphs,
+        quantization=quantization,
     )
     expert_process = None
     if micro_batches:
@@ -200,6 +208,8 @@ def bench_afd(
         name = ("afd-graph" if graphs else "afd-eager") + ("-sampled" if sampling else "")
         if micro_batches:
             name = f"afd-disagg-m{micro_batches}"
+        if quantization != "none":
+            name += f"-{quantization}"
         rows.append(_row(name, B, seconds, args.prompt + args.warmup + args.steps))
         if graphs and node.graphs is not None:
             rows[-1]["graph_replays"] = node.graphs.replays
@@ -290,6 +300,60 @@ def profile_step(model_dir: Path, args: argparse.Namespace, dtype: str) -> int:
     return 0
 
 
+def fp8_agreement(model_dir: Path, args: argparse.Namespace, dtype: str) -> dict:
+    """The issue's accuracy check: 64 random prompts, 64 greedy tokens each from the engine in
+    `dtype`; then the fp8 engine reads each whole sequence (teacher forcing) and its greedy
+    choice at every generated position is compared with the bf16 token there. Also the
+    logprob the fp8 model gives the bf16 token, against bf16's own (the drift)."""
+    prompts, new = 64, 64
+    settings = AttentionNodeSettings(
+        0, str(model_dir), dtype=dtype, load_format="dummy", block_size=BLOCK,
+        kv_blocks=prompts * -(-(args.prompt + new + 1) // BLOCK) + 8,
+        max_batch_tokens=prompts * args.prompt, max_running=prompts, device=args.device,
+    )  # fmt: skip
+    node = AttentionNode(settings, None)
+    gen = torch.Generator().manual_seed(64)
+    vocab = node.config.vocab_size
+    prompt_ids = [
+        torch.randint(0, vocab, (args.prompt,), generator=gen).tolist() for _ in range(prompts)
+    ]
+    params = SamplingParams(max_tokens=new, ignore_eos=True)
+    out: dict[str, list[tuple[int, float]]] = {f"a{i}": [] for i in range(prompts)}
+    requests = [NewRequest(f"a{i}", p, params) for i, p in enumerate(prompt_ids)]
+    for step in range(new + 2):
+        for t in node.step(step, requests if step == 0 else [], []).outputs:
+            out[t.request_id].append((t.token_id, t.logprob))
+    node.shutdown()
+    del node
+    _free(args.device)
+    quantized = AttentionNode(replace(settings, quantization="fp8", cuda_graphs=False), None)
+    assert quantized.pipeline is not None
+    same = total = 0
+    drift = []
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompt_ids):
+            tokens = [t for t, _ in out[f"a{i}"]]
+            batch = TokenBatch.build([(0, prompt + tokens[:-1], 0)]).to(args.device)
+            rows = torch.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1, device=args.device)
+            attn = ContiguousAttention(ContiguousKVCache(), batch)
+            logits = quantized.model.forward(batch, attn, quantized.pipeline.dispatcher, rows)
+            chosen = logits.argmax(-1).tolist()
+            logprobs = torch.log_softmax(logits, -1)[
+                torch.arange(len(tokens)), torch.tensor(tokens)
+            ]
+            same += sum(a == b for a, b in zip(chosen, tokens, strict=True))
+            total += len(tokens)
+            drift += [abs(q - b) for q, (_, b) in zip(logprobs.tolist(), out[f"a{i}"], strict=True)]
+    quantized.shutdown()
+    drift_t = torch.tensor(drift)
+    return {
+        "positions": total,
+        "greedy_agreement": same / total,
+        "logprob_drift_mean": float(drift_t.mean()),
+        "logprob_drift_p99": float(drift_t.quantile(0.99)),
+    }
+
+
 def bench_hf(raw: dict, args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     import transformers
 
@@ -364,6 +428,11 @@ def main() -> int:
         metavar="M,...",
         help="add rows of 1 attention node + 1 expert process, for each micro-batch count",
     )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="add graph rows with fp8 weights, and their greedy agreement with bf16",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--json-out", help="also write the JSON object to this file")
     args = p.parse_args()
@@ -389,6 +458,12 @@ def main() -> int:
         if args.sampled:
             rows += bench_afd(model_dir, args, dtype, args.device == "cuda", SAMPLED)
             _free(args.device)
+        agreement = None
+        if args.fp8:
+            rows += bench_afd(model_dir, args, dtype, args.device == "cuda", quantization="fp8")
+            _free(args.device)
+            agreement = fp8_agreement(model_dir, args, dtype)
+            _free(args.device)
         for m in args.disaggregated:
             rows += bench_afd(model_dir, args, dtype, False, micro_batches=m)
             _free(args.device)
@@ -396,7 +471,8 @@ def main() -> int:
             rows += bench_afd(model_dir, args, dtype, graphs=False)
     itemsize = getattr(torch, dtype).itemsize
     for r in rows:
-        floor_s = floor_bytes(config, r["batch"], r["context"], itemsize) / bandwidth
+        one_byte = r["engine"].endswith("-fp8")  # projections and experts in fp8
+        floor_s = floor_bytes(config, r["batch"], r["context"], itemsize, one_byte) / bandwidth
         r["floor_ms"], r["mbu"] = floor_s * 1e3, floor_s / (r["ms_per_step"] / 1e3)
     hf = {r["batch"]: r["tokens_per_s"] for r in rows if r["engine"] == "hf"}
     for r in rows:
@@ -410,6 +486,7 @@ def main() -> int:
         "dtype": dtype,
         "steps": args.steps,
         "prompt": args.prompt,
+        "fp8_agreement": agreement,
     }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
@@ -418,12 +495,12 @@ def main() -> int:
         return 0
     print(meta)
     print(
-        f"{'engine':<12}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'floor ms':>10}{'MBU':>7}{'x HF':>7}"
+        f"{'engine':<20}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'floor ms':>10}{'MBU':>7}{'x HF':>7}"
     )
     for r in rows:
         x = f"{r['x_hf']:.1f}" if r["x_hf"] else "-"
         print(
-            f"{r['engine']:<12}{r['batch']:>6}{r['ms_per_step']:>10.2f}{r['tokens_per_s']:>10.1f}"
+            f"{r['engine']:<20}{r['batch']:>6}{r['ms_per_step']:>10.2f}{r['tokens_per_s']:>10.1f}"
             f"{r['floor_ms']:>10.2f}{r['mbu']:>7.0%}{x:>7}"
         )
     return 0

@@ -7,6 +7,7 @@
 Two families:
 - the fused MoE (alignment, both GEMMs, combine: the whole `fused_experts`) per number of
   (token, slot) pairs, on uniformly routed random tokens;
+  (`--fp8`: the same with the experts in block-scaled fp8, and nothing else);
 - the skinny linear for the attention side's projections (fused QKV, output, router) at 1, 8
   and 16 rows, against cuBLAS (`F.linear`) in the same run: where cuBLAS wins, the table says
   so and the engine keeps it.
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from afd.models import fp8
 from afd.models.kernels.fused_moe import MoEConfig, fused_experts
 from afd.models.kernels.skinny_linear import SkinnyConfig, skinny_linear
 from afd.models.kernels.tuning import TABLE_FILE, save, shape_key
@@ -101,15 +103,19 @@ def best_of(
     return min(results, key=lambda r: r[0])
 
 
-def tune_moe(cfg: dict[str, Any], layers: int, bandwidth: float, name: str) -> tuple[dict, list]:
+def tune_moe(
+    cfg: dict[str, Any], layers: int, bandwidth: float, name: str, quantized: bool
+) -> tuple[dict, list]:
+    """`quantized`: the experts in fp8 with block scales (the table's fp8 entries)."""
     device, dtype = torch.device("cuda"), torch.bfloat16
     E, FFN, D = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["hidden_size"]
     K = cfg["num_experts_per_tok"]
-    sets = [
-        [torch.randn(E, FFN, D, dtype=dtype, device=device) / 32 for _ in range(2)]
-        + [torch.randn(E, D, FFN, dtype=dtype, device=device) / 32]
-        for _ in range(layers)
-    ]
+    shapes = [(E, FFN, D), (E, FFN, D), (E, D, FFN)]
+    sets = []
+    for _ in range(layers):
+        ws = [torch.randn(shape, dtype=dtype, device=device) / 32 for shape in shapes]
+        sets.append([fp8.quantize(w) for w in ws] if quantized else [(w, None) for w in ws])
+    weight_bytes = 1 if quantized else 2
     best, rows = {}, []
     for pairs in PAIRS:
         T = max(1, pairs // K)
@@ -117,17 +123,21 @@ def tune_moe(cfg: dict[str, Any], layers: int, bandwidth: float, name: str) -> t
         ids = torch.rand(T, E, device=device).argsort(-1)[:, :K]
         weights = torch.rand(T, K, device=device).to(dtype)
         touched = int(ids.unique().numel())
-        floor_us = touched * 3 * FFN * D * 2 / bandwidth * 1e6
+        floor_us = touched * 3 * FFN * D * weight_bytes / bandwidth * 1e6
 
-        def run(c: MoEConfig, w: list[torch.Tensor], x=x, ids=ids, weights=weights) -> object:
-            return fused_experts(x, w[0], w[1], w[2], ids, weights, c)
+        def run(
+            c: MoEConfig, w: list, x=x, ids=ids, weights=weights, quantized=quantized
+        ) -> object:
+            scales = (w[0][1], w[1][1], w[2][1]) if quantized else None
+            return fused_experts(x, w[0][0], w[1][0], w[2][0], ids, weights, c, scales)
 
         us, won = best_of(moe_candidates(pairs), run, sets)
         best[str(pairs)] = asdict(won)
         rows.append({"pairs": pairs, "experts_touched": touched, "us": us, "floor_us": floor_us,
                      "config": asdict(won)})  # fmt: skip
     del sets
-    return {shape_key("moe", dtype, name, E=E, I=FFN, D=D): best}, rows
+    key_dtype = fp8.FP8 if quantized else dtype
+    return {shape_key("moe", key_dtype, name, E=E, I=FFN, D=D): best}, rows
 
 
 def tune_linear(cfg: dict[str, Any], layers: int, bandwidth: float, name: str) -> tuple[dict, list]:
@@ -163,12 +173,17 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="weight sets to rotate over")
     parser.add_argument("--out", default=str(TABLE_FILE))
     parser.add_argument("--json", default="", help="also write the measurements here")
+    parser.add_argument(
+        "--fp8", action="store_true", help="tune the fused MoE for fp8 experts only"
+    )
     args = parser.parse_args()
     cfg = PRESETS[args.preset]
     name = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth(torch.device("cuda"))
-    linear_updates, linear_rows = tune_linear(cfg, args.layers, bandwidth, name)
-    moe_updates, moe_rows = tune_moe(cfg, max(2, args.layers // 2), bandwidth, name)
+    linear_updates, linear_rows = (
+        ({}, []) if args.fp8 else tune_linear(cfg, args.layers, bandwidth, name)
+    )
+    moe_updates, moe_rows = tune_moe(cfg, max(2, args.layers // 2), bandwidth, name, args.fp8)
     save({**moe_updates, **linear_updates}, Path(args.out))
     print(f"{name}, copy {bandwidth / 1e9:.0f} GB/s")
     print("| pairs | experts touched | µs | floor µs | of floor | tiles |")
