@@ -27,8 +27,13 @@ _interpreter_lock = threading.Lock()
 
 
 def usable(t: torch.Tensor) -> bool:
-    """Whether the fused kernels serve this tensor's device."""
-    return HAVE_TRITON and (t.is_cuda or _forced)
+    """Whether the fused kernels serve this tensor's device: CUDA, or CPU when forced and
+    Triton's interpreter is on (compiled kernels cannot read host memory)."""
+    return HAVE_TRITON and (t.is_cuda or (_forced and _interpreting()))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @contextmanager
@@ -45,7 +50,7 @@ def force(on: bool = True) -> Iterator[None]:
 def launching() -> AbstractContextManager[object]:
     """Held around kernel launches: Triton's interpreter is not thread-safe (in-process
     tests run nodes on threads), compiled kernels need nothing."""
-    return _interpreter_lock if os.environ.get("TRITON_INTERPRET") == "1" else nullcontext()
+    return _interpreter_lock if _interpreting() else nullcontext()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -115,16 +115,18 @@ def test_a_node_quantized_at_load_gives_the_quantized_reference_tokens(
     tiny_model: Path, use_kernels: bool
 ) -> None:
     """`quantization: fp8` on a colocated node, through the torch math (CPU) and through the
-    kernels (Triton's interpreter here, compiled on a GPU), against the reference engine
-    quantized the same way."""
+    kernels (Triton's interpreter on CPU; compiled, with graphs, on a GPU host), against the
+    CPU reference engine quantized the same way."""
     if use_kernels and not kernels.HAVE_TRITON:
         pytest.skip("Triton is not installed")
     reference = ReferenceEngine(tiny_model, quantization="fp8")
     unquantized = ReferenceEngine(tiny_model)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     prompts = [reference.tokenizer.encode(p) for p in ("Hello, world!", "one two three")]
+    device = "cuda" if use_kernels and torch.cuda.is_available() else "cpu"
+    settings = AttentionNodeSettings(0, str(tiny_model), quantization="fp8", device=device)
     with kernels.force(use_kernels):
-        node = AttentionNode(AttentionNodeSettings(0, str(tiny_model), quantization="fp8"), None)
+        node = AttentionNode(settings, None)
         try:
             got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
             new = [NewRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
