@@ -108,12 +108,14 @@ def sample_rows(logits_BV: torch.Tensor, rows: list[RowSampling]) -> tuple[list[
                 [r.params.top_k for r in picked],
                 [noise_key(r.seed, r.counter) for r in picked],
             ]
-        ).to(device)
+        )
         floats = torch.tensor(
             [[r.params.temperature for r in picked], [r.params.top_p for r in picked]]
         )
-        index, top_k, keys = ints
-        temperature, top_p = floats.to(device)
+        if device.type == "cuda":  # pinned and asynchronous: no wait for the step's kernels
+            ints, floats = ints.pin_memory(), floats.pin_memory()
+        index, top_k, keys = ints.to(device, non_blocking=True)
+        temperature, top_p = floats.to(device, non_blocking=True)
         scaled = logits_BV[index] / temperature[:, None]
         rules = _Rules(
             top_k, top_p, max(r.params.top_k for r in picked), min(r.params.top_p for r in picked)
