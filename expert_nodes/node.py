@@ -56,6 +56,8 @@ class ExpertNode:
         ).to(settings.device)
         self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self.attention_peers: list[int] = []
+        self._moe_row = {layer: i for i, layer in enumerate(self.config.moe_layers)}
+        self._step_counts: torch.Tensor | None = None
 
     def address(self) -> PeerAddress:
         return self.transport.address
@@ -85,9 +87,15 @@ class ExpertNode:
     @torch.inference_mode()
     def run_step(self, step_id: int) -> ExpertStepResult:
         start = time.perf_counter()
+        # tokens per (MoE layer, local expert), plus a column for slots held elsewhere;
+        # counted on the device, read once at the end of the step
         counts = torch.zeros(
-            len(self.shard.expert_ids), dtype=torch.int64, device=self.settings.device
+            len(self.config.moe_layers),
+            len(self.shard.expert_ids) + 1,
+            dtype=torch.int64,
+            device=self.settings.device,
         )
+        self._step_counts = counts  # failover frames answered while gathering count too
         compute = wait = 0.0
         for layer in self.config.moe_layers:
             for mb in range(self.settings.micro_batches):
@@ -102,14 +110,16 @@ class ExpertNode:
             self._gather(RoundKey.end_of_step(step_id))
             wait += time.perf_counter() - t0
         self.transport.flush(self.settings.round_timeout_s)
-        per_expert = dict(zip(self.shard.expert_ids, counts.tolist(), strict=True))
+        layer_tokens = counts[:, :-1].tolist()
+        totals = [sum(column) for column in zip(*layer_tokens, strict=True)]
         stats = self.transport.stats
         return ExpertStepResult(
-            per_expert,
+            dict(zip(self.shard.expert_ids, totals, strict=True)),
             compute,
             wait,
             time.perf_counter() - start,
             stats.bytes_sent + stats.bytes_received,
+            tuple(tuple(row) for row in layer_tokens),
         )
 
     def _gather(self, key: RoundKey) -> list[list[torch.Tensor]]:
@@ -134,7 +144,7 @@ class ExpertNode:
                 frames[peer] = self._frame(peer, key, frame)
                 waiting.discard(peer)
             else:
-                self._answer(got, [peer], [self._frame(peer, got, frame)], None)
+                self._answer(got, [peer], [self._frame(peer, got, frame)], self._step_counts)
         return [frames[p] for p in self.attention_peers]
 
     def _answer(
@@ -150,8 +160,10 @@ class ExpertNode:
         x_TD = torch.cat([f[0] for f in frames])
         ids_TK = torch.cat([f[1] for f in frames]).long()
         weights_TK = torch.cat([f[2] for f in frames]).to(x_TD.dtype)
-        if counts is not None:
-            counts += torch.bincount(ids_TK[ids_TK >= 0], minlength=len(counts))
+        if counts is not None:  # scatter_add_: no host sync (bincount would size its output)
+            local = counts.shape[1] - 1
+            slots = torch.where(ids_TK >= 0, ids_TK, local).reshape(-1)
+            counts[self._moe_row[key.layer]].scatter_add_(0, slots, torch.ones_like(slots))
         y_TD = self.shard.forward(key.layer, x_TD, ids_TK, weights_TK)
         for peer, y_nD in zip(
             peers, torch.split(y_TD, [f[0].shape[0] for f in frames]), strict=True

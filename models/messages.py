@@ -69,3 +69,6 @@ class ExpertStepResult:
     wait_s: float  # blocked waiting for attention nodes' frames
     total_s: float  # the whole step
     transport_bytes: int  # sent and received since the node started
+    # tokens per (MoE layer, local expert) this step: rows in the model's MoE-layer order,
+    # columns in the node's expert order; failover frames served count too
+    layer_tokens: tuple[tuple[int, ...], ...] = ()

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar, overload
 
 import ray
@@ -25,6 +25,7 @@ from afd.models.messages import AttentionStepResult, ExpertStepResult, NewReques
 from afd.models.request_state import check_prompt
 from afd.models.sampling import SamplingParams
 from afd.orchestrator.config import Deployment
+from afd.orchestrator.expert_load import ExpertLoadWindow, LayerLoad
 from afd.orchestrator.local_ray import connect_ray
 from afd.orchestrator.node_settings import (
     EXPERT_PEER_BASE,
@@ -54,6 +55,7 @@ class StepRecord:
     wall_s: float  # the whole step as the orchestrator saw it, Ray calls included
     attention: list[AttentionStepResult | None]  # None: a colocated node that did not step
     experts: list[ExpertStepResult]
+    load_imbalance: tuple[float, ...] = ()  # per MoE layer, over the load window (expert nodes)
 
 
 class TokenSink(Protocol):
@@ -83,6 +85,8 @@ class ClusterState:
     expert_tokens: dict[int, int]  # global expert id -> tokens routed to it, all time
     failed_steps: int = 0  # rounds abandoned because a node died or stalled
     expert_failovers: int = 0  # expert node deaths absorbed by replicas, without a failed round
+    layer_loads: list[LayerLoad] = field(default_factory=list)  # over the load window
+    load_window_steps: int = 0
 
 
 Sink = TypeVar("Sink", bound=TokenSink)
@@ -188,6 +192,12 @@ class Cluster:
         self._last_attention: list[AttentionStepResult | None] = [None] * len(self.attention)
         self._attention_tokens = [0] * len(self.attention)
         self._expert_tokens: dict[int, int] = dict.fromkeys(range(self.config.num_experts), 0)
+        self.load_window = ExpertLoadWindow(
+            self.config.moe_layers,
+            self.config.num_experts,
+            self.placement.assignment if self.placement else (),
+            deployment.experts.load_window,
+        )
         self.failed_steps = 0
         self.expert_failovers = 0
         self._down: set[int] = set()  # expert nodes dead, their experts served by replicas
@@ -429,8 +439,13 @@ class Cluster:
             self._recover(s, errors)
             return
         attention = [results["attention", i] for i in range(len(self.attention))]
-        experts = [results[k] for k in sorted(results) if k[0] == "expert"]
-        record = StepRecord(s, wall, attention, experts)
+        expert_keys = [k for k in sorted(results) if k[0] == "expert"]
+        experts = [results[k] for k in expert_keys]
+        for (_, j), e in zip(expert_keys, experts, strict=True):
+            if e.layer_tokens:
+                self.load_window.add(j, e.layer_tokens)
+        imbalance = tuple(float(x) for x in self.load_window.imbalance())
+        record = StepRecord(s, wall, attention, experts, imbalance)
         for i, a in enumerate(attention):
             self._last_attention[i] = a
             self._attention_tokens[i] += a.tokens
@@ -684,6 +699,8 @@ class Cluster:
             dict(self._expert_tokens),
             self.failed_steps,
             self.expert_failovers,
+            self.load_window.layers() if self.placement else [],
+            self.load_window.steps,
         )
 
     def loaded_tensor_names(self) -> dict[str, list[str]]:

@@ -64,6 +64,7 @@ class AttentionSection(PoolSection):
 class ExpertSection(PoolSection):
     assignment: list | None = None  # explicit expert ids per node; default: even contiguous ranges
     replicas: int = 1  # nodes holding each expert: with 2, an expert node's death costs no round
+    load_window: int = 128  # steps over which expert load and imbalance are reported
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +236,7 @@ def _check(d: Deployment, source: str) -> None:
         ("model.quantization", d.model.quantization in QUANTIZATIONS, " or ".join(QUANTIZATIONS)),
         *_pool_rules("attention", d.attention),
         *_pool_rules("experts", d.experts, colocated_allowed=True),
+        ("experts.load_window", d.experts.load_window >= 1, "at least 1 (steps)"),
         (
             "experts.replicas",
             1 <= d.experts.replicas <= max(1, d.experts.nodes),

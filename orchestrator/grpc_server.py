@@ -95,6 +95,16 @@ class AfdServicer(pb_grpc.AfdServicer):
             experts=[
                 pb.ExpertLoad(expert_id=e, tokens=t) for e, t in sorted(s.expert_tokens.items())
             ],
+            layers=[
+                pb.LayerLoad(
+                    layer=x.layer,
+                    expert_tokens=x.expert_tokens,
+                    node_tokens=x.node_tokens,
+                    imbalance=x.imbalance,
+                )
+                for x in s.layer_loads
+            ],
+            load_window_steps=s.load_window_steps,
         )
 
     def _parse(self, request: pb.GenerateRequest):

@@ -7,6 +7,8 @@ engine's step records. One registry per server, so tests can run several in one 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from afd.orchestrator.cluster import StepRecord
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -16,8 +18,9 @@ _RTT_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0.01, 
 
 
 class Metrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, moe_layers: Sequence[int] = ()) -> None:
         self.registry = CollectorRegistry()
+        self._moe_layers = tuple(moe_layers)  # the layer label of the imbalance gauge
         r, label = self.registry, {"model_name": model_name}
         self._label = label
         self.running = Gauge(
@@ -87,6 +90,12 @@ class Metrics:
             ["model_name", "node"],
             registry=r,
         )
+        self.imbalance = Gauge(
+            "afd:expert_node_load_imbalance",
+            "Per MoE layer, max/mean of the expert nodes' tokens over the load window.",
+            ["model_name", "layer"],
+            registry=r,
+        )
         self.busy = Gauge(
             "afd:node_busy_fraction",
             "Share of the last step each node spent computing.",
@@ -138,6 +147,8 @@ class Metrics:
             if a.timings.rounds:
                 self.round_trip.observe(a.timings.round_trip_s / a.timings.rounds)
             self._transport(node, a.transport_bytes)
+        for i, value in enumerate(record.load_imbalance):
+            self.imbalance.labels(layer=str(self._moe_layers[i]), **self._label).set(value)
         for j, e in enumerate(record.experts):
             node = f"expert-{j}"
             for expert, tokens in e.tokens_per_expert.items():

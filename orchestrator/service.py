@@ -70,7 +70,7 @@ class Service:
         self.tokenizer = tokenizer
         self.config = cluster.config
         self.model_name = deployment.serve.model_name or _dir_name(deployment.model.path)
-        self.metrics = Metrics(self.model_name)
+        self.metrics = Metrics(self.model_name, self.config.moe_layers)
         self.draining = False
         self.in_flight = 0
         self._idle = asyncio.Event()

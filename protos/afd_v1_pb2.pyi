@@ -126,16 +126,32 @@ class ExpertLoad(_message.Message):
     tokens: int
     def __init__(self, expert_id: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
+class LayerLoad(_message.Message):
+    __slots__ = ("layer", "expert_tokens", "node_tokens", "imbalance")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert_tokens: _containers.RepeatedScalarFieldContainer[int]
+    node_tokens: _containers.RepeatedScalarFieldContainer[int]
+    imbalance: float
+    def __init__(self, layer: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., node_tokens: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ...) -> None: ...
+
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("nodes", "running", "waiting", "steps", "experts")
+    __slots__ = ("nodes", "running", "waiting", "steps", "experts", "layers", "load_window_steps")
     NODES_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_WINDOW_STEPS_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     running: int
     waiting: int
     steps: int
     experts: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., steps: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ...) -> None: ...
+    layers: _containers.RepeatedCompositeFieldContainer[LayerLoad]
+    load_window_steps: int
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., steps: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., load_window_steps: _Optional[int] = ...) -> None: ...

@@ -399,6 +399,7 @@ def test_metrics_after_traffic(server: BackgroundServer, ch: grpc.Channel) -> No
         'afd:node_busy_fraction{model_name="qwen3_moe",node="attention-0"}',
         'afd:transport_bytes_total{model_name="qwen3_moe",node="expert-0"}',
         "afd:transport_round_trip_seconds_count",
+        'afd:expert_node_load_imbalance{layer="0",model_name="qwen3_moe"}',
     ):
         assert name in text, name
     ttft = next(
@@ -410,6 +411,23 @@ def test_metrics_after_traffic(server: BackgroundServer, ch: grpc.Channel) -> No
 
 
 # ---- load -----------------------------------------------------------------------------------------
+def test_cluster_status_reports_expert_load_per_layer(ch: grpc.Channel) -> None:
+    """Every token goes to exactly top-k experts in every MoE layer, so over the window each
+    layer's counts add up to the same multiple of k, and by expert as by node."""
+    list(generate(ch, request(text="load", max_tokens=6, ignore_eos=True)))
+    s = _status(ch)
+    experts = [n for n in s.nodes if n.pool == "expert"]
+    assert s.load_window_steps == 128 and len(s.layers) == 2  # both layers of the tiny model
+    totals = {sum(x.expert_tokens) for x in s.layers}
+    assert len(totals) == 1 and totals.pop() % 2 == 0 and sum(s.layers[0].expert_tokens) > 0
+    for x in s.layers:
+        assert len(x.expert_tokens) == 8 and len(x.node_tokens) == len(experts)
+        assert sum(x.node_tokens) == sum(x.expert_tokens)
+        assert x.imbalance == pytest.approx(
+            max(x.node_tokens) / (sum(x.node_tokens) / len(experts))
+        )
+
+
 def test_200_concurrent_streams_all_finish(server: BackgroundServer) -> None:
     async def one(stub: pb_grpc.AfdStub, i: int) -> int:
         n = 3 + i % 6

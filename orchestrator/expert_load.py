@@ -1,0 +1,96 @@
+"""Expert load over a sliding window of steps: what an expert-parallel step waits on.
+
+Each expert node reports, per step, the tokens each of its experts computed in each MoE layer
+(counted on its device, read once a step). The window keeps the last `steps` reports per node
+and their running sums, from which come the per-(layer, expert) loads, each node's load per
+layer, and per layer the imbalance max/mean over the nodes — the step's time follows the
+busiest node, so 1.0 is perfect balance and 2.0 means the slowest node does twice the
+average work. Tokens are counted where they were computed: a replica serving a failover counts
+on the node that served it.
+
+Shape legend: L = MoE layers (in `moe_layers` order), E = experts (global ids), N = expert nodes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class LayerLoad:
+    """One MoE layer's load over the window."""
+
+    layer: int
+    expert_tokens: tuple[int, ...]  # by global expert id
+    node_tokens: tuple[int, ...]  # by expert node index
+    imbalance: float  # max/mean of node_tokens; 1.0 when the window holds no tokens
+
+
+class ExpertLoadWindow:
+    def __init__(
+        self,
+        moe_layers: Sequence[int],
+        num_experts: int,
+        assignment: Sequence[Sequence[int]],
+        steps: int,
+    ) -> None:
+        if steps < 1:
+            raise ValueError(f"the load window must hold at least one step, got {steps}")
+        self.moe_layers = tuple(moe_layers)
+        self.num_experts = num_experts
+        self.assignment = [np.asarray(ids, dtype=np.int64) for ids in assignment]
+        self.steps = steps
+        L = len(self.moe_layers)
+        self._recent: list[deque[np.ndarray]] = [deque() for _ in self.assignment]
+        self._sums = [np.zeros((L, len(ids)), dtype=np.int64) for ids in self.assignment]
+        self._lock = threading.Lock()  # the engine thread adds, status readers read
+
+    def add(self, node: int, layer_tokens: Sequence[Sequence[int]]) -> None:
+        """Node `node`'s counts of one step: [L][its experts, in its shard's order]."""
+        counts = np.asarray(layer_tokens, dtype=np.int64).reshape(self._sums[node].shape)
+        with self._lock:
+            recent = self._recent[node]
+            recent.append(counts)
+            self._sums[node] += counts
+            if len(recent) > self.steps:
+                self._sums[node] -= recent.popleft()
+
+    def expert_tokens(self) -> np.ndarray:
+        """[L, E]: tokens each expert computed in each MoE layer over the window."""
+        out = np.zeros((len(self.moe_layers), self.num_experts), dtype=np.int64)
+        with self._lock:
+            for ids, sums in zip(self.assignment, self._sums, strict=True):
+                out[:, ids] += sums  # a node holds each of its experts once
+        return out
+
+    def node_tokens(self) -> np.ndarray:
+        """[L, N]: tokens each expert node computed in each MoE layer over the window."""
+        if not self._sums:
+            return np.zeros((len(self.moe_layers), 0), dtype=np.int64)
+        with self._lock:
+            return np.stack([s.sum(axis=1) for s in self._sums], axis=1)
+
+    def imbalance(self) -> np.ndarray:
+        """[L]: max/mean of the nodes' loads per MoE layer (1.0 where nothing ran)."""
+        loads = self.node_tokens().astype(np.float64)
+        if loads.shape[1] == 0:
+            return np.ones(loads.shape[0])
+        mean = loads.mean(axis=1)
+        return np.where(mean > 0, loads.max(axis=1) / np.where(mean > 0, mean, 1.0), 1.0)
+
+    def layers(self) -> list[LayerLoad]:
+        experts, nodes, imbalance = self.expert_tokens(), self.node_tokens(), self.imbalance()
+        return [
+            LayerLoad(
+                layer,
+                tuple(int(t) for t in experts[i]),
+                tuple(int(t) for t in nodes[i]),
+                float(imbalance[i]),
+            )
+            for i, layer in enumerate(self.moe_layers)
+        ]
