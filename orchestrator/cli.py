@@ -25,6 +25,7 @@ from afd.orchestrator.client import channel, generate, request
 from afd.orchestrator.cluster import Cluster, RequestFailed
 from afd.orchestrator.config import Deployment, DeploymentError, ModelSection, load_deployment
 from afd.orchestrator.local_ray import LocalRayError, disconnect_ray
+from afd.orchestrator.plan_experts import LoadFileError
 from afd.orchestrator.planner import (
     PlanError,
     deployment_yaml,
@@ -51,6 +52,7 @@ USER_ERRORS = (
     PlanError,
     PoolPlacementError,
     LocalRayError,
+    LoadFileError,
 )
 
 
@@ -142,6 +144,24 @@ def _parser() -> argparse.ArgumentParser:
         "--cpu-only", action="store_true", help="written config asks for no GPUs (local tests)"
     )
     plan.set_defaults(handler=_plan)
+
+    experts = sub.add_parser(
+        "plan-experts", help="plan an expert placement per MoE layer from measured load"
+    )
+    load = experts.add_mutually_exclusive_group(required=True)
+    load.add_argument("--loads", help='load file: {"layers": [{"expert_tokens": [...]}]}')
+    load.add_argument("--target", help="HOST:PORT of a running server: its ClusterStatus load")
+    experts.add_argument("--tls-ca", help="CA certificate (PEM) for a TLS server")
+    experts.add_argument("--nodes", type=int, required=True, help="expert nodes")
+    experts.add_argument("--redundant-slots", type=int, default=0, help="spare slots per node")
+    experts.add_argument(
+        "--slack",
+        type=float,
+        default=0.1,
+        help="load over the mean allowed to keep co-chosen experts together",
+    )
+    experts.add_argument("--out", help="write the plan here as JSON")
+    experts.set_defaults(handler=_plan_experts)
 
     demo = sub.add_parser("demo", help="tiny model served by a local 2+2-node cluster with m=2")
     demo.set_defaults(handler=_demo)
@@ -250,6 +270,30 @@ def _serve(args: argparse.Namespace) -> int:
     load_config(deployment.model.path)  # a bad model directory fails before Ray starts
     deployment = with_ports(deployment, args.host, args.grpc_port, args.http_port)
     return Server(deployment).run_forever()
+
+
+def _plan_experts(args: argparse.Namespace) -> int:
+    from afd.orchestrator import plan_experts
+
+    for flag, ok in (
+        ("--nodes", args.nodes >= 1),
+        ("--redundant-slots", args.redundant_slots >= 0),
+        ("--slack", args.slack >= 0),
+    ):
+        if not ok:
+            raise DeploymentError(f"{flag} must be {'at least 1' if flag == '--nodes' else '>= 0'}")
+    layers = (
+        plan_experts.read_load_file(args.loads)
+        if args.loads
+        else plan_experts.read_server_load(args.target, args.tls_ca)
+    )
+    if not layers:
+        raise DeploymentError("no expert load to plan from (a colocated server reports none)")
+    rows = plan_experts.plan(layers, args.nodes, args.redundant_slots, args.slack)
+    plan_experts.print_table(rows)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"nodes": args.nodes, "layers": rows}, indent=1))
+    return 0
 
 
 def _client(args: argparse.Namespace) -> int:
