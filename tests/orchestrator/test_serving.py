@@ -428,6 +428,21 @@ def test_cluster_status_reports_expert_load_per_layer(ch: grpc.Channel) -> None:
         )
 
 
+def test_plan_experts_reads_a_running_servers_load(
+    server: BackgroundServer, ch: grpc.Channel
+) -> None:
+    from afd.orchestrator.plan_experts import plan, read_server_load
+
+    list(generate(ch, request(text="plan", max_tokens=3, ignore_eos=True)))
+    layers = read_server_load(server.server.endpoints.grpc)
+    assert [x["layer"] for x in layers] == [0, 1]
+    assert all(len(x["expert_tokens"]) == 8 and sum(x["expert_tokens"]) > 0 for x in layers)
+    rows = plan(layers, nodes=2, redundant_slots=1, slack=0.1)
+    for r in rows:  # every expert placed, on at most 4 + 1 slots a node
+        assert {e for ids in r["assignment"] for e in ids} == set(range(8))
+        assert all(len(ids) <= 5 for ids in r["assignment"]) and r["imbalance_after"] >= 1.0
+
+
 def test_200_concurrent_streams_all_finish(server: BackgroundServer) -> None:
     async def one(stub: pb_grpc.AfdStub, i: int) -> int:
         n = 3 + i % 6
