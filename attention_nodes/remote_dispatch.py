@@ -5,6 +5,7 @@ experts' local ids (-1 for the slots another node serves) and weights; it comes 
 partial sum per node. Every expert node gets a frame every round, empty if no token routes
 there, so it knows when the round is complete.
 
+An expert with several holders has its tokens split across them by row (`ExpertPlacement`).
 With expert replicas, an expert node the orchestrator reports dead (`Transport.mark_lost`) is
 routed around at once: the tokens of the exchange in progress that went to it are sent again,
 under a failover key, to the nodes that hold its experts' replicas, and later exchanges go
@@ -71,13 +72,23 @@ class RemoteDispatcher(Dispatcher):
         self.expert_peers = expert_peers
         self.device = device
         self.dead: frozenset[int] = frozenset()
-        self.node_of_E, self.local_of_E = (t.to(device) for t in placement.tables())
         self.timeout_s = timeout_s
+        self._route_around(frozenset())
 
     def _route_around(self, dead: frozenset[int]) -> None:
-        """Routes every expert to its first live holder (ExpertPlacementError if one has none)."""
-        self.node_of_E, self.local_of_E = (t.to(self.device) for t in self.placement.tables(dead))
+        """Routes every expert to its live holders (ExpertPlacementError if one has none)."""
+        node_EH, local_EH, count_E = self.placement.holders(dead)
+        self.node_EH, self.local_EH = node_EH.to(self.device), local_EH.to(self.device)
+        self.count_E = count_E.to(self.device)
         self.dead = dead
+
+    def _route(
+        self, ids_TK: torch.Tensor, rows_T: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(node, local id) of each (token, slot): row r of an expert goes to its holder
+        r mod (its live holders)."""
+        pick_TK = rows_T[:, None] % self.count_E[ids_TK]
+        return self.node_EH[ids_TK, pick_TK], self.local_EH[ids_TK, pick_TK]
 
     def _send_slots(
         self,
@@ -86,13 +97,15 @@ class RemoteDispatcher(Dispatcher):
         ids_TK: torch.Tensor,
         weights_TK: torch.Tensor,
         on_TK: torch.Tensor,
+        local_TK: torch.Tensor,
         rows_T: torch.Tensor | None,
         node: int,
     ) -> Exchange:
-        """Sends the tokens with a slot on `node` (`on_TK`), other slots blanked."""
+        """Sends the tokens with a slot on `node` (`on_TK`, local ids there `local_TK`), other
+        slots blanked."""
         rows_n = torch.nonzero(on_TK.any(dim=1)).flatten()
         mask_nK = on_TK[rows_n]
-        local_nK = torch.where(mask_nK, self.local_of_E[ids_TK[rows_n]], -1).to(LOCAL_ID_DTYPE)
+        local_nK = torch.where(mask_nK, local_TK[rows_n], -1).to(LOCAL_ID_DTYPE)
         weights_nK = torch.where(mask_nK, weights_TK[rows_n], 0)
         send = self.transport.send(
             self.expert_peers[node], key, [x_TD[rows_n], local_nK, weights_nK]
@@ -112,9 +125,9 @@ class RemoteDispatcher(Dispatcher):
         lost = frozenset(j for j, p in enumerate(self.expert_peers) if self.transport.is_lost(p))
         if lost != self.dead:
             self._route_around(lost)
-        node_TK = self.node_of_E[ids_TK]
+        node_TK, local_TK = self._route(ids_TK, torch.arange(ids_TK.shape[0], device=ids_TK.device))
         exchanges = tuple(
-            self._send_slots(key, x_TD, ids_TK, weights_TK, node_TK == j, None, j)
+            self._send_slots(key, x_TD, ids_TK, weights_TK, node_TK == j, local_TK, None, j)
             for j in range(len(self.expert_peers))
             if j not in self.dead
         )
@@ -126,10 +139,12 @@ class RemoteDispatcher(Dispatcher):
         rows = lost.rows
         x_TD, ids_TK, weights_TK = plan.x_TD[rows], plan.ids_TK[rows], plan.weights_TK[rows]
         was_lost_TK = lost.slots
-        now_TK = self.node_of_E[ids_TK]
+        now_TK, local_TK = self._route(ids_TK, rows)  # the same rows: the same split
         key = plan.key.failover(attempt)
         return [
-            self._send_slots(key, x_TD, ids_TK, weights_TK, was_lost_TK & (now_TK == j), rows, j)
+            self._send_slots(
+                key, x_TD, ids_TK, weights_TK, was_lost_TK & (now_TK == j), local_TK, rows, j
+            )
             for j in sorted(set(now_TK[was_lost_TK].tolist()))
         ]
 

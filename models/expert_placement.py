@@ -1,4 +1,9 @@
-"""Which expert node holds which experts: the one table both node kinds agree on."""
+"""Which expert node holds which experts: the one table both node kinds agree on.
+
+An expert held by several nodes has its tokens split across its live holders by token row
+(row r of a micro-batch goes to holder r mod h), so replicas carry load; when a holder dies,
+its share moves to the others. A hot expert may have more holders than a cold one.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ class ExpertPlacementError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ExpertPlacement:
-    """Each expert lives on `replicas` distinct nodes. Tokens of an expert go to its first live
-    holder: the node that lists it earliest (its home), so replicas idle until a home dies."""
+    """Each expert lives on at least `replicas` distinct nodes (a dead node's experts can then
+    be served elsewhere within the round when `replicas` > 1)."""
 
     num_experts: int
     assignment: tuple[tuple[int, ...], ...]  # expert node index -> global expert ids (local order)
@@ -51,6 +56,8 @@ class ExpertPlacement:
     def explicit(
         cls, num_experts: int, assignment: Sequence[Sequence[int]], replicas: int = 1
     ) -> ExpertPlacement:
+        """Node j holds `assignment[j]`; each expert on at least `replicas` nodes (a hot one
+        may be on more: its tokens split across them)."""
         holders = [0] * num_experts
         unknown = sorted({e for node in assignment for e in node if not 0 <= e < num_experts})
         twice = sorted({e for node in assignment for e in node if list(node).count(e) > 1})
@@ -58,16 +65,14 @@ class ExpertPlacement:
             for e in set(node):
                 if 0 <= e < num_experts:
                     holders[e] += 1
-        wrong = [e for e in range(num_experts) if holders[e] != replicas]
+        wrong = [e for e in range(num_experts) if holders[e] < replicas]
         if unknown or twice or wrong:
             raise ExpertPlacementError(
-                f"expert assignment must hold each of the {num_experts} experts on exactly "
-                f"{replicas} node(s); wrong count {wrong}, unknown {unknown}, "
+                f"expert assignment must hold each of the {num_experts} experts on at least "
+                f"{replicas} node(s); too few holders {wrong}, unknown {unknown}, "
                 f"repeated within a node {twice}"
             )
-        # one holder each: local ids ascending; with replicas, the order says which is home
-        order = sorted if replicas == 1 else tuple
-        return cls(num_experts, tuple(tuple(order(node)) for node in assignment), replicas)
+        return cls(num_experts, tuple(tuple(sorted(node)) for node in assignment), replicas)
 
     @property
     def num_nodes(self) -> int:
@@ -78,22 +83,29 @@ class ExpertPlacement:
         live = [e for j, node in enumerate(self.assignment) if j not in dead for e in node]
         return len(set(live)) == self.num_experts
 
-    def tables(self, dead: Collection[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        """[E] node index of each expert's first live holder and [E] its local id there."""
-        node_of = torch.full((self.num_experts,), -1, dtype=torch.int64)
-        local_of = torch.full((self.num_experts,), -1, dtype=torch.int64)
-        rank = torch.full(
-            (self.num_experts,), len(max(self.assignment, key=len)), dtype=torch.int64
-        )
-        for j, experts in enumerate(self.assignment):
-            if j in dead:
-                continue
-            for local, e in enumerate(experts):
-                if local < rank[e]:  # earliest in its node's list wins; ties go to the lower node
-                    node_of[e], local_of[e], rank[e] = j, local, local
-        if (node_of < 0).any():
-            lost = torch.nonzero(node_of < 0).flatten().tolist()
+    def holders(
+        self, dead: Collection[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The live holders of each expert: [E, H] node index and [E, H] local id (holders in
+        node order, -1 past the last) and [E] how many. Token row r of expert e goes to
+        holder r mod count[e]."""
+        live = [
+            [
+                (j, experts.index(e))
+                for j, experts in enumerate(self.assignment)
+                if j not in dead and e in experts
+            ]
+            for e in range(self.num_experts)
+        ]
+        lost = [e for e, h in enumerate(live) if not h]
+        if lost:
             raise ExpertPlacementError(
                 f"experts {lost} have no live node (dead nodes {sorted(dead)})"
             )
-        return node_of, local_of
+        width = max(len(h) for h in live)
+        node_EH = torch.full((self.num_experts, width), -1, dtype=torch.int64)
+        local_EH = torch.full((self.num_experts, width), -1, dtype=torch.int64)
+        for e, h in enumerate(live):
+            node_EH[e, : len(h)] = torch.tensor([j for j, _ in h])
+            local_EH[e, : len(h)] = torch.tensor([i for _, i in h])
+        return node_EH, local_EH, torch.tensor([len(h) for h in live])

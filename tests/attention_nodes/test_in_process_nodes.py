@@ -22,7 +22,7 @@ from afd.models import kernels
 from afd.models.checkpoint import Checkpoint
 from afd.models.config import load_config
 from afd.models.expert_placement import ExpertPlacement
-from afd.models.messages import NewRequest, TokenOutput
+from afd.models.messages import ExpertStepResult, NewRequest, TokenOutput
 from afd.models.moe import ExpertShard
 from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
@@ -45,17 +45,23 @@ def _wire(attention: AttentionNode, experts: list[ExpertNode]) -> None:
 
 
 def _serve(
-    attention: AttentionNode, experts: list[ExpertNode], requests: list[NewRequest]
+    attention: AttentionNode,
+    experts: list[ExpertNode],
+    requests: list[NewRequest],
+    expert_results: list[list[ExpertStepResult]] | None = None,
 ) -> dict[str, list[TokenOutput]]:
-    """Steps every node until each request has finished; the tokens of each request."""
+    """Steps every node until each request has finished; the tokens of each request (and each
+    expert node's step results, into `expert_results` when given)."""
     out: dict[str, list[TokenOutput]] = {r.request_id: [] for r in requests}
     new, step = list(requests), 0
     with ThreadPoolExecutor(max(1, len(experts))) as pool:
         while new or any(not t or t[-1].finish_reason is None for t in out.values()):
             runs = [pool.submit(e.run_step, step) for e in experts]
             result = attention.step(step, new, [])
-            for r in runs:
-                r.result(TIMEOUT_S)
+            for j, r in enumerate(runs):
+                done = r.result(TIMEOUT_S)
+                if expert_results is not None:
+                    expert_results[j].append(done)
             for token in result.outputs:
                 out[token.request_id].append(token)
             new, step = [], step + 1
@@ -104,6 +110,40 @@ def test_ping_pong_gives_the_reference_tokens_for_every_m(
         tokens = got[r.request_id]
         assert [t.token_id for t in tokens] == want.token_ids, r.request_id
         assert [t.logprob for t in tokens] == pytest.approx(want.logprobs, abs=1e-5)
+
+
+def test_a_replicated_expert_splits_its_tokens_between_its_holders(
+    tiny_model: Path, reference: ReferenceEngine
+) -> None:
+    """Experts 0-3 on both expert nodes, 4-7 on node 0 only: each (token, slot) of experts
+    0-3 goes to one holder by row, so both count tokens of them; tokens stay the reference's."""
+    placement = ExpertPlacement.explicit(8, [list(range(8)), [0, 1, 2, 3]])
+    attention = AttentionNode(AttentionNodeSettings(0, str(tiny_model)), placement)
+    experts = [
+        ExpertNode(ExpertNodeSettings(EXPERT_BASE + j, str(tiny_model), ids))
+        for j, ids in enumerate(placement.assignment)
+    ]
+    results: list[list[ExpertStepResult]] = [[], []]
+    try:
+        _wire(attention, experts)
+        requests = _requests(reference)
+        got = _serve(attention, experts, requests, results)
+    finally:
+        for node in [attention, *experts]:
+            node.shutdown()
+    for r in requests:
+        want = reference.generate(r.prompt_ids, r.params)
+        assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
+        assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-5)
+    per_node = [
+        {e: sum(s.tokens_per_expert[e] for s in steps) for e in steps[0].tokens_per_expert}
+        for steps in results
+    ]
+    assert set(per_node[1]) == {0, 1, 2, 3}
+    assert any(per_node[0][e] > 0 and per_node[1][e] > 0 for e in range(4))
+    assert sum(per_node[0][e] for e in range(4, 8)) > 0
+    slots = sum(len(r.prompt_ids) + r.params.max_tokens - 1 for r in requests) * 2 * 2
+    assert sum(sum(n.values()) for n in per_node) == slots  # every (token, slot, layer) once
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
