@@ -160,6 +160,11 @@ def _parser() -> argparse.ArgumentParser:
         default=0.1,
         help="load over the mean allowed to keep co-chosen experts together",
     )
+    experts.add_argument(
+        "--all-layers",
+        action="store_true",
+        help="one placement for every layer (usable as experts.assignment)",
+    )
     experts.add_argument("--out", help="write the plan here as JSON")
     experts.set_defaults(handler=_plan_experts)
 
@@ -289,10 +294,15 @@ def _plan_experts(args: argparse.Namespace) -> int:
     )
     if not layers:
         raise DeploymentError("no expert load to plan from (a colocated server reports none)")
+    if args.all_layers:
+        layers = plan_experts.merged(layers)
     rows = plan_experts.plan(layers, args.nodes, args.redundant_slots, args.slack)
     plan_experts.print_table(rows)
     if args.out:
-        Path(args.out).write_text(json.dumps({"nodes": args.nodes, "layers": rows}, indent=1))
+        result: dict = {"nodes": args.nodes, "layers": rows}
+        if args.all_layers:
+            result["assignment"] = rows[0]["assignment"]  # for experts.assignment
+        Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 
 

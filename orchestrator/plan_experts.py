@@ -1,5 +1,7 @@
 """`afd plan-experts`: an expert placement per MoE layer from measured load, offline.
 
+With `--all-layers` the layers' loads are summed into one plan, which is what a deployment can
+use today (`experts.assignment`: one placement for every layer; the JSON's `assignment`).
 The load comes from a JSON file (`{"layers": [{"layer": 0, "expert_tokens": [...],
 "samples": [[e, ...], ...]}, ...]}`; `samples`, optional, are top-k sets of sampled tokens) or
 from a running server's ClusterStatus (its load window, without samples). For each layer the
@@ -15,6 +17,8 @@ from typing import Any
 
 import numpy as np
 from afd.orchestrator.expert_planner import even_assignment, plan_layer, score
+
+ALL_LAYERS = -1  # the layer of a plan made from every layer's load at once
 
 
 class LoadFileError(ValueError):
@@ -59,6 +63,16 @@ def read_server_load(target: str, tls_ca: str | None = None) -> list[dict[str, A
     ]
 
 
+def merged(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every layer's load (and samples) as one: for a placement all layers share, which is
+    what `experts.assignment` gives today."""
+    return [{
+        "layer": ALL_LAYERS,
+        "expert_tokens": [float(t) for t in np.sum([x["expert_tokens"] for x in layers], axis=0)],
+        "samples": [s for x in layers for s in x["samples"]],
+    }]  # fmt: skip
+
+
 def plan(
     layers: list[dict[str, Any]], nodes: int, redundant_slots: int, slack: float
 ) -> list[dict]:
@@ -85,5 +99,6 @@ def print_table(rows: list[dict]) -> None:
     print("| layer | imbalance now | planned | nodes per token now | planned |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layer']} | {f(r['imbalance_before'])} | {f(r['imbalance_after'])} | "
+        layer = "all" if r["layer"] == ALL_LAYERS else r["layer"]
+        print(f"| {layer} | {f(r['imbalance_before'])} | {f(r['imbalance_after'])} | "
               f"{f(r['nodes_per_token_before'])} | {f(r['nodes_per_token_after'])} |")  # fmt: skip

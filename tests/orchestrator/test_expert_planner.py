@@ -72,3 +72,26 @@ def test_plan_experts_from_a_load_file(tmp_path) -> None:
     )  # fmt: skip
     assert bad.returncode != 0 and "layers[0] has a negative count" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_plan_experts_for_all_layers_gives_a_deployable_assignment(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from afd.models.expert_placement import ExpertPlacement
+
+    layers = [{"expert_tokens": [50] + [10] * 7}, {"expert_tokens": [30] + [10] * 7}]
+    loads = tmp_path / "loads.json"
+    loads.write_text(json.dumps({"layers": layers}))
+    out = tmp_path / "plan.json"
+    args = ["--loads", str(loads), "--nodes", "2", "--redundant-slots", "1", "--all-layers"]
+    done = subprocess.run(
+        [sys.executable, "-m", "afd.orchestrator.cli", "plan-experts", *args, "--out", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| all |" in done.stdout
+    assignment = json.loads(out.read_text())["assignment"]
+    placement = ExpertPlacement.explicit(8, assignment)  # what experts.assignment takes
+    assert placement.holders()[2][0] == 2  # the hot expert (80 of 220 tokens) on both nodes
