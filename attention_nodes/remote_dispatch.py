@@ -76,19 +76,27 @@ class RemoteDispatcher(Dispatcher):
         self._route_around(frozenset())
 
     def _route_around(self, dead: frozenset[int]) -> None:
-        """Routes every expert to its live holders (ExpertPlacementError if one has none)."""
-        node_EH, local_EH, count_E = self.placement.holders(dead)
-        self.node_EH, self.local_EH = node_EH.to(self.device), local_EH.to(self.device)
-        self.count_E = count_E.to(self.device)
+        """Routes every expert to its live holders (ExpertPlacementError, naming them, if an
+        expert has none in some layer); each layer's tables are made when first used."""
+        if not self.placement.covers(dead):
+            for layer in [None, *(at for at, _ in self.placement.layer_assignments)]:
+                self.placement.holders(dead, layer)  # raises for the layer that lost one
+        self._tables: dict[int | None, tuple[torch.Tensor, ...]] = {}
         self.dead = dead
 
     def _route(
-        self, ids_TK: torch.Tensor, rows_T: torch.Tensor
+        self, layer: int, ids_TK: torch.Tensor, rows_T: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(node, local id) of each (token, slot): row r of an expert goes to its holder
-        r mod (its live holders)."""
-        pick_TK = rows_T[:, None] % self.count_E[ids_TK]
-        return self.node_EH[ids_TK, pick_TK], self.local_EH[ids_TK, pick_TK]
+        """(node, local id) of each (token, slot) in `layer`: row r of an expert goes to its
+        holder r mod (its live holders)."""
+        placed = {at for at, _ in self.placement.layer_assignments}
+        at = layer if layer in placed else None
+        if at not in self._tables:
+            holders = self.placement.holders(self.dead, at)
+            self._tables[at] = tuple(t.to(self.device) for t in holders)
+        node_EH, local_EH, count_E = self._tables[at]
+        pick_TK = rows_T[:, None] % count_E[ids_TK]
+        return node_EH[ids_TK, pick_TK], local_EH[ids_TK, pick_TK]
 
     def _send_slots(
         self,
@@ -125,7 +133,9 @@ class RemoteDispatcher(Dispatcher):
         lost = frozenset(j for j, p in enumerate(self.expert_peers) if self.transport.is_lost(p))
         if lost != self.dead:
             self._route_around(lost)
-        node_TK, local_TK = self._route(ids_TK, torch.arange(ids_TK.shape[0], device=ids_TK.device))
+        node_TK, local_TK = self._route(
+            layer, ids_TK, torch.arange(ids_TK.shape[0], device=ids_TK.device)
+        )
         exchanges = tuple(
             self._send_slots(key, x_TD, ids_TK, weights_TK, node_TK == j, local_TK, None, j)
             for j in range(len(self.expert_peers))
@@ -139,7 +149,7 @@ class RemoteDispatcher(Dispatcher):
         rows = lost.rows
         x_TD, ids_TK, weights_TK = plan.x_TD[rows], plan.ids_TK[rows], plan.weights_TK[rows]
         was_lost_TK = lost.slots
-        now_TK, local_TK = self._route(ids_TK, rows)  # the same rows: the same split
+        now_TK, local_TK = self._route(plan.key.layer, ids_TK, rows)  # same rows, same split
         key = plan.key.failover(attempt)
         return [
             self._send_slots(

@@ -5,6 +5,10 @@ measured load (static replication into spare slots).
     python bench/eplb.py                       # tiny model on CPU, 3 expert nodes, 2 spare slots
     python bench/eplb.py --json-out eplb.json
 
+Three runs: the even placement, then `afd plan-experts --all-layers` from the first run's load
+(one placement for every layer, as `experts.assignment`), then a plan per layer (as
+`experts.placement_file`), both replicating hot experts into the spare slots.
+
 The model is a tiny random qwen3_moe whose router prefers a Zipf-distributed set of experts
 in every layer: every token embedding shares one direction u, and expert e's router row is
 c_e·u plus noise with c_e falling as a Zipf law (rank by a per-layer random permutation), so
@@ -65,10 +69,15 @@ def run(model: Path, placement: ExpertPlacement, prompts: list[list[int]], token
         AttentionNodeSettings(0, str(model), max_running=len(prompts)), placement
     )
     experts = [
-        ExpertNode(ExpertNodeSettings(EXPERT_BASE + j, str(model), tuple(ids)))
+        ExpertNode(
+            ExpertNodeSettings(
+                EXPERT_BASE + j, str(model), tuple(ids), layer_expert_ids=placement.node_layers(j)
+            )
+        )
         for j, ids in enumerate(placement.assignment)
     ]
-    window = ExpertLoadWindow(config.moe_layers, config.num_experts, placement.assignment, 10**6)
+    assignments = [placement.at(layer) for layer in config.moe_layers]
+    window = ExpertLoadWindow(config.moe_layers, config.num_experts, assignments, 10**6)
     slowest = 0.0
     start = time.perf_counter()
     try:
@@ -131,18 +140,14 @@ def main() -> int:
         planned = plan(merged(before["layers"]), args.expert_nodes, args.redundant_slots, 0.1)
         static = ExpertPlacement.explicit(args.experts, planned[0]["assignment"])
         after = run(model, static, prompts, args.tokens)
+        per_layer = plan(before["layers"], args.expert_nodes, args.redundant_slots, 0.1)
+        layered = even.with_layers({r["layer"]: r["assignment"] for r in per_layer})
+        by_layer = run(model, layered, prompts, args.tokens)
     rows = [
-        {
-            "placement": "even (today's default)",
-            **before,
-            "assignment": [list(a) for a in even.assignment],
-        },
-        {
-            "placement": "planned, static replication",
-            **after,
-            "assignment": planned[0]["assignment"],
-        },
-    ]
+        {"placement": "even (today's default)", **before, "assignment": even.assignment},
+        {"placement": "one plan for all layers", **after, "assignment": planned[0]["assignment"]},
+        {"placement": "a plan per layer", **by_layer, "assignment": [r["assignment"] for r in per_layer]},
+    ]  # fmt: skip
     print(f"tiny qwen3_moe, {args.experts} experts, top-2, Zipf {args.zipf}; {args.expert_nodes} "
           f"expert nodes, {args.redundant_slots} spare slots each; {args.requests} requests × {args.tokens} tokens")  # fmt: skip
     print("| placement | node max/mean (mean over layers) | per layer | expert-side s | tok/s |")

@@ -40,6 +40,8 @@ class ExpertNodeSettings:
     transport: TransportSettings = field(default_factory=TransportSettings)
     device: str = "cpu"  # "cuda": the GPU Ray gave this actor
     serve_failovers: bool = False  # expert replicas: answer failover frames, await step markers
+    # (MoE layer, expert ids) for layers whose placement differs from `expert_ids`
+    layer_expert_ids: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
 
 class ExpertNode:
@@ -53,10 +55,14 @@ class ExpertNode:
             settings.expert_ids,
             DTYPES[settings.dtype],
             settings.quantization,
+            dict(settings.layer_expert_ids),
         ).to(settings.device)
         self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self.attention_peers: list[int] = []
         self._moe_row = {layer: i for i, layer in enumerate(self.config.moe_layers)}
+        self._widest = max(
+            (len(self.shard.ids_at(layer)) for layer in self.config.moe_layers), default=0
+        )
         self._step_counts: torch.Tensor | None = None
 
     def address(self) -> PeerAddress:
@@ -87,11 +93,11 @@ class ExpertNode:
     @torch.inference_mode()
     def run_step(self, step_id: int) -> ExpertStepResult:
         start = time.perf_counter()
-        # tokens per (MoE layer, local expert), plus a column for slots held elsewhere;
-        # counted on the device, read once at the end of the step
+        # tokens per (MoE layer, local expert) — as wide as the layer holding the most — plus a
+        # column for slots held elsewhere; counted on the device, read once at the end
         counts = torch.zeros(
             len(self.config.moe_layers),
-            len(self.shard.expert_ids) + 1,
+            self._widest + 1,
             dtype=torch.int64,
             device=self.settings.device,
         )
@@ -110,11 +116,18 @@ class ExpertNode:
             self._gather(RoundKey.end_of_step(step_id))
             wait += time.perf_counter() - t0
         self.transport.flush(self.settings.round_timeout_s)
-        layer_tokens = counts[:, :-1].tolist()
-        totals = [sum(column) for column in zip(*layer_tokens, strict=True)]
+        rows = counts.tolist()
+        layer_tokens = [
+            row[: len(self.shard.ids_at(layer))]
+            for layer, row in zip(self.config.moe_layers, rows, strict=True)
+        ]
+        totals = dict.fromkeys(self.shard.expert_ids, 0)
+        for layer, row in zip(self.config.moe_layers, layer_tokens, strict=True):
+            for e, n in zip(self.shard.ids_at(layer), row, strict=True):
+                totals[e] = totals.get(e, 0) + n
         stats = self.transport.stats
         return ExpertStepResult(
-            dict(zip(self.shard.expert_ids, totals, strict=True)),
+            totals,
             compute,
             wait,
             time.perf_counter() - start,
@@ -161,8 +174,8 @@ class ExpertNode:
         ids_TK = torch.cat([f[1] for f in frames]).long()
         weights_TK = torch.cat([f[2] for f in frames]).to(x_TD.dtype)
         if counts is not None:  # scatter_add_: no host sync (bincount would size its output)
-            local = counts.shape[1] - 1
-            slots = torch.where(ids_TK >= 0, ids_TK, local).reshape(-1)
+            elsewhere = counts.shape[1] - 1
+            slots = torch.where(ids_TK >= 0, ids_TK, elsewhere).reshape(-1)
             counts[self._moe_row[key.layer]].scatter_add_(0, slots, torch.ones_like(slots))
         y_TD = self.shard.forward(key.layer, x_TD, ids_TK, weights_TK)
         for peer, y_nD in zip(
@@ -172,11 +185,14 @@ class ExpertNode:
         return time.perf_counter() - start
 
     def _frame(self, peer: int, key: RoundKey, frame: list[torch.Tensor]) -> list[torch.Tensor]:
-        return frame if key.kind == FrameKind.END_OF_STEP else self._checked(peer, frame)
+        if key.kind == FrameKind.END_OF_STEP:
+            return frame
+        return self._checked(peer, frame, len(self.shard.ids_at(key.layer)))
 
-    def _checked(self, peer: int, frame: list[torch.Tensor]) -> list[torch.Tensor]:
-        """A dispatch frame is x [n, D], local ids [n, K] within this shard, weights [n, K]."""
-        c, local = self.config, len(self.shard.expert_ids)
+    def _checked(self, peer: int, frame: list[torch.Tensor], local: int) -> list[torch.Tensor]:
+        """A dispatch frame is x [n, D], local ids [n, K] within the layer's `local` experts
+        here, weights [n, K]."""
+        c = self.config
         ok = len(frame) == 3
         if ok:
             x, ids, w = frame

@@ -7,8 +7,8 @@ its share moves to the others. A hot expert may have more holders than a cold on
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +25,8 @@ class ExpertPlacement:
     num_experts: int
     assignment: tuple[tuple[int, ...], ...]  # expert node index -> global expert ids (local order)
     replicas: int = 1
+    # (MoE layer, its own assignment) for the layers placed differently from `assignment`
+    layer_assignments: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = ()
 
     @classmethod
     def even(cls, num_experts: int, num_nodes: int, replicas: int = 1) -> ExpertPlacement:
@@ -74,25 +76,58 @@ class ExpertPlacement:
             )
         return cls(num_experts, tuple(tuple(sorted(node)) for node in assignment), replicas)
 
+    def with_layers(self, per_layer: Mapping[int, Sequence[Sequence[int]]]) -> ExpertPlacement:
+        """The same placement with these MoE layers placed their own way (a plan per layer);
+        each is checked like an explicit assignment, on the same number of nodes."""
+        layers = []
+        for layer, assignment in sorted(per_layer.items()):
+            if len(assignment) != self.num_nodes:
+                raise ExpertPlacementError(
+                    f"layer {layer}'s assignment lists {len(assignment)} nodes, "
+                    f"the placement has {self.num_nodes}"
+                )
+            try:
+                checked = ExpertPlacement.explicit(self.num_experts, assignment, self.replicas)
+            except ExpertPlacementError as err:
+                raise ExpertPlacementError(f"layer {layer}: {err}") from err
+            layers.append((layer, checked.assignment))
+        return replace(self, layer_assignments=tuple(layers))
+
     @property
     def num_nodes(self) -> int:
         return len(self.assignment)
 
+    def at(self, layer: int | None) -> tuple[tuple[int, ...], ...]:
+        """Layer `layer`'s assignment (node -> expert ids, local order)."""
+        return next((a for at, a in self.layer_assignments if at == layer), self.assignment)
+
+    def node_layers(self, node: int) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """(layer, expert ids) of node `node` for the layers placed their own way."""
+        return tuple((layer, a[node]) for layer, a in self.layer_assignments)
+
+    def node_experts(self, node: int) -> tuple[int, ...]:
+        """Every expert node `node` holds in some layer."""
+        held = set(self.assignment[node]).union(*(a[node] for _, a in self.layer_assignments))
+        return tuple(sorted(held))
+
     def covers(self, dead: Collection[int]) -> bool:
-        """Whether every expert still has a live holder with the nodes in `dead` gone."""
-        live = [e for j, node in enumerate(self.assignment) if j not in dead for e in node]
-        return len(set(live)) == self.num_experts
+        """Whether every expert of every layer still has a live holder with `dead` gone."""
+        assignments = [self.assignment, *(a for _, a in self.layer_assignments)]
+        return all(
+            len({e for j, node in enumerate(a) if j not in dead for e in node}) == self.num_experts
+            for a in assignments
+        )
 
     def holders(
-        self, dead: Collection[int] = ()
+        self, dead: Collection[int] = (), layer: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The live holders of each expert: [E, H] node index and [E, H] local id (holders in
-        node order, -1 past the last) and [E] how many. Token row r of expert e goes to
-        holder r mod count[e]."""
+        """The live holders of each expert in `layer`: [E, H] node index and [E, H] local id
+        (holders in node order, -1 past the last) and [E] how many. Token row r of expert e
+        goes to holder r mod count[e]."""
         live = [
             [
                 (j, experts.index(e))
-                for j, experts in enumerate(self.assignment)
+                for j, experts in enumerate(self.at(layer))
                 if j not in dead and e in experts
             ]
             for e in range(self.num_experts)

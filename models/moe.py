@@ -10,7 +10,7 @@ Shape legend: T = tokens, D = hidden, E = local experts, K = top-k, I = expert F
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,18 +64,28 @@ class StackedExperts:
 
 
 class ExpertShard:
-    """Experts `expert_ids` (global ids) of every MoE layer; local id i is expert_ids[i]."""
+    """Experts `expert_ids` (global ids) of every MoE layer, or of a layer its own
+    `layer_ids[layer]` (a placement planned per layer); local id i is the i-th of them."""
 
     def __init__(
-        self, config: ModelConfig, expert_ids: Sequence[int], layers: dict[int, StackedExperts]
+        self,
+        config: ModelConfig,
+        expert_ids: Sequence[int],
+        layers: dict[int, StackedExperts],
+        layer_ids: Mapping[int, Sequence[int]] | None = None,
     ):
         self.config = config
         self.expert_ids = tuple(expert_ids)
         self.layers = layers
+        self.layer_ids = {layer: tuple(ids) for layer, ids in (layer_ids or {}).items()}
+
+    def ids_at(self, layer: int) -> tuple[int, ...]:
+        """Layer `layer`'s experts, in local-id order."""
+        return self.layer_ids.get(layer, self.expert_ids)
 
     def to(self, device: str | torch.device) -> ExpertShard:
         layers = {layer: w.to(device) for layer, w in self.layers.items()}
-        return ExpertShard(self.config, self.expert_ids, layers)
+        return ExpertShard(self.config, self.expert_ids, layers, self.layer_ids)
 
     @classmethod
     def load(
@@ -85,17 +95,20 @@ class ExpertShard:
         expert_ids: Sequence[int],
         dtype: torch.dtype,
         quantization: str = "none",
+        layer_ids: Mapping[int, Sequence[int]] | None = None,
     ) -> ExpertShard:
-        """Layer by layer, so that quantizing never holds more than one layer at full width."""
-        ids = list(expert_ids)  # in the placement's order: local id i is ids[i]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"expert ids {ids} repeat an expert")
+        """Layer by layer, so that quantizing never holds more than one layer at full width;
+        a layer in `layer_ids` loads those experts instead of `expert_ids`."""
+        for ids in (expert_ids, *(layer_ids or {}).values()):
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"expert ids {list(ids)} repeat an expert")
         if quantization not in fp8.QUANTIZATIONS:
             raise ValueError(
                 f"quantization must be one of {fp8.QUANTIZATIONS}, got {quantization!r}"
             )
         layers = {}
         for layer in config.moe_layers:
+            ids = list((layer_ids or {}).get(layer, expert_ids))  # local id i is ids[i]
             tensors = checkpoint.load(
                 tensor_specs(config, ["experts"], layers=[layer], experts=ids), dtype
             )
@@ -104,7 +117,7 @@ class ExpertShard:
                 for proj in ("gate", "up", "down")
             ]
             layers[layer] = StackedExperts.of(stack, quantization)
-        return cls(config, ids, layers)
+        return cls(config, expert_ids, layers, layer_ids)
 
     def forward(
         self, layer: int, x_TD: torch.Tensor, local_ids_TK: torch.Tensor, weights_TK: torch.Tensor
@@ -128,7 +141,7 @@ class ExpertShard:
         expert_T = local_ids_TK[token_T, slot_T]
         order = torch.argsort(expert_T, stable=True)
         token_T, slot_T, expert_T = token_T[order], slot_T[order], expert_T[order]
-        counts = torch.bincount(expert_T, minlength=len(self.expert_ids)).tolist()
+        counts = torch.bincount(expert_T, minlength=len(self.ids_at(layer))).tolist()
         start = 0
         for e, n in enumerate(counts):
             if n == 0:

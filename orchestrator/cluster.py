@@ -20,7 +20,6 @@ import ray
 from afd.attention_nodes.node import AttentionNode
 from afd.expert_nodes.node import ExpertNode
 from afd.models.config import load_config
-from afd.models.expert_placement import ExpertPlacement
 from afd.models.messages import AttentionStepResult, ExpertStepResult, NewRequest, TokenOutput
 from afd.models.request_state import check_prompt
 from afd.models.sampling import SamplingParams
@@ -31,6 +30,7 @@ from afd.orchestrator.node_settings import (
     EXPERT_PEER_BASE,
     attention_node_settings,
     expert_node_settings,
+    expert_placement,
 )
 from afd.orchestrator.pool_placement import (
     PoolDemand,
@@ -141,17 +141,7 @@ class Cluster:
         self.deployment = deployment
         self.config = load_config(deployment.model.path)
         d = deployment
-        self.placement: ExpertPlacement | None = None  # None: colocated, no expert nodes
-        if d.experts.nodes == 0:
-            pass
-        elif d.experts.assignment is not None:
-            self.placement = ExpertPlacement.explicit(
-                self.config.num_experts, d.experts.assignment, d.experts.replicas
-            )
-        else:
-            self.placement = ExpertPlacement.even(
-                self.config.num_experts, d.experts.nodes, d.experts.replicas
-            )
+        self.placement = expert_placement(d, self.config)  # None: colocated, no expert nodes
         connect_ray(d.ray.address, d.ray.startup_timeout_s)
         expert_nodes = 0 if self.placement is None else self.placement.num_nodes
         log.info(
@@ -192,10 +182,13 @@ class Cluster:
         self._last_attention: list[AttentionStepResult | None] = [None] * len(self.attention)
         self._attention_tokens = [0] * len(self.attention)
         self._expert_tokens: dict[int, int] = dict.fromkeys(range(self.config.num_experts), 0)
+        self._expert_node_tokens = [0] * (self.placement.num_nodes if self.placement else 0)
         self.load_window = ExpertLoadWindow(
             self.config.moe_layers,
             self.config.num_experts,
-            self.placement.assignment if self.placement else (),
+            [self.placement.at(layer) for layer in self.config.moe_layers]
+            if self.placement
+            else [()],
             deployment.experts.load_window,
         )
         self.failed_steps = 0
@@ -221,7 +214,7 @@ class Cluster:
     def _start_expert(self, j: int):
         assert self.placement is not None  # expert nodes exist only with a placement
         settings = expert_node_settings(
-            self.deployment, j, self.placement.assignment[j], self.placement.replicas > 1
+            self.deployment, j, self.placement, self.placement.replicas > 1
         )
         return self._actor(ExpertNode, "experts", j).remote(settings)
 
@@ -442,6 +435,7 @@ class Cluster:
         expert_keys = [k for k in sorted(results) if k[0] == "expert"]
         experts = [results[k] for k in expert_keys]
         for (_, j), e in zip(expert_keys, experts, strict=True):
+            self._expert_node_tokens[j] += sum(e.tokens_per_expert.values())
             if e.layer_tokens:
                 self.load_window.add(j, e.layer_tokens)
         imbalance = tuple(float(x) for x in self.load_window.imbalance())
@@ -680,14 +674,15 @@ class Cluster:
                     tokens=self._attention_tokens[i],
                 )
             )
-        for j, experts in enumerate(self.placement.assignment if self.placement else ()):
+        for j in range(self.placement.num_nodes if self.placement else 0):
+            experts = self.placement.node_experts(j) if self.placement else ()
             nodes.append(
                 NodeState(
                     f"expert-{j}",
                     "expert",
                     self._healthy and j not in self._down,
                     expert_ids=tuple(experts),
-                    tokens=sum(self._expert_tokens[e] for e in experts),
+                    tokens=self._expert_node_tokens[j],
                 )
             )
         with self._wake:

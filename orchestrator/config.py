@@ -65,6 +65,7 @@ class ExpertSection(PoolSection):
     assignment: list | None = None  # explicit expert ids per node; default: even contiguous ranges
     replicas: int = 1  # nodes holding each expert: with 2, an expert node's death costs no round
     load_window: int = 128  # steps over which expert load and imbalance are reported
+    placement_file: str | None = None  # `afd plan-experts --out`: a placement per MoE layer
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,23 +36,32 @@ class ExpertLoadWindow:
         self,
         moe_layers: Sequence[int],
         num_experts: int,
-        assignment: Sequence[Sequence[int]],
+        assignments: Sequence[Sequence[Sequence[int]]],
         steps: int,
     ) -> None:
+        """`assignments[i][j]`: the experts node j holds in MoE layer `moe_layers[i]`, in its
+        local order (one entry for every layer when all layers share a placement)."""
         if steps < 1:
             raise ValueError(f"the load window must hold at least one step, got {steps}")
         self.moe_layers = tuple(moe_layers)
         self.num_experts = num_experts
-        self.assignment = [np.asarray(ids, dtype=np.int64) for ids in assignment]
+        if len(assignments) == 1:
+            assignments = list(assignments) * len(self.moe_layers)
+        nodes = len(assignments[0]) if assignments else 0
+        # per node, per layer: the global ids of its count columns
+        self.ids = [[np.asarray(a[j], dtype=np.int64) for a in assignments] for j in range(nodes)]
         self.steps = steps
         L = len(self.moe_layers)
-        self._recent: list[deque[np.ndarray]] = [deque() for _ in self.assignment]
-        self._sums = [np.zeros((L, len(ids)), dtype=np.int64) for ids in self.assignment]
+        width = [max((len(ids) for ids in per_layer), default=0) for per_layer in self.ids]
+        self._recent: list[deque[np.ndarray]] = [deque() for _ in range(nodes)]
+        self._sums = [np.zeros((L, w), dtype=np.int64) for w in width]
         self._lock = threading.Lock()  # the engine thread adds, status readers read
 
     def add(self, node: int, layer_tokens: Sequence[Sequence[int]]) -> None:
-        """Node `node`'s counts of one step: [L][its experts, in its shard's order]."""
-        counts = np.asarray(layer_tokens, dtype=np.int64).reshape(self._sums[node].shape)
+        """Node `node`'s counts of one step: [L][its experts in that layer, local order]."""
+        counts = np.zeros_like(self._sums[node])
+        for i, row in enumerate(layer_tokens):
+            counts[i, : len(row)] = row
         with self._lock:
             recent = self._recent[node]
             recent.append(counts)
@@ -64,8 +73,9 @@ class ExpertLoadWindow:
         """[L, E]: tokens each expert computed in each MoE layer over the window."""
         out = np.zeros((len(self.moe_layers), self.num_experts), dtype=np.int64)
         with self._lock:
-            for ids, sums in zip(self.assignment, self._sums, strict=True):
-                out[:, ids] += sums  # a node holds each of its experts once
+            for per_layer, sums in zip(self.ids, self._sums, strict=True):
+                for i, ids in enumerate(per_layer):  # a node holds each expert once a layer
+                    out[i, ids] += sums[i, : len(ids)]
         return out
 
     def node_tokens(self) -> np.ndarray:

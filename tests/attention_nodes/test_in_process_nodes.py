@@ -146,6 +146,46 @@ def test_a_replicated_expert_splits_its_tokens_between_its_holders(
     assert sum(sum(n.values()) for n in per_node) == slots  # every (token, slot, layer) once
 
 
+def test_a_placement_per_layer_gives_the_reference_tokens(
+    tiny_model: Path, reference: ReferenceEngine
+) -> None:
+    """Layer 0 split evenly, layer 1 its own way (expert 0 on both nodes, the rest swapped):
+    each node loads and counts each layer's own experts; tokens stay the reference's."""
+    placement = ExpertPlacement.even(8, 2).with_layers({1: [[4, 5, 6, 7, 0], [0, 1, 2, 3]]})
+    attention = AttentionNode(AttentionNodeSettings(0, str(tiny_model), micro_batches=2), placement)
+    experts = [
+        ExpertNode(
+            ExpertNodeSettings(
+                EXPERT_BASE + j,
+                str(tiny_model),
+                ids,
+                micro_batches=2,
+                layer_expert_ids=placement.node_layers(j),
+            )
+        )  # fmt: skip
+        for j, ids in enumerate(placement.assignment)
+    ]
+    results: list[list[ExpertStepResult]] = [[], []]
+    try:
+        _wire(attention, experts)
+        requests = _requests(reference)
+        got = _serve(attention, experts, requests, results)
+    finally:
+        for node in [attention, *experts]:
+            node.shutdown()
+    for r in requests:
+        want = reference.generate(r.prompt_ids, r.params)
+        assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
+        assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-5)
+    layer_rows = [[len(row) for row in steps[0].layer_tokens] for steps in results]
+    assert layer_rows == [[4, 5], [4, 4]]  # node 0: 4 experts in layer 0, 5 in layer 1
+    assert set(results[1][0].tokens_per_expert) == set(range(8))  # 4-7, then 0-3
+    tokens = sum(len(r.prompt_ids) + r.params.max_tokens - 1 for r in requests)
+    for layer in range(2):  # each layer's slots, all counted once, on the nodes holding them
+        counted = sum(sum(s.layer_tokens[layer]) for steps in results for s in steps)
+        assert counted == tokens * 2
+
+
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_a_colocated_node_gives_the_reference_tokens(
     tiny_model: Path, reference: ReferenceEngine, micro_batches: int

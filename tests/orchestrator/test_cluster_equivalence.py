@@ -113,3 +113,45 @@ def test_each_actor_loads_only_its_own_tensors(tiny_models: dict[str, Path], ray
             j = int(label.split("-")[1])
             held = {int(n.split(".experts.")[1].split(".")[0]) for n in experts}
             assert held == set(assignment[j]) and experts == set(names)
+
+
+def test_a_planned_placement_per_layer_serves_the_reference_tokens(
+    tiny_models: dict[str, Path], ray_session, tmp_path: Path
+) -> None:
+    """`experts.placement_file` from `afd plan-experts --out`: each layer placed its own way
+    (replicas of hot experts included); the actors load those experts and give the
+    reference's tokens, and ClusterStatus counts each layer on the nodes that hold it."""
+    import json
+    from dataclasses import replace
+
+    model_dir = tiny_models["qwen3_moe"]
+    plan = {"layers": [
+        {"layer": 0, "assignment": [[0, 1, 2, 3, 4], [0, 5, 6, 7]]},
+        {"layer": 1, "assignment": [[4, 5, 6, 7, 1], [0, 1, 2, 3]]},
+    ]}  # fmt: skip
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    base = Deployment(model=ModelSection(path=str(model_dir))).with_shape(1, 2, 2)
+    deployment = replace(base, experts=replace(base.experts, placement_file=str(path)))
+    engine = ReferenceEngine(model_dir)
+    requests = _requests(engine)[:4]
+    cluster = Cluster(deployment)
+    try:
+        outputs = _staggered(cluster, requests)
+        loaded = cluster.loaded_tensor_names()
+        layers = cluster.status().layer_loads
+    finally:
+        cluster.shutdown()
+    for (ids, params), got in zip(requests, outputs, strict=True):
+        assert [o.token_id for o in got] == engine.generate(ids, params).token_ids
+    for j in range(2):
+        for layer in range(2):
+            prefix = f"model.layers.{layer}.mlp.experts."
+            held = {
+                int(n[len(prefix) :].split(".")[0])
+                for n in loaded[f"expert-{j}"]
+                if n.startswith(prefix)
+            }
+            assert held == set(plan["layers"][layer]["assignment"][j])
+    assert [x.layer for x in layers] == [0, 1]
+    assert sum(layers[0].expert_tokens) == sum(layers[1].expert_tokens) > 0

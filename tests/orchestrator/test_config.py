@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from afd.orchestrator.config import DeploymentError, load_deployment
+from afd.orchestrator.config import Deployment, DeploymentError, ModelSection, load_deployment
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,3 +54,33 @@ def test_command_line_overrides_are_checked_too(tmp_path: Path) -> None:
     with pytest.raises(DeploymentError, match="command line: field 'attention.nodes' must be >= 1"):
         d.with_shape(0, None, None)
     assert d.with_shape(None, 0, None).experts.nodes == 0  # colocated
+
+
+def test_a_bad_placement_file_is_named(tiny_model: Path, tmp_path: Path) -> None:
+    import json
+    from dataclasses import replace
+
+    from afd.models.config import load_config
+    from afd.orchestrator.node_settings import expert_placement
+
+    config = load_config(tiny_model)
+    base = Deployment(model=ModelSection(path=str(tiny_model))).with_shape(1, 2, 1)
+    plan = tmp_path / "plan.json"
+    for text, message in [
+        (json.dumps({"layers": [{"layer": 1, "assignment": [[0, 1, 2], [4, 5, 6, 7]]}]}),
+         r"layer 1: expert assignment .* too few holders \[3\]"),
+        (json.dumps({"layers": [{"layer": 9, "assignment": [[0], [1]]}]}), r"layers \[9\] are not MoE"),
+        (json.dumps({"assignment": [list(range(8))]}), "it lists 1 nodes, not 2"),
+        ("{not json", "Expecting property name"),
+    ]:  # fmt: skip
+        plan.write_text(text)
+        d = replace(base, experts=replace(base.experts, placement_file=str(plan)))
+        with pytest.raises(DeploymentError, match=f"experts.placement_file {plan}: .*{message}"):
+            expert_placement(d, config)
+    plan.write_text(
+        json.dumps({"layers": [{"layer": 1, "assignment": [[0, 1, 2, 3, 0], [0, 4, 5, 6, 7]]}]})
+    )
+    with pytest.raises(DeploymentError, match="repeated within a node"):
+        expert_placement(
+            replace(base, experts=replace(base.experts, placement_file=str(plan))), config
+        )
