@@ -112,18 +112,28 @@ def test_ping_pong_gives_the_reference_tokens_for_every_m(
         assert [t.logprob for t in tokens] == pytest.approx(want.logprobs, abs=1e-5)
 
 
-def test_a_replicated_expert_splits_its_tokens_between_its_holders(
-    tiny_model: Path, reference: ReferenceEngine
-) -> None:
-    """Experts 0-3 on both expert nodes, 4-7 on node 0 only: each (token, slot) of experts
-    0-3 goes to one holder by row, so both count tokens of them; tokens stay the reference's."""
-    placement = ExpertPlacement.explicit(8, [list(range(8)), [0, 1, 2, 3]])
-    attention = AttentionNode(AttentionNodeSettings(0, str(tiny_model)), placement)
+def _serve_placement(
+    tiny_model: Path, reference: ReferenceEngine, placement: ExpertPlacement, micro_batches: int
+) -> tuple[list[NewRequest], list[list[ExpertStepResult]]]:
+    """Serves `_requests` on 1 attention node + the placement's expert nodes (each loading
+    its experts of every layer), checks the tokens against the reference, and returns the
+    requests and every expert node's step results."""
+    attention = AttentionNode(
+        AttentionNodeSettings(0, str(tiny_model), micro_batches=micro_batches), placement
+    )
     experts = [
-        ExpertNode(ExpertNodeSettings(EXPERT_BASE + j, str(tiny_model), ids))
+        ExpertNode(
+            ExpertNodeSettings(
+                EXPERT_BASE + j,
+                str(tiny_model),
+                ids,
+                micro_batches=micro_batches,
+                layer_expert_ids=placement.node_layers(j),
+            )
+        )  # fmt: skip
         for j, ids in enumerate(placement.assignment)
     ]
-    results: list[list[ExpertStepResult]] = [[], []]
+    results: list[list[ExpertStepResult]] = [[] for _ in experts]
     try:
         _wire(attention, experts)
         requests = _requests(reference)
@@ -135,6 +145,21 @@ def test_a_replicated_expert_splits_its_tokens_between_its_holders(
         want = reference.generate(r.prompt_ids, r.params)
         assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
         assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-5)
+    return requests, results
+
+
+def _slots(requests: list[NewRequest]) -> int:
+    """(token, top-k slot) pairs of one MoE layer over the whole run (top-2)."""
+    return sum(len(r.prompt_ids) + r.params.max_tokens - 1 for r in requests) * 2
+
+
+def test_a_replicated_expert_splits_its_tokens_between_its_holders(
+    tiny_model: Path, reference: ReferenceEngine
+) -> None:
+    """Experts 0-3 on both expert nodes, 4-7 on node 0 only: each (token, slot) of experts
+    0-3 goes to one holder by row, so both count tokens of them; tokens stay the reference's."""
+    placement = ExpertPlacement.explicit(8, [list(range(8)), [0, 1, 2, 3]])
+    requests, results = _serve_placement(tiny_model, reference, placement, 1)
     per_node = [
         {e: sum(s.tokens_per_expert[e] for s in steps) for e in steps[0].tokens_per_expert}
         for steps in results
@@ -142,8 +167,7 @@ def test_a_replicated_expert_splits_its_tokens_between_its_holders(
     assert set(per_node[1]) == {0, 1, 2, 3}
     assert any(per_node[0][e] > 0 and per_node[1][e] > 0 for e in range(4))
     assert sum(per_node[0][e] for e in range(4, 8)) > 0
-    slots = sum(len(r.prompt_ids) + r.params.max_tokens - 1 for r in requests) * 2 * 2
-    assert sum(sum(n.values()) for n in per_node) == slots  # every (token, slot, layer) once
+    assert sum(sum(n.values()) for n in per_node) == 2 * _slots(requests)  # 2 layers, once each
 
 
 def test_a_placement_per_layer_gives_the_reference_tokens(
@@ -152,38 +176,13 @@ def test_a_placement_per_layer_gives_the_reference_tokens(
     """Layer 0 split evenly, layer 1 its own way (expert 0 on both nodes, the rest swapped):
     each node loads and counts each layer's own experts; tokens stay the reference's."""
     placement = ExpertPlacement.even(8, 2).with_layers({1: [[4, 5, 6, 7, 0], [0, 1, 2, 3]]})
-    attention = AttentionNode(AttentionNodeSettings(0, str(tiny_model), micro_batches=2), placement)
-    experts = [
-        ExpertNode(
-            ExpertNodeSettings(
-                EXPERT_BASE + j,
-                str(tiny_model),
-                ids,
-                micro_batches=2,
-                layer_expert_ids=placement.node_layers(j),
-            )
-        )  # fmt: skip
-        for j, ids in enumerate(placement.assignment)
-    ]
-    results: list[list[ExpertStepResult]] = [[], []]
-    try:
-        _wire(attention, experts)
-        requests = _requests(reference)
-        got = _serve(attention, experts, requests, results)
-    finally:
-        for node in [attention, *experts]:
-            node.shutdown()
-    for r in requests:
-        want = reference.generate(r.prompt_ids, r.params)
-        assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
-        assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-5)
+    requests, results = _serve_placement(tiny_model, reference, placement, 2)
     layer_rows = [[len(row) for row in steps[0].layer_tokens] for steps in results]
     assert layer_rows == [[4, 5], [4, 4]]  # node 0: 4 experts in layer 0, 5 in layer 1
     assert set(results[1][0].tokens_per_expert) == set(range(8))  # 4-7, then 0-3
-    tokens = sum(len(r.prompt_ids) + r.params.max_tokens - 1 for r in requests)
     for layer in range(2):  # each layer's slots, all counted once, on the nodes holding them
         counted = sum(sum(s.layer_tokens[layer]) for steps in results for s in steps)
-        assert counted == tokens * 2
+        assert counted == _slots(requests)
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
