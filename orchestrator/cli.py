@@ -152,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--loads", help='load file: {"layers": [{"expert_tokens": [...]}]}')
     load.add_argument("--target", help="HOST:PORT of a running server: its ClusterStatus load")
     experts.add_argument("--tls-ca", help="CA certificate (PEM) for a TLS server")
+    experts.add_argument("--token", help="bearer token, when the server wants one")
     experts.add_argument("--nodes", type=int, required=True, help="expert nodes")
     experts.add_argument("--redundant-slots", type=int, default=0, help="spare slots per node")
     experts.add_argument(
@@ -290,7 +291,7 @@ def _plan_experts(args: argparse.Namespace) -> int:
     layers = (
         plan_experts.read_load_file(args.loads)
         if args.loads
-        else plan_experts.read_server_load(args.target, args.tls_ca)
+        else plan_experts.read_server_load(args.target, args.tls_ca, args.token)
     )
     if not layers:
         raise DeploymentError("no expert load to plan from (a colocated server reports none)")

@@ -50,13 +50,18 @@ def read_load_file(path: str) -> list[dict[str, Any]]:
         ) from err
 
 
-def read_server_load(target: str, tls_ca: str | None = None) -> list[dict[str, Any]]:
+def read_server_load(
+    target: str, tls_ca: str | None = None, token: str | None = None
+) -> list[dict[str, Any]]:
     from afd.orchestrator.client import channel
     from afd.protos import afd_v1_pb2 as pb
     from afd.protos import afd_v1_pb2_grpc as pb_grpc
 
     with channel(target, tls_ca) as ch:
-        status = pb_grpc.AfdStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=30)
+        metadata = [("authorization", f"Bearer {token}")] if token else None
+        status = pb_grpc.AfdStub(ch).ClusterStatus(
+            pb.ClusterStatusRequest(), timeout=30, metadata=metadata
+        )
     return [
         {"layer": x.layer, "expert_tokens": [float(t) for t in x.expert_tokens], "samples": []}
         for x in status.layers

@@ -289,6 +289,12 @@ def test_bearer_token_when_configured(
                 health_pb2.HealthCheckRequest(), timeout=10
             )
             assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no secret
+        from afd.orchestrator.plan_experts import read_server_load
+
+        assert len(read_server_load(endpoints.grpc, token=TOKEN)) == 2  # afd plan-experts --token
+        with pytest.raises(grpc.RpcError) as err:
+            read_server_load(endpoints.grpc)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(
                 base_url=f"{endpoints.http}/v1", api_key="wrong", max_retries=0
