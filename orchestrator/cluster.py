@@ -75,6 +75,8 @@ class NodeState:
     total_kv_blocks: int = 0
     expert_ids: tuple[int, ...] = ()
     tokens: int = 0  # computed (attention) or routed to the node (expert), all time
+    # expert nodes: per MoE layer over the load window, (layer, expert ids, their tokens)
+    layer_tokens: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,6 +685,7 @@ class Cluster:
                     self._healthy and j not in self._down,
                     expert_ids=tuple(experts),
                     tokens=self._expert_node_tokens[j],
+                    layer_tokens=self.load_window.node_layers(j),
                 )
             )
         with self._wake:

@@ -93,6 +93,15 @@ class ExpertLoadWindow:
         mean = loads.mean(axis=1)
         return np.where(mean > 0, loads.max(axis=1) / np.where(mean > 0, mean, 1.0), 1.0)
 
+    def node_layers(self, node: int) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+        """Node `node`'s window per MoE layer: (layer, its expert ids, their tokens)."""
+        with self._lock:
+            sums = self._sums[node].copy()
+        return [
+            (layer, tuple(int(e) for e in ids), tuple(int(t) for t in sums[i, : len(ids)]))
+            for i, (layer, ids) in enumerate(zip(self.moe_layers, self.ids[node], strict=True))
+        ]
+
     def layers(self) -> list[LayerLoad]:
         experts, nodes, imbalance = self.expert_tokens(), self.node_tokens(), self.imbalance()
         return [

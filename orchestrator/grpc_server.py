@@ -86,6 +86,10 @@ class AfdServicer(pb_grpc.AfdServicer):
                     total_kv_blocks=n.total_kv_blocks,
                     expert_ids=n.expert_ids,
                     tokens=n.tokens,
+                    layers=[
+                        pb.NodeLayerLoad(layer=layer, expert_ids=ids, tokens=tokens)
+                        for layer, ids, tokens in n.layer_tokens
+                    ],
                 )
                 for n in s.nodes
             ],

@@ -97,7 +97,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "pool", "healthy", "running", "waiting", "free_kv_blocks", "total_kv_blocks", "expert_ids", "tokens")
+    __slots__ = ("name", "pool", "healthy", "running", "waiting", "free_kv_blocks", "total_kv_blocks", "expert_ids", "tokens", "layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class NodeStatus(_message.Message):
     TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     pool: str
     healthy: bool
@@ -116,7 +117,18 @@ class NodeStatus(_message.Message):
     total_kv_blocks: int
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
     tokens: int
-    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[int] = ...) -> None: ...
+    layers: _containers.RepeatedCompositeFieldContainer[NodeLayerLoad]
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[NodeLayerLoad, _Mapping]]] = ...) -> None: ...
+
+class NodeLayerLoad(_message.Message):
+    __slots__ = ("layer", "expert_ids", "tokens")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
     __slots__ = ("expert_id", "tokens")

@@ -432,6 +432,13 @@ def test_cluster_status_reports_expert_load_per_layer(ch: grpc.Channel) -> None:
         assert x.imbalance == pytest.approx(
             max(x.node_tokens) / (sum(x.node_tokens) / len(experts))
         )
+    for j, node in enumerate(experts):  # each node's own view: its experts, per layer
+        assert [x.layer for x in node.layers] == [0, 1]
+        for x, total in zip(node.layers, s.layers, strict=True):
+            assert list(x.expert_ids) == list(node.expert_ids) and len(x.tokens) == 4
+            assert sum(x.tokens) == total.node_tokens[j]
+            for e, t in zip(x.expert_ids, x.tokens, strict=True):
+                assert t == total.expert_tokens[e]  # no replicas here: the node has it all
 
 
 def test_plan_experts_reads_a_running_servers_load(
