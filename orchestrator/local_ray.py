@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 
+log = logging.getLogger(__name__)
 _ADDRESS = re.compile(r"--address='([^']+)'")
 _PR_SET_PDEATHSIG = 1
 
@@ -43,6 +44,10 @@ def _die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+PORT_ATTEMPTS = 3
+_PORT_TAKEN = re.compile(r"Address already in use|Failed to start the grpc server")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,6 +58,18 @@ class LocalRayHead:
     """A Ray head in its own session; `address` is what `ray.init(address=...)` takes."""
 
     def __init__(self, timeout_s: float) -> None:
+        # the port is free when chosen, but another process may take it before Ray binds it:
+        # a head that fails for a port in use is started again on another one
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._start(timeout_s)
+                return
+            except LocalRayError as err:
+                if attempt + 1 == PORT_ATTEMPTS or not _PORT_TAKEN.search(str(err)):
+                    raise
+                log.warning("the local Ray head's port was taken; starting it on another")
+
+    def _start(self, timeout_s: float) -> None:
         self._temp_dir = tempfile.mkdtemp(prefix="afd-ray-")
         command = [  # Ray's CLI through this interpreter: no console script needs to be on PATH
             sys.executable,
