@@ -76,12 +76,13 @@ class RemoteDispatcher(Dispatcher):
         self._route_around(frozenset())
 
     def _route_around(self, dead: frozenset[int]) -> None:
-        """Routes every expert to its live holders (ExpertPlacementError, naming them, if an
-        expert has none in some layer); each layer's tables are made when first used."""
-        if not self.placement.covers(dead):
-            for layer in [None, *(at for at, _ in self.placement.layer_assignments)]:
-                self.placement.holders(dead, layer)  # raises for the layer that lost one
-        self._tables: dict[int | None, tuple[torch.Tensor, ...]] = {}
+        """Routes every expert of every layer to its live holders (ExpertPlacementError,
+        naming the experts, if one has none): the holder tables of the shared placement (key
+        None) and of each layer placed its own way."""
+        layers = [None, *(at for at, _ in self.placement.layer_assignments)]
+        self._tables = {
+            at: tuple(t.to(self.device) for t in self.placement.holders(dead, at)) for at in layers
+        }
         self.dead = dead
 
     def _route(
@@ -89,12 +90,7 @@ class RemoteDispatcher(Dispatcher):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(node, local id) of each (token, slot) in `layer`: row r of an expert goes to its
         holder r mod (its live holders)."""
-        placed = {at for at, _ in self.placement.layer_assignments}
-        at = layer if layer in placed else None
-        if at not in self._tables:
-            holders = self.placement.holders(self.dead, at)
-            self._tables[at] = tuple(t.to(self.device) for t in holders)
-        node_EH, local_EH, count_E = self._tables[at]
+        node_EH, local_EH, count_E = self._tables.get(layer, self._tables[None])
         pick_TK = rows_T[:, None] % count_E[ids_TK]
         return node_EH[ids_TK, pick_TK], local_EH[ids_TK, pick_TK]
 

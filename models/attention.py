@@ -135,13 +135,10 @@ class PagedAttention:
     def attend(
         self, layer: int, q_THDh: torch.Tensor, k_TGDh: torch.Tensor, v_TGDh: torch.Tensor
     ) -> torch.Tensor:
-        if self._shared is None:
-            G = k_TGDh.shape[1]
-            self._shared = _SharedIndices.of(self.meta, self.k_cache.shape[2], q_THDh.shape[1] // G)
         k_flat, v_flat = _flat(self.k_cache[layer]), _flat(self.v_cache[layer])
         k_flat.index_copy_(0, self.meta.slot_T, k_TGDh)
         v_flat.index_copy_(0, self.meta.slot_T, v_TGDh)
-        return attend_cached(k_flat, v_flat, self.meta, self._shared, q_THDh)
+        return attend_cached(k_flat, v_flat, self.meta, self._shared_for(q_THDh), q_THDh)
 
     def attend_projected(
         self,
@@ -169,10 +166,15 @@ class PagedAttention:
             return paged_decode_attention(
                 q_THDh, k_cache, v_cache, self.meta.block_table_BM, self.meta.query_pos_BQ[:, 0]
             )
+        shared = self._shared_for(q_THDh)
+        return attend_cached(_flat(k_cache), _flat(v_cache), self.meta, shared, q_THDh)
+
+    def _shared_for(self, q_THDh: torch.Tensor) -> _SharedIndices:
+        """The batch's gather slots and mask, made at the first layer that needs them."""
         if self._shared is None:
-            G = k_cache.shape[2]
-            self._shared = _SharedIndices.of(self.meta, k_cache.shape[1], q_THDh.shape[1] // G)
-        return attend_cached(_flat(k_cache), _flat(v_cache), self.meta, self._shared, q_THDh)
+            BS, G = self.k_cache.shape[2], self.k_cache.shape[3]
+            self._shared = _SharedIndices.of(self.meta, BS, q_THDh.shape[1] // G)
+        return self._shared
 
 
 @dataclass(frozen=True, slots=True)

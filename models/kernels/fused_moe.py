@@ -22,6 +22,7 @@ I = expert FFN width, BM/BN/BK = GEMM tiles.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import triton
@@ -41,12 +42,14 @@ class MoEConfig:
     num_stages: int = 3
 
 
+@cache
 def pick_config(
-    pairs: int, experts: int, ffn: int, hidden: int, x: torch.Tensor, weight_dtype: torch.dtype
+    pairs: int, experts: int, ffn: int, hidden: int, device: torch.device, weight_dtype: torch.dtype
 ) -> MoEConfig:
     """The tiles `bench/tune_kernels.py` measured best for this shape, weight dtype and GPU at
-    the smallest tuned pair count ≥ `pairs`; defaults where nothing was measured."""
-    key = shape_key("moe", weight_dtype, device_name(x.device), E=experts, I=ffn, D=hidden)
+    the smallest tuned pair count ≥ `pairs`; defaults where nothing was measured. Looked up
+    once per shape: every MoE layer of every eager step asks."""
+    key = shape_key("moe", weight_dtype, device_name(device), E=experts, I=ffn, D=hidden)
     found, entry = lookup(key, pairs)
     return MoEConfig(**entry) if found else MoEConfig()
 
@@ -268,7 +271,7 @@ def fused_experts(
     out_TD = torch.empty_like(x_TD)
     if N == 0:
         return out_TD.zero_()
-    cfg = config or pick_config(N, E, FFN, D, x_TD, gate_EID.dtype)
+    cfg = config or pick_config(N, E, FFN, D, x_TD.device, gate_EID.dtype)
     BM = cfg.block_m
     ids_N = ids_TK.reshape(-1).contiguous()  # int32 or int64: the kernels load either
     direct = is_direct(N, E, K)

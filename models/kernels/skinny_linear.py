@@ -15,6 +15,7 @@ Shape legend: M = rows, N = output features, K = input features.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import triton
@@ -74,10 +75,13 @@ def tuned_config(x_MK: torch.Tensor, w_NK: torch.Tensor) -> SkinnyConfig | None:
     """The measured winner for this shape, batch and GPU; None where cuBLAS won or nothing was
     measured."""
     M, (N, K) = x_MK.shape[0], w_NK.shape
-    if M > MAX_ROWS:
-        return None
-    key = shape_key("linear", x_MK.dtype, device_name(x_MK.device), N=N, K=K)
-    found, entry = lookup(key, M)
+    return None if M > MAX_ROWS else _tuned(M, N, K, x_MK.dtype, x_MK.device)
+
+
+@cache
+def _tuned(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> SkinnyConfig | None:
+    """Looked up once per shape: layers call this on every eager step."""
+    found, entry = lookup(shape_key("linear", dtype, device_name(device), N=N, K=K), M)
     return SkinnyConfig(**entry) if found and entry else None
 
 
