@@ -281,13 +281,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _plan_experts(args: argparse.Namespace) -> int:
     from afd.orchestrator import plan_experts
 
-    for flag, ok in (
-        ("--nodes", args.nodes >= 1),
-        ("--redundant-slots", args.redundant_slots >= 0),
-        ("--slack", args.slack >= 0),
+    for flag, value, least in (
+        ("--nodes", args.nodes, 1),
+        ("--redundant-slots", args.redundant_slots, 0),
+        ("--slack", args.slack, 0),
     ):
-        if not ok:
-            raise DeploymentError(f"{flag} must be {'at least 1' if flag == '--nodes' else '>= 0'}")
+        if value < least:
+            raise DeploymentError(f"{flag} must be at least {least}, got {value}")
     layers = (
         plan_experts.read_load_file(args.loads)
         if args.loads
