@@ -1,11 +1,12 @@
-"""CUDA graphs for a colocated node's decode-only steps: the whole forward replayed, one graph
-per (batch bucket, block bucket).
+"""CUDA graphs for decode-only steps: the whole forward replayed, one graph per (batch bucket,
+block bucket). Colocated, or disaggregated over the device lane (m = 1), whose exchange is
+kernels too.
 
 A decode step of B sequences is padded to the next batch bucket (1, 2, 4, 8, 16, 32, then
 multiples of 32) and the longest block table to the next power of two, so a handful of graphs
 serve every step; the first step of a shape captures its graph. Padding rows decode token 0 at
 position 0 into the cache's scratch block and are dropped. The graph runs exactly the eager
-code (`AttentionSideModel` with `PagedAttention` and the local dispatcher): inputs are copied
+code (`AttentionSideModel` with `PagedAttention` and the node's dispatcher): inputs are copied
 into the graph's static tensors, nothing else changes. Steps with prefill chunks run eagerly.
 
 Shape legend: B = sequences, Bp = the batch bucket, M = blocks per sequence, V = vocab.
@@ -97,13 +98,14 @@ class DecodeGraphs:
         forward = partial(decode_forward, self.model, self.dispatcher, self.k_cache, self.v_cache)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                forward(batch, meta)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits_BV = forward(batch, meta)
+        with self.dispatcher.capturing():
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    forward(batch, meta)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits_BV = forward(batch, meta)
         g = _Graph(graph, inputs_N, logits_BV)
         self.graphs[Bp, Mp] = g
         return g

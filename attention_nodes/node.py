@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from afd.attention_nodes.decode_graphs import DecodeGraphs
+from afd.attention_nodes.decode_graphs import DecodeGraphs, batch_bucket
+from afd.attention_nodes.device_dispatch import DeviceDispatcher
 from afd.attention_nodes.paged_kv_cache import PagedKVCache
 from afd.attention_nodes.pipeline import PingPongPipeline
 from afd.attention_nodes.remote_dispatch import RemoteDispatcher
@@ -28,11 +29,14 @@ from afd.models.config import DTYPES, load_config
 from afd.models.expert_placement import ExpertPlacement
 from afd.models.messages import AttentionStepResult, NewRequest, StepTimings, TokenOutput
 from afd.models.model import AttentionSideModel
-from afd.models.moe import ExpertShard, LocalDispatcher
+from afd.models.moe import Dispatcher, ExpertShard, LocalDispatcher
 from afd.models.request_state import RequestState, check_prompt
 from afd.models.sampling import sample_rows
 from afd.models.tokenizer import Tokenizer
+from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
+from afd.transport.region_memory import RegionHandle
+from afd.transport.slots import SlotKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,7 @@ class AttentionNodeSettings:
     device: str = "cpu"  # "cuda": the GPU Ray gave this actor
     cuda_graphs: bool = True  # colocated on CUDA: decode-only steps replay CUDA graphs
     cuda_graph_context: int = 0  # >0: at start, capture every batch bucket up to this context
+    lane: str = "host"  # "device": expert rows and sums through shared slots (peers of one host)
 
 
 def split_micro_batches(chunks: list[Chunk], m: int) -> list[list[Chunk]]:
@@ -89,9 +94,12 @@ class AttentionNode:
         )
         self.scheduler = Scheduler(self.cache, settings.max_batch_tokens, settings.max_running)
         self.transport: Transport | None = None
+        self.lane: DeviceLane | None = None  # the device lane's slots, once connected
         self.pipeline: PingPongPipeline | None = None
         self.graphs: DecodeGraphs | None = None  # colocated on CUDA: decode steps replay graphs
         if placement is None:
+            if settings.lane != "host":
+                raise ValueError("a colocated node has no exchange: lane must be 'host'")
             shard = ExpertShard.load(
                 self.checkpoint,
                 c,
@@ -101,22 +109,28 @@ class AttentionNode:
             ).to(self.device)
             dispatcher = LocalDispatcher(shard)
             self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)
-            if self.device.type == "cuda" and settings.cuda_graphs:
-                self.graphs = DecodeGraphs(
-                    self.model,
-                    self.cache.k_LNBBSGDh,
-                    self.cache.v_LNBBSGDh,
-                    dispatcher,
-                    self.cache.scratch_block,
-                    -(-c.max_position_embeddings // settings.block_size),
-                )
-                if settings.cuda_graph_context:  # capture now, not in the first requests' steps
-                    sizes = list(range(1, settings.max_running + 1))
-                    self.graphs.prepare(sizes, settings.cuda_graph_context)
+            self._use_graphs(dispatcher)
         else:
             self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self._next_seq_id = 0
         self._loop: StepLoop | None = None
+
+    def _use_graphs(self, dispatcher: Dispatcher) -> None:
+        """Decode-only steps replay CUDA graphs: colocated, or over the device lane with one
+        micro-batch (the exchange's kernels are captured with the rest of the step)."""
+        s = self.settings
+        if self.device.type != "cuda" or not s.cuda_graphs:
+            return
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.cache.k_LNBBSGDh,
+            self.cache.v_LNBBSGDh,
+            dispatcher,
+            self.cache.scratch_block,
+            -(-self.config.max_position_embeddings // s.block_size),
+        )
+        if s.cuda_graph_context:  # capture now, not in the first requests' steps
+            self.graphs.prepare(list(range(1, s.max_running + 1)), s.cuda_graph_context)
 
     def address(self) -> PeerAddress | None:
         """Where expert nodes' frames reach this node (None: colocated, no exchange)."""
@@ -125,26 +139,63 @@ class AttentionNode:
     def loaded_tensor_names(self) -> list[str]:
         return list(self.checkpoint.names_read)
 
-    def connect(self, expert_peers: list[tuple[int, PeerAddress]]) -> None:
-        """Opens one endpoint to every expert node, in expert-node order (colocated: none)."""
+    def connect(
+        self,
+        expert_peers: list[tuple[int, PeerAddress]],
+        lane_regions: list[RegionHandle] | None = None,
+    ) -> RegionHandle | None:
+        """Opens one endpoint to every expert node, in expert-node order (colocated: none). On
+        the device lane, also maps the expert nodes' dispatch slots (`lane_regions`, same
+        order) and returns the handle of this node's combine slots, for the expert nodes."""
         if self.transport is None or self.placement is None:
-            return
+            return None
         for peer, address in expert_peers:
             self.transport.connect(peer, address)
-        dispatcher = RemoteDispatcher(
-            self.transport,
-            self.placement,
-            [p for p, _ in expert_peers],
-            self.settings.round_timeout_s,
-            self.device,
-        )
+        peers, s = [p for p, _ in expert_peers], self.settings
+        dispatcher: Dispatcher
+        if s.lane == "device":
+            if lane_regions is None or len(lane_regions) != len(peers):
+                raise ValueError("the device lane needs every expert node's slots")
+            if self.lane is not None:
+                self.lane.close()
+            c = self.config
+            self.lane = DeviceLane.allocate(
+                SlotKind.COMBINE,
+                s.node_id,
+                peers,
+                s.micro_batches,
+                s.max_batch_tokens,
+                c.hidden_size,
+                c.top_k,
+                c.num_layers,
+                DTYPES[s.dtype],
+                self.device,
+            )
+            self.lane.connect(lane_regions, s.node_id)
+            dispatcher = DeviceDispatcher(
+                self.transport, self.lane, peers, self.placement, s.round_timeout_s
+            )
+            if s.micro_batches == 1:
+                self._use_graphs(dispatcher)
+        else:
+            dispatcher = RemoteDispatcher(
+                self.transport, self.placement, peers, s.round_timeout_s, self.device
+            )
         self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)
+        return None if self.lane is None else self.lane.handle
 
-    def reconnect(self, peer: int, address: PeerAddress) -> None:
-        """Connects to a restarted expert node under its old id."""
+    def reconnect(
+        self, peer: int, address: PeerAddress, lane_region: RegionHandle | None = None
+    ) -> None:
+        """Connects to a restarted expert node under its old id (on the device lane, to its
+        new slots too)."""
         assert self.transport is not None, "a colocated node has no expert peers"
         self.transport.forget_peer(peer)
         self.transport.connect(peer, address)
+        if self.lane is not None:
+            if lane_region is None:
+                raise ValueError("the device lane needs the restarted expert node's slots")
+            self.lane.reconnect(lane_region, self.settings.node_id)
 
     def abort(self) -> None:
         """Ends the step in progress with an error (the orchestrator calls it from another
@@ -152,6 +203,8 @@ class AttentionNode:
         after the whole pipeline ran, and KV written past them is overwritten next time."""
         if self.transport is not None:
             self.transport.abort()
+        if self.lane is not None:
+            self.lane.abort()
 
     def expert_lost(self, peer: int) -> None:
         """An expert node died and its experts have replicas: route around it at once, within
@@ -162,6 +215,8 @@ class AttentionNode:
     def reset(self, next_step: int) -> None:
         if self.transport is not None:
             self.transport.reset(next_step)
+        if self.lane is not None:
+            self.lane.reset()
 
     # ---- the node's own loop (colocated) ----------------------------------------------------
     def start_loop(self) -> None:
@@ -201,7 +256,7 @@ class AttentionNode:
             self._admit(r)
         chunks = self.scheduler.schedule()
         if self.graphs is not None and chunks and all(c.num_tokens == 1 for c in chunks):
-            return self._graph_step(chunks)
+            return self._graph_step(step_id, chunks)
         groups = split_micro_batches(chunks, self.settings.micro_batches)
         batches = [
             TokenBatch.build(
@@ -211,6 +266,8 @@ class AttentionNode:
         ]
         rows = [_sample_rows(g, b).to(self.device) for g, b in zip(groups, batches, strict=True)]
         batches = [b.to(self.device) for b in batches]
+        if isinstance(self.pipeline.dispatcher, DeviceDispatcher):
+            self.pipeline.dispatcher.begin_step(step_id, [b.token_ids.shape[0] for b in batches])
         logits, timings = self.pipeline.run(step_id, batches, rows)
         self.pipeline.dispatcher.end_step(step_id)
         moved = 0
@@ -236,15 +293,20 @@ class AttentionNode:
         if self.graphs is not None:
             self.graphs.prepare(batch_sizes, context)
 
-    def _graph_step(self, chunks: list[Chunk]) -> AttentionStepResult:
-        """A decode-only step of a colocated node: the whole forward replays a CUDA graph."""
-        assert self.graphs is not None
+    def _graph_step(self, step_id: int, chunks: list[Chunk]) -> AttentionStepResult:
+        """A decode-only step: the whole forward replays a CUDA graph (colocated, or with
+        the device lane's exchange inside it)."""
+        assert self.graphs is not None and self.pipeline is not None
         start = time.perf_counter()
+        dispatcher = self.pipeline.dispatcher
+        if isinstance(dispatcher, DeviceDispatcher):
+            dispatcher.begin_step(step_id, [batch_bucket(len(chunks))])
         logits_BV = self.graphs.run(
             [c.seq.pending[0] for c in chunks],
             [c.seq.num_computed for c in chunks],
             [self.cache.tables[c.seq.seq_id] for c in chunks],
         )
+        dispatcher.end_step(step_id)
         sampled = [i for i, c in enumerate(chunks) if c.samples]  # a 1-token prefill chunk may not
         if len(sampled) < len(chunks):
             logits_BV = logits_BV[sampled]
@@ -288,6 +350,8 @@ class AttentionNode:
             self._loop.stop()
         if self.transport is not None:
             self.transport.close()
+        if self.lane is not None:
+            self.lane.close()
 
 
 def _sample_rows(group: list[Chunk], batch: TokenBatch) -> torch.Tensor:

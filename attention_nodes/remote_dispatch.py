@@ -5,7 +5,7 @@ experts' local ids (-1 for the slots another node serves) and weights; it comes 
 partial sum per node. Every expert node gets a frame every round, empty if no token routes
 there, so it knows when the round is complete.
 
-An expert with several holders has its tokens split across them by row (`ExpertPlacement`).
+An expert with several holders has its tokens split across them by row (`ExpertRouting`).
 With expert replicas, an expert node the orchestrator reports dead (`Transport.mark_lost`) is
 routed around at once: the tokens of the exchange in progress that went to it are sent again,
 under a failover key, to the nodes that hold its experts' replicas, and later exchanges go
@@ -22,12 +22,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+from afd.attention_nodes.expert_routing import ExpertRouting
 from afd.models.expert_placement import ExpertPlacement
 from afd.models.moe import Dispatcher
 from afd.transport.endpoint import PeerLost, PendingSend, Transport, TransportError
+from afd.transport.slots import LOCAL_ID_DTYPE
 from afd.transport.wire import RoundKey
-
-LOCAL_ID_DTYPE = torch.int16
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,28 +71,8 @@ class RemoteDispatcher(Dispatcher):
         self.placement = placement
         self.expert_peers = expert_peers
         self.device = device
-        self.dead: frozenset[int] = frozenset()
+        self.routing = ExpertRouting(placement, device)
         self.timeout_s = timeout_s
-        self._route_around(frozenset())
-
-    def _route_around(self, dead: frozenset[int]) -> None:
-        """Routes every expert of every layer to its live holders (ExpertPlacementError,
-        naming the experts, if one has none): the holder tables of the shared placement (key
-        None) and of each layer placed its own way."""
-        layers = [None, *(at for at, _ in self.placement.layer_assignments)]
-        self._tables = {
-            at: tuple(t.to(self.device) for t in self.placement.holders(dead, at)) for at in layers
-        }
-        self.dead = dead
-
-    def _route(
-        self, layer: int, ids_TK: torch.Tensor, rows_T: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(node, local id) of each (token, slot) in `layer`: row r of an expert goes to its
-        holder r mod (its live holders)."""
-        node_EH, local_EH, count_E = self._tables.get(layer, self._tables[None])
-        pick_TK = rows_T[:, None] % count_E[ids_TK]
-        return node_EH[ids_TK, pick_TK], local_EH[ids_TK, pick_TK]
 
     def _send_slots(
         self,
@@ -127,25 +107,25 @@ class RemoteDispatcher(Dispatcher):
     ) -> DispatchPlan:
         key = RoundKey.exchange(step, layer, micro_batch)
         lost = frozenset(j for j, p in enumerate(self.expert_peers) if self.transport.is_lost(p))
-        if lost != self.dead:
-            self._route_around(lost)
-        node_TK, local_TK = self._route(
+        if lost != self.routing.dead:
+            self.routing.route_around(lost)
+        node_TK, local_TK = self.routing.route(
             layer, ids_TK, torch.arange(ids_TK.shape[0], device=ids_TK.device)
         )
         exchanges = tuple(
             self._send_slots(key, x_TD, ids_TK, weights_TK, node_TK == j, local_TK, None, j)
             for j in range(len(self.expert_peers))
-            if j not in self.dead
+            if j not in self.routing.dead
         )
         return DispatchPlan(key, exchanges, time.perf_counter(), x_TD, ids_TK, weights_TK)
 
     def _failover(self, plan: DispatchPlan, lost: Exchange, attempt: int) -> list[Exchange]:
         """Sends the slots that went to a lost node to the replicas of its experts."""
-        self._route_around(self.dead | {lost.node})
+        self.routing.route_around(self.routing.dead | {lost.node})
         rows = lost.rows
         x_TD, ids_TK, weights_TK = plan.x_TD[rows], plan.ids_TK[rows], plan.weights_TK[rows]
         was_lost_TK = lost.slots
-        now_TK, local_TK = self._route(plan.key.layer, ids_TK, rows)  # same rows, same split
+        now_TK, local_TK = self.routing.route(plan.key.layer, ids_TK, rows)  # same rows, same split
         key = plan.key.failover(attempt)
         return [
             self._send_slots(
@@ -166,7 +146,7 @@ class RemoteDispatcher(Dispatcher):
                 (y_nD,) = self.transport.recv(peer, ex.key, self.timeout_s)
                 ex.send.result(self.timeout_s)  # surfaces a failed send
             except PeerLost:
-                if not self.placement.covers(self.dead | {ex.node}):
+                if not self.placement.covers(self.routing.dead | {ex.node}):
                     raise
                 attempt += 1
                 waiting += self._failover(plan, ex, attempt)
@@ -189,5 +169,5 @@ class RemoteDispatcher(Dispatcher):
             return
         key = RoundKey.end_of_step(step)
         for j, peer in enumerate(self.expert_peers):
-            if j not in self.dead and not self.transport.is_lost(peer):
+            if j not in self.routing.dead and not self.transport.is_lost(peer):
                 self.transport.send(peer, key, [])

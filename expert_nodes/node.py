@@ -23,7 +23,10 @@ from afd.models.checkpoint import open_checkpoint
 from afd.models.config import DTYPES, load_config
 from afd.models.messages import ExpertStepResult
 from afd.models.moe import ExpertShard
+from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import PeerAddress, Transport, TransportError, TransportSettings
+from afd.transport.region_memory import RegionHandle
+from afd.transport.slots import SlotKind
 from afd.transport.wire import FrameKind, RoundKey
 
 
@@ -42,6 +45,7 @@ class ExpertNodeSettings:
     serve_failovers: bool = False  # expert replicas: answer failover frames, await step markers
     # (MoE layer, expert ids) for layers whose placement differs from `expert_ids`
     layer_expert_ids: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    lane: str = "host"  # "device": rows and sums through slots in shared memory (one host)
 
 
 class ExpertNode:
@@ -64,6 +68,7 @@ class ExpertNode:
             (len(self.shard.ids_at(layer)) for layer in self.config.moe_layers), default=0
         )
         self._step_counts: torch.Tensor | None = None
+        self.lane: DeviceLane | None = None  # the device lane, once `open_lane` made its slots
 
     def address(self) -> PeerAddress:
         return self.transport.address
@@ -71,21 +76,62 @@ class ExpertNode:
     def loaded_tensor_names(self) -> list[str]:
         return list(self.checkpoint.names_read)
 
+    def open_lane(self, attention_peers: list[int], capacity: int) -> RegionHandle:
+        """Makes this node's dispatch slots (device lane): one per (micro-batch, attention
+        node), `capacity` rows each. Attention nodes map them through the handle."""
+        if self.settings.lane != "device":
+            raise RuntimeError(f"expert node {self.settings.node_id} runs the host lane")
+        if self.lane is not None:
+            self.lane.close()
+        c = self.config
+        self.lane = DeviceLane.allocate(
+            SlotKind.DISPATCH,
+            self.settings.node_id,
+            attention_peers,
+            self.settings.micro_batches,
+            capacity,
+            c.hidden_size,
+            c.top_k,
+            c.num_layers,
+            DTYPES[self.settings.dtype],
+            torch.device(self.settings.device),
+        )
+        return self.lane.handle
+
     def wait_for_attention_nodes(self, peers: list[int], timeout_s: float) -> None:
         self.transport.wait_for_peers(peers, timeout_s)
         self.attention_peers = list(peers)
 
-    def accept_attention_node(self, peer: int, timeout_s: float) -> None:
-        """Takes back a restarted attention node under its old id."""
+    def connect_lane(self, attention_regions: list[RegionHandle]) -> None:
+        """Maps every attention node's combine slots (device lane), in attention-peer order."""
+        if self.lane is None:
+            raise RuntimeError(
+                f"expert node {self.settings.node_id}: connect_lane before open_lane"
+            )
+        self.lane.connect(attention_regions, self.settings.node_id)
+
+    def accept_attention_node(
+        self, peer: int, timeout_s: float, lane_region: RegionHandle | None = None
+    ) -> None:
+        """Takes back a restarted attention node under its old id (and, on the device lane,
+        maps its new combine slots)."""
         self.transport.forget_peer(peer)
         self.transport.wait_for_peers([peer], timeout_s)
+        if self.lane is not None:
+            if lane_region is None:
+                raise RuntimeError("the device lane needs the restarted node's slots")
+            self.lane.reconnect(lane_region, self.settings.node_id)
 
     def abort(self) -> None:
         """Ends the step in progress with an error; called from another thread."""
         self.transport.abort()
+        if self.lane is not None:
+            self.lane.abort()
 
     def reset(self, next_step: int) -> None:
         self.transport.reset(next_step)
+        if self.lane is not None:
+            self.lane.reset()
 
     def pid(self) -> int:
         return os.getpid()
@@ -103,7 +149,9 @@ class ExpertNode:
         )
         self._step_counts = counts  # failover frames answered while gathering count too
         compute = wait = 0.0
-        for layer in self.config.moe_layers:
+        if self.lane is not None:
+            wait = self._lane_step(step_id, counts)
+        for layer in self.config.moe_layers if self.lane is None else ():
             for mb in range(self.settings.micro_batches):
                 key = RoundKey.exchange(step_id, layer, mb)
                 t0 = time.perf_counter()
@@ -134,6 +182,56 @@ class ExpertNode:
             stats.bytes_sent + stats.bytes_received,
             tuple(tuple(row) for row in layer_tokens),
         )
+
+    def _lane_step(self, step_id: int, counts: torch.Tensor) -> float:
+        """A step on the device lane: the rows of every micro-batch from each attention node's
+        control frame, then every layer's wait, experts and write-backs enqueued on the GPU
+        at once; returns the time spent waiting for the control frames."""
+        assert self.lane is not None
+        start = time.perf_counter()
+        rows_PM = [
+            self._rows_frame(
+                p, self.transport.recv(p, RoundKey.control(step_id), self.settings.round_timeout_s)
+            )
+            for p in self.attention_peers
+        ]
+        waited = time.perf_counter() - start
+        lane, timeout = self.lane, self.settings.round_timeout_s
+        lane.begin_step(step_id)
+        for layer in self.config.moe_layers:
+            for mb in range(self.settings.micro_batches):
+                rows_P = [rows_M[mb] for rows_M in rows_PM]
+                lane.wait(layer, mb, timeout)
+                x_TD, ids_TK, weights_TK = lane.own.micro_batch_rows(mb, rows_P)
+                ids_TK = ids_TK.long()
+                self._count(layer, ids_TK, counts)
+                y_TD = self.shard.forward(layer, x_TD, ids_TK, weights_TK)
+                for p, ((slots, me), y_nD) in enumerate(
+                    zip(lane.peers, torch.split(y_TD, rows_P), strict=True)
+                ):
+                    slots.rows_MPCD[mb, me, : y_nD.shape[0]].copy_(y_nD)
+                    lane.release(p, layer, mb)
+        lane.check(f"expert node {self.settings.node_id}, step {step_id}")
+        return waited
+
+    def _rows_frame(self, peer: int, frame: list[torch.Tensor]) -> list[int]:
+        """A control frame: the rows of each micro-batch this step, within the slots."""
+        m, capacity = self.settings.micro_batches, self.lane.own.layout.capacity if self.lane else 0
+        ok = len(frame) == 1 and frame[0].shape == (m,) and not frame[0].is_floating_point()
+        rows = frame[0].tolist() if ok else []
+        if not ok or not all(0 <= r <= capacity for r in rows):
+            raise TransportError(
+                f"expert node {self.settings.node_id}: bad control frame from peer {peer}: "
+                f"{[list(t.shape) for t in frame]} {rows}, expected {m} row counts within 0..{capacity}"
+            )
+        return rows
+
+    def _count(self, layer: int, ids_TK: torch.Tensor, counts: torch.Tensor) -> None:
+        """Adds the layer's tokens per local expert (no host sync: bincount would size its
+        output); slots held elsewhere count in the last column."""
+        elsewhere = counts.shape[1] - 1
+        slots = torch.where(ids_TK >= 0, ids_TK, elsewhere).reshape(-1)
+        counts[self._moe_row[layer]].scatter_add_(0, slots, torch.ones_like(slots))
 
     def _gather(self, key: RoundKey) -> list[list[torch.Tensor]]:
         """One frame from every attention node under `key`, answering failovers meanwhile."""
@@ -173,10 +271,8 @@ class ExpertNode:
         x_TD = torch.cat([f[0] for f in frames])
         ids_TK = torch.cat([f[1] for f in frames]).long()
         weights_TK = torch.cat([f[2] for f in frames]).to(x_TD.dtype)
-        if counts is not None:  # scatter_add_: no host sync (bincount would size its output)
-            elsewhere = counts.shape[1] - 1
-            slots = torch.where(ids_TK >= 0, ids_TK, elsewhere).reshape(-1)
-            counts[self._moe_row[key.layer]].scatter_add_(0, slots, torch.ones_like(slots))
+        if counts is not None:
+            self._count(key.layer, ids_TK, counts)
         y_TD = self.shard.forward(key.layer, x_TD, ids_TK, weights_TK)
         for peer, y_nD in zip(
             peers, torch.split(y_TD, [f[0].shape[0] for f in frames]), strict=True
@@ -212,3 +308,5 @@ class ExpertNode:
 
     def shutdown(self) -> None:
         self.transport.close()
+        if self.lane is not None:
+            self.lane.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +189,11 @@ class Dispatcher(ABC):
     def end_step(self, step: int) -> None:
         """The caller is through with `step` (remote experts with replicas wait for this)."""
         return None
+
+    def capturing(self) -> AbstractContextManager[object]:
+        """Held while a CUDA graph of the forward is warmed up and captured: those runs are not
+        a step, and must not reach any peer."""
+        return nullcontext()
 
     def experts(
         self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor

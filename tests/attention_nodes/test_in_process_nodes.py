@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from afd.attention_nodes.node import AttentionNode, AttentionNodeSettings
+from afd.attention_nodes.device_dispatch import DeviceDispatcher
 from afd.attention_nodes.remote_dispatch import RemoteDispatcher
 from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
 from afd.models import kernels
@@ -36,12 +37,19 @@ TIMEOUT_S = 30.0
 PROMPTS = ["Hello, world!", "The capital of France is", "one two three", "Water", "def f(x):"]
 
 
-def _wire(attention: AttentionNode, experts: list[ExpertNode]) -> None:
+def _wire(attention: AttentionNode, experts: list[ExpertNode], lane: bool = False) -> None:
+    """Connects the nodes as the orchestrator does (on the device lane, the slots too)."""
+    capacity = attention.settings.max_batch_tokens
+    regions = [e.open_lane([0], capacity) for e in experts] if lane else None
     with ThreadPoolExecutor(len(experts)) as pool:
         waits = [pool.submit(e.wait_for_attention_nodes, [0], TIMEOUT_S) for e in experts]
-        attention.connect([(e.settings.node_id, e.address()) for e in experts])
+        own = attention.connect([(e.settings.node_id, e.address()) for e in experts], regions)
         for w in waits:
             w.result(TIMEOUT_S)
+    if lane:
+        assert own is not None
+        for e in experts:
+            e.connect_lane([own])
 
 
 def _serve(
@@ -110,6 +118,70 @@ def test_ping_pong_gives_the_reference_tokens_for_every_m(
         tokens = got[r.request_id]
         assert [t.token_id for t in tokens] == want.token_ids, r.request_id
         assert [t.logprob for t in tokens] == pytest.approx(want.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2, 3])
+def test_the_device_lane_gives_the_reference_tokens(
+    tiny_model: Path, reference: ReferenceEngine, micro_batches: int
+) -> None:
+    """Rows and sums through shared slots (host memory on CPU), the control frames through
+    the transport: the same tokens as the reference, and each expert node counts its own."""
+    config = load_config(tiny_model)
+    placement = ExpertPlacement.even(config.num_experts, 2)
+    settings = AttentionNodeSettings(0, str(tiny_model), micro_batches=micro_batches, lane="device")
+    attention = AttentionNode(settings, placement)
+    experts = [
+        ExpertNode(
+            ExpertNodeSettings(
+                EXPERT_BASE + j, str(tiny_model), ids, micro_batches=micro_batches, lane="device"
+            )
+        )
+        for j, ids in enumerate(placement.assignment)
+    ]
+    results: list[list[ExpertStepResult]] = [[], []]
+    try:
+        _wire(attention, experts, lane=True)
+        assert attention.pipeline is not None
+        assert isinstance(attention.pipeline.dispatcher, DeviceDispatcher)
+        requests = _requests(reference)
+        got = _serve(attention, experts, requests, results)
+    finally:
+        for node in [attention, *experts]:
+            node.shutdown()
+    for r in requests:
+        want = reference.generate(r.prompt_ids, r.params)
+        assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
+        assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-5)
+    for j, steps in enumerate(results):  # every (token, slot) counted once, on its holder
+        assert set(steps[0].tokens_per_expert) == set(placement.assignment[j])
+    counted = sum(sum(s.tokens_per_expert.values()) for steps in results for s in steps)
+    assert counted == 2 * _slots(requests)
+
+
+def test_a_device_lane_step_without_its_expert_node_ends_at_the_deadline(
+    tiny_model: Path, reference: ReferenceEngine
+) -> None:
+    """An expert node that never runs its step: the attention node's first wait ends at its
+    deadline with an error naming the step; after a reset, the next step runs."""
+    config = load_config(tiny_model)
+    placement = ExpertPlacement.even(config.num_experts, 1)
+    settings = AttentionNodeSettings(0, str(tiny_model), lane="device", round_timeout_s=0.2)
+    attention = AttentionNode(settings, placement)
+    expert = ExpertNode(
+        ExpertNodeSettings(EXPERT_BASE, str(tiny_model), placement.assignment[0], lane="device")
+    )
+    try:
+        _wire(attention, [expert], lane=True)
+        requests = _requests(reference)[:1]
+        with pytest.raises(TransportError, match="did not deliver its round within 0.2 s"):
+            attention.step(0, requests, [])
+        attention.reset(1)
+        runs = ThreadPoolExecutor(1).submit(expert.run_step, 1)
+        assert attention.step(1, [], []).tokens > 0  # the request, still waiting, runs now
+        runs.result(TIMEOUT_S)
+    finally:
+        for node in [attention, expert]:
+            node.shutdown()
 
 
 def _serve_placement(

@@ -1,0 +1,111 @@
+"""M2N dispatch and N2M combine through the device lane: no host code per layer.
+
+Dispatch writes a micro-batch's rows, their local expert ids (-1 for the top-k slots another
+node serves) and weights straight into each expert node's dispatch slot for this node, then
+releases the slot's sequence word; combine waits for this node's combine slots of every expert
+node and adds their partial sums in node order (one node: the slot itself, no copy). Every
+operation is a kernel on the current stream, so a CUDA graph of the whole step captures them.
+
+What stays on the host is one control frame per step and expert node (the rows of each
+micro-batch, so that the expert node runs its experts over exactly those rows) and one read of
+the status word when the step is over (`end_step`), which raises if a wait ran past its
+deadline or was aborted: the step's results are then thrown away.
+
+Faults: an expert node that dies mid-step makes this step's waits end at their deadline, or at
+once when the orchestrator aborts the step; the step is replayed after recovery, as on the host
+lane. Failover to replicas within a step is the host lane's alone.
+
+Shape legend: T = tokens of the micro-batch, D = hidden, K = top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from afd.attention_nodes.expert_routing import ExpertRouting
+from afd.models.expert_placement import ExpertPlacement
+from afd.models.moe import Dispatcher
+from afd.transport.device_lane import DeviceLane
+from afd.transport.endpoint import Transport
+from afd.transport.wire import RoundKey
+
+
+class DeviceDispatcher(Dispatcher):
+    def __init__(
+        self,
+        transport: Transport,
+        lane: DeviceLane,
+        expert_peers: list[int],
+        placement: ExpertPlacement,
+        timeout_s: float,
+    ) -> None:
+        """`lane`: this node's combine slots, and the expert nodes' dispatch slots mapped in
+        `expert_peers` order."""
+        super().__init__()
+        self.transport, self.lane, self.expert_peers = transport, lane, expert_peers
+        self.timeout_s = timeout_s
+        device = lane.own.device
+        self.routing = ExpertRouting(placement, device)
+        self.capacity = lane.own.layout.capacity
+        self._rows_C = torch.arange(self.capacity, device=device)
+
+    def begin_step(self, step: int, rows_per_micro_batch: list[int]) -> None:
+        """Sets the step the kernels' sequence numbers follow, and tells every expert node how
+        many rows each micro-batch brings."""
+        if max(rows_per_micro_batch, default=0) > self.capacity:
+            raise ValueError(
+                f"a micro-batch of {max(rows_per_micro_batch)} rows exceeds the device lane's slots "
+                f"({self.capacity} rows: the attention node's max_batch_tokens)"
+            )
+        self.lane.begin_step(step)
+        counts = torch.tensor(rows_per_micro_batch, dtype=torch.int64)
+        for peer in self.expert_peers:
+            self.transport.send(peer, RoundKey.control(step), [counts])
+
+    def dispatch(
+        self,
+        step: int,
+        layer: int,
+        micro_batch: int,
+        x_TD: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+    ) -> tuple[int, int, int]:
+        T = x_TD.shape[0]
+        node_TK, local_TK = self.routing.route(layer, ids_TK, self._rows_C[:T])
+        for j, (remote, me) in enumerate(self.lane.peers):
+            assert remote.local_ids_MPCK is not None and remote.weights_MPCK is not None
+            on_TK = node_TK == j
+            remote.rows_MPCD[micro_batch, me, :T].copy_(x_TD)
+            remote.local_ids_MPCK[micro_batch, me, :T].copy_(torch.where(on_TK, local_TK, -1))
+            remote.weights_MPCK[micro_batch, me, :T].copy_(torch.where(on_TK, weights_TK, 0))
+            self.lane.release(j, layer, micro_batch)
+        return layer, micro_batch, T
+
+    def combine(self, plan: tuple[int, int, int], like_TD: torch.Tensor) -> torch.Tensor:
+        layer, mb, T = plan
+        self.lane.wait(layer, mb, self.timeout_s)
+        self.rounds += 1
+        rows_MPCD = self.lane.own.rows_MPCD
+        if rows_MPCD.shape[1] == 1:
+            # the slot itself: the expert node writes it again only after this node's next
+            # dispatch of this micro-batch, by which time the next layer's norm has read it
+            return rows_MPCD[mb, 0, :T]
+        return rows_MPCD[mb, :, :T].sum(dim=0)
+
+    def end_step(self, step: int) -> None:
+        self.lane.check(f"attention node, step {step}")
+
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        """The warm-up runs of a capture execute for real: with the abort word set, their
+        waits end at once and their releases write nothing, so no expert node sees a round
+        (the rows they copy into its slots are overwritten before the next real release)."""
+        self.lane.own.control_2[0] = 1
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize(self.lane.own.device)
+            self.lane.reset()

@@ -1,0 +1,38 @@
+"""Which expert node serves each (token, top-k slot) of a layer, and under which local id.
+
+Shared by every lane's dispatcher. An expert with several holders has its tokens split across
+them by row (`ExpertPlacement`): row r goes to holder r mod (its live holders). Nodes reported
+dead are routed around; a placement that leaves an expert without a live holder is an
+`ExpertPlacementError` naming it.
+
+Shape legend: T = tokens, K = top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+from afd.models.expert_placement import ExpertPlacement
+
+
+class ExpertRouting:
+    def __init__(self, placement: ExpertPlacement, device: torch.device | str) -> None:
+        self.placement, self.device = placement, device
+        self.dead: frozenset[int] = frozenset()
+        self.route_around(frozenset())
+
+    def route_around(self, dead: frozenset[int]) -> None:
+        """Routes every expert of every layer to its live holders: the holder tables of the
+        shared placement (key None) and of each layer placed its own way."""
+        layers = [None, *(at for at, _ in self.placement.layer_assignments)]
+        self._tables = {
+            at: tuple(t.to(self.device) for t in self.placement.holders(dead, at)) for at in layers
+        }
+        self.dead = dead
+
+    def route(
+        self, layer: int, ids_TK: torch.Tensor, rows_T: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(node, local id) of each (token, slot) in `layer`."""
+        node_EH, local_EH, count_E = self._tables.get(layer, self._tables[None])
+        pick_TK = rows_T[:, None] % count_E[ids_TK]
+        return node_EH[ids_TK, pick_TK], local_EH[ids_TK, pick_TK]
