@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from afd.attention_nodes.node import AttentionNode, AttentionNodeSettings
 from afd.attention_nodes.device_dispatch import DeviceDispatcher
+from afd.attention_nodes.node import AttentionNode, AttentionNodeSettings
 from afd.attention_nodes.remote_dispatch import RemoteDispatcher
 from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
 from afd.models import kernels
