@@ -4,14 +4,16 @@
     python bench/decode.py --layers 4 --batches 1,8 --skip-hf --json
     python bench/decode.py --preset tiny --device cpu --batches 1,4 --steps 4   # a smoke run
     python bench/decode.py --skip-hf --skip-eager --disaggregated 1,2   # + 1 attn + 1 expert
+    python bench/decode.py --skip-hf --skip-eager --disaggregated 1,2 --lanes host,device
 
 afd rows drive a colocated `AttentionNode` in-process (`experts.nodes: 0`, what a one-GPU
 `afd serve` runs on each node, without Ray and the front ends): dummy weights from the preset's
 config.json, paged KV, continuous batching, CUDA graphs for decode steps (`afd-graph`) or not
 (`afd-eager`), sampling on the device, detokenization on the host. `afd-disagg-m<m>` rows: the
 same attention node with its experts in an `ExpertNode` in a second process (the real nodes,
-their transport between them, m micro-batches, no graphs), what a disaggregated deployment runs
-on each node. Each row admits B requests of a
+m micro-batches), over the host lane (frames through the transport) or the device lane (slots
+in GPU memory shared by CUDA IPC; one GPU needs CUDA MPS; with m = 1 decode steps replay
+graphs that hold the exchange), what a disaggregated deployment runs on each node. Each row admits B requests of a
 `--prompt`-token random prompt, runs their prefill and `--warmup` decode steps, then times
 `--steps` decode steps by the host clock around `AttentionNode.step` (which returns after the
 logits reached the host). `hf` = transformers `generate` (greedy) on the same shape. The floor:
@@ -31,14 +33,14 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import replace
-from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import torch
 from afd.attention_nodes.decode_graphs import batch_bucket, block_bucket
 from afd.attention_nodes.node import AttentionNode, AttentionNodeSettings
-from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
+from afd.expert_nodes import process as expert_process
+from afd.expert_nodes.node import ExpertNodeSettings
 from afd.models.attention import ContiguousAttention, ContiguousKVCache
 from afd.models.batch import TokenBatch
 from afd.models.config import ModelConfig, load_config
@@ -106,43 +108,39 @@ def floor_bytes(
 EXPERT_NODE_ID = 1000
 
 
-def _expert_process(settings: ExpertNodeSettings, conn: Connection) -> None:
-    """The expert node of the disaggregated rows, in a process of its own: it tells the bench
-    its address, waits for the attention node, then runs step after step until terminated."""
-    node = ExpertNode(settings)
-    conn.send(node.address())
-    node.wait_for_attention_nodes(conn.recv(), 120.0)
-    step = 0
-    while True:
-        node.run_step(step)
-        step += 1
-
-
 def _start_disaggregated(
-    settings: AttentionNodeSettings, micro_batches: int
+    settings: AttentionNodeSettings, micro_batches: int, lane: str
 ) -> tuple[AttentionNode, BaseProcess]:
     """1 attention node here + 1 expert process holding every expert, wired over the
-    transport (the host lane: on a GPU, frames are staged through the host)."""
+    transport: rows and sums through the device lane's slots, or the host lane's frames."""
     config = load_config(settings.model_dir)
     placement = ExpertPlacement.even(config.num_experts, 1)
-    settings = replace(settings, micro_batches=micro_batches)
+    settings = replace(settings, micro_batches=micro_batches, lane=lane)
     expert_settings = ExpertNodeSettings(
         EXPERT_NODE_ID,
         settings.model_dir,
         placement.assignment[0],
         dtype=settings.dtype,
         load_format=settings.load_format,
+        quantization=settings.quantization,
         micro_batches=micro_batches,
         device=settings.device,
+        lane=lane,
     )
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
-    process = ctx.Process(target=_expert_process, args=(expert_settings, there), daemon=True)
+    process = ctx.Process(
+        target=expert_process.serve,
+        args=(expert_settings, settings.max_batch_tokens, 1, there),
+        daemon=True,
+    )
     process.start()
     node = AttentionNode(settings, placement)
-    address = here.recv()
+    address, slots = here.recv()
     here.send([settings.node_id])
-    node.connect([(EXPERT_NODE_ID, address)])
+    own = node.connect([(EXPERT_NODE_ID, address)], None if slots is None else [slots])
+    if own is not None:
+        here.send([own])
     return node, process
 
 
@@ -154,6 +152,7 @@ def bench_afd(
     sampling: dict[str, float] | None = None,
     micro_batches: int = 0,
     quantization: str = "none",
+    lane: str = "host",
 ) -> list[dict]:
     """Rows of the colocated engine; `sampling` (temperature, top-k, top-p) makes every
     request sample, seeded, instead of greedy; `micro_batches` > 0: the disaggregated engine
@@ -173,9 +172,9 @@ def bench_afd(
         cuda_graphs=graphs,
         quantization=quantization,
     )
-    expert_process = None
+    expert_proc = None
     if micro_batches:
-        node, expert_process = _start_disaggregated(settings, micro_batches)
+        node, expert_proc = _start_disaggregated(settings, micro_batches, lane)
     else:
         node = AttentionNode(settings, None)  # colocated: every expert on the node
     vocab = node.config.vocab_size
@@ -207,16 +206,16 @@ def bench_afd(
         step += 1
         name = ("afd-graph" if graphs else "afd-eager") + ("-sampled" if sampling else "")
         if micro_batches:
-            name = f"afd-disagg-m{micro_batches}"
+            name = f"afd-disagg-{lane}-m{micro_batches}" + ("-graph" if graphs else "")
         if quantization != "none":
             name += f"-{quantization}"
         rows.append(_row(name, B, seconds, args.prompt + args.warmup + args.steps))
         if graphs and node.graphs is not None:
             rows[-1]["graph_replays"] = node.graphs.replays
     node.shutdown()
-    if expert_process is not None:
-        expert_process.terminate()
-        expert_process.join(30)
+    if expert_proc is not None:
+        expert_proc.terminate()
+        expert_proc.join(30)
     del node
     return rows
 
@@ -429,6 +428,13 @@ def main() -> int:
         help="add rows of 1 attention node + 1 expert process, for each micro-batch count",
     )
     p.add_argument(
+        "--lanes",
+        type=lambda s: s.split(","),
+        default=["host"],
+        metavar="LANE,...",
+        help="exchange lanes of the disaggregated rows: host, device (one GPU needs CUDA MPS)",
+    )
+    p.add_argument(
         "--fp8",
         action="store_true",
         help="add graph rows with fp8 weights, and their greedy agreement with bf16",
@@ -464,9 +470,11 @@ def main() -> int:
             _free(args.device)
             agreement = fp8_agreement(model_dir, args, dtype)
             _free(args.device)
-        for m in args.disaggregated:
-            rows += bench_afd(model_dir, args, dtype, False, micro_batches=m)
-            _free(args.device)
+        for lane in args.lanes:
+            for m in args.disaggregated:
+                graphs = lane == "device" and m == 1 and args.device == "cuda"
+                rows += bench_afd(model_dir, args, dtype, graphs, micro_batches=m, lane=lane)
+                _free(args.device)
         if args.device == "cuda" and not args.skip_eager:
             rows += bench_afd(model_dir, args, dtype, graphs=False)
     itemsize = getattr(torch, dtype).itemsize

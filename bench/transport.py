@@ -1,7 +1,9 @@
 """Round-trip time (8 KiB) and one-way bandwidth (8 MiB, 64 MiB) between two processes for the
-afd transport, gRPC (Python) and a Ray actor call, measured in one run.
+afd transport, gRPC (Python) and a Ray actor call, measured in one run; on CUDA also the device
+lane's round trip (8 KiB, 256 KiB, 8 MiB; eager and in a CUDA graph; two processes on one GPU
+need CUDA MPS).
 
-    python bench/transport.py [--json] [--device cpu|cuda] [--iters N]
+    python bench/transport.py [--json] [--device cpu|cuda] [--iters N] [--only afd|grpc|ray|lane]
 
 RTT: ping-pong of one message, median over `iters` after warm-up. Bandwidth: `reps` messages
 sent back to back, then one small acknowledgement; bytes over the whole time, the median of
@@ -17,6 +19,8 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent import futures
+from functools import partial
+from typing import Any
 
 # This script is named like afd's `transport` package; import the package, not the script.
 import torch
@@ -219,6 +223,111 @@ def bench_ray(iters: int, reps: int, trials: int, device: str = "cpu") -> list[d
     return rows
 
 
+# ---- afd device lane -------------------------------------------------------------------------
+LANE_SIZES = (8 << 10, 256 << 10, 8 << 20)
+LANE_HIDDEN = 2048  # bf16 rows of 4 KiB, the Qwen3-30B-A3B hidden size
+LANE_ROUNDS = 50  # rounds per step: a step's sequence numbers are step * rounds + round + 1
+
+
+def _lane_plan(iters: int) -> list[tuple[str, int, int, int]]:
+    """(mode, rows, first step, steps) of every phase, the same in both processes."""
+    plan, step = [], 0
+    steps = max(2, iters // LANE_ROUNDS)
+    for mode in ("eager", "graph"):
+        for size in LANE_SIZES:
+            plan.append((mode, size // (2 * LANE_HIDDEN), step, steps + 1))  # +1: warm-up
+            step += steps + 1
+    return plan
+
+
+def _lane_rounds(lane: object, rows: int, source: torch.Tensor, first: bool) -> None:
+    """One step of ping-pong rounds: the first process sends then waits, the echo waits then
+    sends back what it got."""
+    from afd.transport.device_lane import DeviceLane
+
+    assert isinstance(lane, DeviceLane)
+    (peer, me) = lane.peers[0]
+    for r in range(LANE_ROUNDS):
+        if not first:
+            lane.wait(r, 0, timeout_s=10)
+        peer.rows_MPCD[0, me, :rows].copy_(source[:rows])
+        lane.release(0, r, 0)
+        if first:
+            lane.wait(r, 0, timeout_s=10)
+
+
+def _lane_phases(lane: object, plan: list, source: torch.Tensor, first: bool) -> list[float]:
+    """Runs every phase; seconds per round of each (timed on the first process)."""
+    from afd.transport.device_lane import DeviceLane
+
+    assert isinstance(lane, DeviceLane)
+    out = []
+    for mode, rows, step, steps in plan:
+        run = partial(_lane_rounds, lane, rows, source, first)
+        graph = None
+        if mode == "graph":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+        start = 0.0
+        for s in range(step, step + steps):
+            if s == step + 1:  # after the warm-up step
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+            lane.begin_step(s)
+            run() if graph is None else graph.replay()
+        torch.cuda.synchronize()
+        lane.check(f"{mode} {rows} rows")
+        out.append((time.perf_counter() - start) / ((steps - 1) * LANE_ROUNDS))
+    return out
+
+
+def _lane_echo(handle: Any, plan: list, conn: Any) -> None:
+    from afd.transport.device_lane import DeviceLane
+    from afd.transport.slots import SlotKind
+
+    lane = DeviceLane.allocate(
+        SlotKind.DISPATCH, 1, [0], 1, LARGE_ROWS, LANE_HIDDEN, 1, LANE_ROUNDS,
+        torch.bfloat16, torch.device("cuda"),
+    )  # fmt: skip
+    conn.send(lane.handle)
+    lane.connect([handle], 1)
+    _lane_rounds(lane, 1, lane.own.rows_MPCD[0, 0], False)  # compiles the kernels: not timed
+    _lane_phases(lane, plan, lane.own.rows_MPCD[0, 0], False)
+
+
+LARGE_ROWS = LANE_SIZES[-1] // (2 * LANE_HIDDEN)
+
+
+def bench_device_lane(iters: int) -> list[dict]:
+    """Round trips through the device lane between two processes on this GPU (MPS needed):
+    each side copies the payload into the other's slot and releases its word; eager (a kernel
+    launch per copy, release and wait) and inside a CUDA graph (one replay per step)."""
+    from afd.transport.device_lane import DeviceLane
+    from afd.transport.slots import SlotKind
+
+    lane = DeviceLane.allocate(
+        SlotKind.COMBINE, 0, [1], 1, LARGE_ROWS, LANE_HIDDEN, 1, LANE_ROUNDS,
+        torch.bfloat16, torch.device("cuda"),
+    )  # fmt: skip
+    plan = _lane_plan(iters)
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    echo = ctx.Process(target=_lane_echo, args=(lane.handle, plan, there), daemon=True)
+    echo.start()
+    lane.connect([here.recv()], 0)
+    payload = torch.randn(LARGE_ROWS, LANE_HIDDEN, device="cuda").to(torch.bfloat16)
+    _lane_rounds(lane, 1, payload, True)
+    seconds = _lane_phases(lane, plan, payload, True)
+    echo.join(60)
+    got = lane.own.rows_MPCD[0, 0, : plan[-1][1]]
+    assert torch.equal(got, payload[: plan[-1][1]]), "the echo came back different"
+    return [
+        _row(f"lane-{mode}", rows * 2 * LANE_HIDDEN, rtt_s=s)
+        for (mode, rows, _, _), s in zip(plan, seconds, strict=True)
+    ]
+
+
 def _row(transport: str, size: int, rtt_s: float | None = None, bw: float | None = None) -> dict:
     return {
         "transport": transport,
@@ -235,11 +344,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=500)
     parser.add_argument("--reps", type=int, default=16)
     parser.add_argument("--trials", type=int, default=TRIALS)
-    parser.add_argument("--only", choices=["afd", "grpc", "ray"], action="append")
+    parser.add_argument("--only", choices=["afd", "grpc", "ray", "lane"], action="append")
     parser.add_argument("--progress-mode", default="blocking", choices=["blocking", "polling"])
     parser.add_argument("--spin-us", type=float, default=200.0)
     args = parser.parse_args()
-    only = set(args.only or ["afd", "grpc", "ray"])
+    only = set(args.only or ["afd", "grpc", "ray", *(["lane"] if args.device == "cuda" else [])])
     rows = []
     if "afd" in only:
         rows += bench_afd(
@@ -249,6 +358,8 @@ def main() -> None:
         rows += bench_grpc(args.iters, args.reps, args.trials, args.device)
     if "ray" in only:
         rows += bench_ray(args.iters, args.reps, args.trials, args.device)
+    if "lane" in only:
+        rows += bench_device_lane(args.iters)
     if args.json:
         print(json.dumps({"device": args.device, "rows": rows}))
         return

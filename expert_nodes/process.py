@@ -1,0 +1,32 @@
+"""An expert node in a plain process of its own, wired by its parent over a pipe: what the
+benches and the GPU tests run beside an in-process attention node (no Ray needed).
+
+The parent receives (address, dispatch-slot handle or None), sends the attention node ids,
+then, on the device lane, the attention nodes' combine-slot handles. The node then runs step
+0, 1, 2, ... until the parent terminates it, as the orchestrator would drive it.
+"""
+
+from __future__ import annotations
+
+from multiprocessing.connection import Connection
+
+from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
+
+WIRE_TIMEOUT_S = 120.0
+
+
+def serve(
+    settings: ExpertNodeSettings, capacity: int, attention_peers: int, conn: Connection
+) -> None:
+    """`capacity`: rows per dispatch slot (the attention nodes' max_batch_tokens)."""
+    node = ExpertNode(settings)
+    peers = list(range(attention_peers))
+    handle = node.open_lane(peers, capacity) if settings.lane == "device" else None
+    conn.send((node.address(), handle))
+    node.wait_for_attention_nodes(conn.recv(), WIRE_TIMEOUT_S)
+    if handle is not None:
+        node.connect_lane(conn.recv())
+    step = 0
+    while True:
+        node.run_step(step)
+        step += 1

@@ -1,0 +1,157 @@
+"""The device lane on a GPU (run on the GPU host; skipped elsewhere): the wait and release
+kernels, their deadline and abort, inside a CUDA graph; and an attention node here with its
+expert node in another process (under CUDA MPS) giving the colocated engine's tokens."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from afd.attention_nodes.node import AttentionNode, AttentionNodeSettings
+from afd.expert_nodes import process as expert_process
+from afd.expert_nodes.node import ExpertNodeSettings
+from afd.models.config import load_config
+from afd.models.expert_placement import ExpertPlacement
+from afd.models.messages import NewRequest, TokenOutput
+from afd.models.reference import ReferenceEngine
+from afd.models.sampling import SamplingParams
+from afd.transport import lane_signals
+from afd.transport.device_lane import DeviceLane
+from afd.transport.lane_signals import LaneTimeout
+from afd.transport.region_memory import mps_running
+from afd.transport.slots import SlotKind, WaitStatus, sequence
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+LAYERS = 4
+PROMPTS = ["Hello, world!", "The capital of France is", "one two three", "def add(a, b):", "Hi"]
+
+
+def _lane() -> DeviceLane:
+    return DeviceLane.allocate(
+        SlotKind.COMBINE, 0, [1], 1, 4, 8, 2, LAYERS, torch.bfloat16, torch.device("cuda")
+    )
+
+
+def test_release_then_wait_and_the_deadline_and_abort_paths() -> None:
+    lane = _lane()
+    quiet = torch.zeros(2, dtype=torch.int64, device="cuda")  # a peer's control words
+    word = lane.own.words_MP[0, 0:1]
+    lane.begin_step(2)
+    lane_signals.release(word, lane.step_1, LAYERS, 1, quiet)
+    lane.wait(1, 0, timeout_s=5)
+    torch.cuda.synchronize()
+    lane.check("released")
+    assert int(word) == sequence(2, 1, LAYERS)
+
+    start = time.monotonic()
+    lane.wait(2, 0, timeout_s=0.05)  # nobody releases layer 2
+    lane.wait(3, 0, timeout_s=30)  # returns at once: the step already failed
+    torch.cuda.synchronize()
+    assert 0.05 <= time.monotonic() - start < 5
+    assert int(lane.own.control_2[1]) == WaitStatus.DEADLINE
+    with pytest.raises(LaneTimeout, match="did not deliver"):
+        lane.check("deadline")
+
+    lane.reset()
+    timer = threading.Timer(0.2, lane.abort)  # from another thread, while the kernel spins
+    start = time.monotonic()
+    timer.start()
+    lane.wait(2, 0, timeout_s=30)
+    torch.cuda.synchronize()
+    timer.join()
+    assert 0.2 <= time.monotonic() - start < 10
+    with pytest.raises(LaneTimeout, match="aborted"):
+        lane.check("abort")
+    lane_signals.release(word, lane.step_1, LAYERS, 3, lane.own.control_2)
+    torch.cuda.synchronize()
+    assert int(word) == sequence(2, 1, LAYERS)  # an aborted node releases nothing
+    lane.close()
+
+
+def test_a_graph_of_releases_and_waits_follows_the_step_counter() -> None:
+    lane = _lane()
+    quiet = torch.zeros(2, dtype=torch.int64, device="cuda")
+    word = lane.own.words_MP[0, 0:1]
+
+    def rounds() -> None:
+        for layer in range(LAYERS):
+            lane_signals.release(word, lane.step_1, LAYERS, layer, quiet)
+            lane.wait(layer, 0, timeout_s=5)
+
+    rounds()  # compiles the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        rounds()
+    for step in (5, 6, 9):
+        lane.begin_step(step)
+        graph.replay()
+        torch.cuda.synchronize()
+        lane.check(f"step {step}")
+        assert int(word) == sequence(step, LAYERS - 1, LAYERS)
+    lane.close()
+
+
+def _serve(node: AttentionNode, requests: list[NewRequest]) -> dict[str, list[TokenOutput]]:
+    """One new request a step (prefill beside decode), steps 0, 1, 2, ... to the end."""
+    out: dict[str, list[TokenOutput]] = {r.request_id: [] for r in requests}
+    waiting, step = list(requests), 0
+    while waiting or any(not t or t[-1].finish_reason is None for t in out.values()):
+        result = node.step(step, waiting[:1], [])
+        waiting, step = waiting[1:], step + 1
+        for token in result.outputs:
+            out[token.request_id].append(token)
+        assert step < 300
+    return out
+
+
+@pytest.mark.skipif(not mps_running(), reason="two processes on one GPU need CUDA MPS")
+@pytest.mark.parametrize("micro_batches", [1, 2, 3])
+def test_an_expert_process_over_the_device_lane_gives_the_colocated_tokens(
+    tiny_model: Path, micro_batches: int
+) -> None:
+    ref = ReferenceEngine(tiny_model)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    requests = [NewRequest(f"r{i}", ref.tokenizer.encode(t), params) for i, t in enumerate(PROMPTS)]
+    settings = AttentionNodeSettings(0, str(tiny_model), device="cuda", block_size=4)
+    colocated = AttentionNode(settings, None)
+    want = _serve(colocated, requests)
+    colocated.shutdown()
+
+    placement = ExpertPlacement.even(load_config(tiny_model).num_experts, 1)
+    settings = replace(settings, micro_batches=micro_batches, lane="device")
+    expert = ExpertNodeSettings(
+        1000, str(tiny_model), placement.assignment[0], micro_batches=micro_batches,
+        device="cuda", lane="device",
+    )  # fmt: skip
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    child = ctx.Process(
+        target=expert_process.serve, args=(expert, settings.max_batch_tokens, 1, there), daemon=True
+    )
+    child.start()
+    try:
+        node = AttentionNode(settings, placement)
+        address, slots = here.recv()
+        here.send([0])
+        here.send([node.connect([(1000, address)], [slots])])
+        got = _serve(node, requests)
+        if micro_batches == 1:
+            assert node.graphs is not None and node.graphs.replays > 10  # the exchange inside
+        node.shutdown()
+    finally:
+        child.terminate()
+        child.join(30)
+    for r in requests:
+        ids = [t.token_id for t in got[r.request_id]]
+        assert ids == [t.token_id for t in want[r.request_id]], r.request_id
+        logprobs = [t.logprob for t in got[r.request_id]]
+        if micro_batches == 1:  # the same kernels over the same rows: bit-identical
+            assert logprobs == [t.logprob for t in want[r.request_id]]
+        else:
+            assert logprobs == pytest.approx([t.logprob for t in want[r.request_id]], abs=1e-3)
