@@ -53,7 +53,7 @@ try:
             words = tl.load(words_ptr + offs, mask=offs < n_words, other=expected, volatile=True)
             seen = tl.min(words, axis=0)
         if status != 0:
-            tl.atomic_cas(control_ptr + 1, 0, status, sem="relaxed", scope="gpu")
+            tl.atomic_cas(control_ptr + 1, status * 0, status, sem="relaxed", scope="gpu")
 
     @triton.jit(do_not_specialize=["num_layers", "layer"])
     def _release_kernel(word_ptr, step_ptr, num_layers, layer, control_ptr):
