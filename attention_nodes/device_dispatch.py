@@ -51,16 +51,17 @@ class DeviceDispatcher(Dispatcher):
         self.capacity = lane.own.layout.capacity
         self._rows_C = torch.arange(self.capacity, device=device)
 
-    def begin_step(self, step: int, rows_per_micro_batch: list[int]) -> None:
+    def begin_step(self, step: int, rows_per_micro_batch: list[int], graphed: bool) -> None:
         """Sets the step the kernels' sequence numbers follow, and tells every expert node how
-        many rows each micro-batch brings."""
+        many rows each micro-batch brings and whether this node replays a graph (then the
+        expert node replays one of its own for these rows)."""
         if max(rows_per_micro_batch, default=0) > self.capacity:
             raise ValueError(
                 f"a micro-batch of {max(rows_per_micro_batch)} rows exceeds the device lane's slots "
                 f"({self.capacity} rows: the attention node's max_batch_tokens)"
             )
         self.lane.begin_step(step)
-        counts = torch.tensor(rows_per_micro_batch, dtype=torch.int64)
+        counts = torch.tensor([*rows_per_micro_batch, int(graphed)], dtype=torch.int64)
         for peer in self.expert_peers:
             self.transport.send(peer, RoundKey.control(step), [counts])
 
@@ -103,7 +104,7 @@ class DeviceDispatcher(Dispatcher):
         """The warm-up runs of a capture execute for real: with the abort word set, their
         waits end at once and their releases write nothing, so no expert node sees a round
         (the rows they copy into its slots are overwritten before the next real release)."""
-        self.lane.own.control_2[0] = 1
+        self.lane.quiet()
         try:
             yield
         finally:

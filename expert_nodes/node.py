@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from afd.models.checkpoint import open_checkpoint
@@ -46,6 +47,7 @@ class ExpertNodeSettings:
     # (MoE layer, expert ids) for layers whose placement differs from `expert_ids`
     layer_expert_ids: tuple[tuple[int, tuple[int, ...]], ...] = ()
     lane: str = "host"  # "device": rows and sums through slots in shared memory (one host)
+    cuda_graphs: bool = True  # device lane on CUDA: decode steps replay a graph of the step
 
 
 class ExpertNode:
@@ -69,6 +71,11 @@ class ExpertNode:
         )
         self._step_counts: torch.Tensor | None = None
         self.lane: DeviceLane | None = None  # the device lane, once `open_lane` made its slots
+        # lane steps as CUDA graphs, by the rows of each (attention node, micro-batch)
+        self._graphs: (
+            dict[tuple[tuple[int, ...], ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None
+        ) = None
+        self._graph_pool: Any = None  # torch.cuda.graph_pool_handle(), once there are graphs
 
     def address(self) -> PeerAddress:
         return self.transport.address
@@ -96,6 +103,8 @@ class ExpertNode:
             DTYPES[self.settings.dtype],
             torch.device(self.settings.device),
         )
+        if self.lane.own.device.type == "cuda" and self.settings.cuda_graphs:
+            self._graphs, self._graph_pool = {}, torch.cuda.graph_pool_handle()
         return self.lane.handle
 
     def wait_for_attention_nodes(self, peers: list[int], timeout_s: float) -> None:
@@ -185,19 +194,32 @@ class ExpertNode:
 
     def _lane_step(self, step_id: int, counts: torch.Tensor) -> float:
         """A step on the device lane: the rows of every micro-batch from each attention node's
-        control frame, then every layer's wait, experts and write-backs enqueued on the GPU
-        at once; returns the time spent waiting for the control frames."""
+        control frame, then every layer's wait, experts and write-backs on the GPU: a replayed
+        CUDA graph when the attention nodes replay theirs (decode steps), else enqueued one by
+        one. Returns the time spent waiting for the control frames."""
         assert self.lane is not None
         start = time.perf_counter()
-        rows_PM = [
-            self._rows_frame(
-                p, self.transport.recv(p, RoundKey.control(step_id), self.settings.round_timeout_s)
-            )
+        frames = [
+            self._control_frame(p, self.transport.recv(p, RoundKey.control(step_id), self.settings.round_timeout_s))
             for p in self.attention_peers
-        ]
+        ]  # fmt: skip
         waited = time.perf_counter() - start
+        rows_PM = tuple(rows for rows, _ in frames)
+        self.lane.begin_step(step_id)
+        if self._graphs is not None and all(graphed for _, graphed in frames):
+            graph, graph_counts = self._graphs.get(rows_PM) or self._capture(rows_PM, counts)
+            graph.replay()
+            counts.copy_(graph_counts)
+        else:
+            self._lane_layers(rows_PM, counts)
+        self.lane.check(f"expert node {self.settings.node_id}, step {step_id}")
+        return waited
+
+    def _lane_layers(self, rows_PM: tuple[tuple[int, ...], ...], counts: torch.Tensor) -> None:
+        """Every MoE layer and micro-batch: wait for the attention nodes' rows, run the experts
+        over them at once, write each node its sums and release its word."""
+        assert self.lane is not None
         lane, timeout = self.lane, self.settings.round_timeout_s
-        lane.begin_step(step_id)
         for layer in self.config.moe_layers:
             for mb in range(self.settings.micro_batches):
                 rows_P = [rows_M[mb] for rows_M in rows_PM]
@@ -211,20 +233,49 @@ class ExpertNode:
                 ):
                     slots.rows_MPCD[mb, me, : y_nD.shape[0]].copy_(y_nD)
                     lane.release(p, layer, mb)
-        lane.check(f"expert node {self.settings.node_id}, step {step_id}")
-        return waited
 
-    def _rows_frame(self, peer: int, frame: list[torch.Tensor]) -> list[int]:
-        """A control frame: the rows of each micro-batch this step, within the slots."""
-        m, capacity = self.settings.micro_batches, self.lane.own.layout.capacity if self.lane else 0
-        ok = len(frame) == 1 and frame[0].shape == (m,) and not frame[0].is_floating_point()
-        rows = frame[0].tolist() if ok else []
-        if not ok or not all(0 <= r <= capacity for r in rows):
+    def _capture(
+        self, rows_PM: tuple[tuple[int, ...], ...], like: torch.Tensor
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The graph of a lane step for these rows. Its warm-up runs execute with the abort
+        word set: their waits end at once and they release nothing."""
+        assert self.lane is not None and self._graphs is not None
+        counts = torch.zeros_like(like)
+
+        def body() -> None:
+            counts.zero_()
+            self._lane_layers(rows_PM, counts)
+
+        device = counts.device
+        self.lane.quiet()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            body()
+            body()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            body()
+        torch.cuda.synchronize(device)
+        self.lane.reset()
+        self._graphs[rows_PM] = graph, counts
+        return graph, counts
+
+    def _control_frame(self, peer: int, frame: list[torch.Tensor]) -> tuple[tuple[int, ...], bool]:
+        """A control frame: the rows of each micro-batch this step (within the slots), and
+        whether the attention node replays a graph (then so may we)."""
+        assert self.lane is not None
+        m, capacity = self.settings.micro_batches, self.lane.own.layout.capacity
+        ok = len(frame) == 1 and frame[0].shape == (m + 1,) and not frame[0].is_floating_point()
+        values = frame[0].tolist() if ok else []
+        if not ok or not all(0 <= r <= capacity for r in values[:m]) or values[m] not in (0, 1):
             raise TransportError(
                 f"expert node {self.settings.node_id}: bad control frame from peer {peer}: "
-                f"{[list(t.shape) for t in frame]} {rows}, expected {m} row counts within 0..{capacity}"
+                f"{[list(t.shape) for t in frame]} {values}, expected {m} row counts within "
+                f"0..{capacity} and a graph flag"
             )
-        return rows
+        return tuple(values[:m]), bool(values[m])
 
     def _count(self, layer: int, ids_TK: torch.Tensor, counts: torch.Tensor) -> None:
         """Adds the layer's tokens per local expert (no host sync: bincount would size its

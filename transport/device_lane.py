@@ -23,6 +23,7 @@ class DeviceLane:
         ] = []  # (peer's region, our index among its writers)
         self.peer_ids: list[int] = []
         self.step_1 = torch.zeros(1, dtype=torch.int64, device=own.device)
+        self._abort = lane_signals.AbortSwitch(own.control_2)
 
     @classmethod
     def allocate(
@@ -88,7 +89,13 @@ class DeviceLane:
         lane_signals.release(word_1, self.step_1, self.num_layers, layer, self.own.control_2)
 
     def abort(self) -> None:
-        lane_signals.abort(self.own.control_2)
+        """Ends every wait of the step in progress at once (from any thread)."""
+        self._abort.set()
+
+    def quiet(self) -> None:
+        """Sets the abort word now, in stream order: the runs that warm a CUDA graph up
+        execute for real, and must neither wait for peers nor tell them anything."""
+        self.own.control_2[0:1].fill_(1)
 
     def reset(self) -> None:
         self.own.control_2.zero_()

@@ -125,20 +125,25 @@ def wait(
             time.sleep(min(_NAP_S * 20, max(_NAP_S, waited / 100)))
 
 
-_abort_streams: dict[torch.device, torch.cuda.Stream] = {}
+class AbortSwitch:
+    """Sets a node's abort word from any thread while its stream may be spinning in a wait.
 
+    On CUDA the word is written by a copy from pinned host memory on a stream of its own,
+    made up front: a copy runs beside the spinning kernel, whereas a kernel launched for the
+    first time would wait for the GPU to go idle while CUDA loads its code (lazy loading)."""
 
-def abort(control_2: torch.Tensor) -> None:
-    """Sets the abort word, from any thread, while the node's stream may be spinning in a
-    wait: on CUDA through a stream of its own, which runs beside the spinning kernel."""
-    if not control_2.is_cuda:
-        control_2[0] = 1
-        return
-    stream = _abort_streams.get(control_2.device)
-    if stream is None:
-        stream = _abort_streams.setdefault(control_2.device, torch.cuda.Stream(control_2.device))
-    with torch.cuda.stream(stream):
-        control_2[0:1].fill_(1)
+    def __init__(self, control_2: torch.Tensor) -> None:
+        self.control_2 = control_2
+        if control_2.is_cuda:
+            self._stream = torch.cuda.Stream(control_2.device)
+            self._one = torch.ones(1, dtype=control_2.dtype).pin_memory()
+
+    def set(self) -> None:
+        if not self.control_2.is_cuda:
+            self.control_2[0] = 1
+            return
+        with torch.cuda.stream(self._stream):
+            self.control_2[0:1].copy_(self._one, non_blocking=True)
 
 
 def check(control_2: torch.Tensor, what: str) -> None:
