@@ -184,6 +184,10 @@ class AttentionNode:
         self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)
         return None if self.lane is None else self.lane.handle
 
+    def lane_region(self) -> RegionHandle | None:
+        """The handle of this node's combine slots (None: the host lane)."""
+        return None if self.lane is None else self.lane.handle
+
     def reconnect(
         self, peer: int, address: PeerAddress, lane_region: RegionHandle | None = None
     ) -> None:

@@ -119,17 +119,20 @@ class ExpertNode:
             )
         self.lane.connect(attention_regions, self.settings.node_id)
 
-    def accept_attention_node(
-        self, peer: int, timeout_s: float, lane_region: RegionHandle | None = None
-    ) -> None:
-        """Takes back a restarted attention node under its old id (and, on the device lane,
-        maps its new combine slots)."""
+    def accept_attention_node(self, peer: int, timeout_s: float) -> None:
+        """Takes back a restarted attention node under its old id."""
         self.transport.forget_peer(peer)
         self.transport.wait_for_peers([peer], timeout_s)
-        if self.lane is not None:
-            if lane_region is None:
-                raise RuntimeError("the device lane needs the restarted node's slots")
-            self.lane.reconnect(lane_region, self.settings.node_id)
+
+    def lane_region(self) -> RegionHandle | None:
+        """The handle of this node's dispatch slots (None: the host lane)."""
+        return None if self.lane is None else self.lane.handle
+
+    def reconnect_lane(self, attention_region: RegionHandle) -> None:
+        """Maps a restarted attention node's new combine slots (device lane)."""
+        if self.lane is None:
+            raise RuntimeError(f"expert node {self.settings.node_id} runs the host lane")
+        self.lane.reconnect(attention_region, self.settings.node_id)
 
     def abort(self) -> None:
         """Ends the step in progress with an error; called from another thread."""

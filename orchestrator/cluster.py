@@ -247,12 +247,21 @@ class Cluster:
         expert_addresses = ray.get([e.address.remote() for e in self.experts], timeout=timeout)
         peers = self._expert_peers(expert_addresses)
         ray.get([a.address.remote() for a in self.attention], timeout=timeout)
-        waits = [
-            e.wait_for_attention_nodes.remote(list(range(len(self.attention))), timeout)
-            for e in self.experts
-        ]
-        ray.get([a.connect.remote(peers) for a in self.attention], timeout=timeout)
+        attention_ids = list(range(len(self.attention)))
+        regions = None
+        if self._device_lane:  # the expert nodes' dispatch slots, sized for every attention node
+            capacity = self.deployment.attention.max_batch_tokens
+            calls = [e.open_lane.remote(attention_ids, capacity) for e in self.experts]
+            regions = ray.get(calls, timeout=timeout)
+        waits = [e.wait_for_attention_nodes.remote(attention_ids, timeout) for e in self.experts]
+        own = ray.get([a.connect.remote(peers, regions) for a in self.attention], timeout=timeout)
         ray.get(waits, timeout=timeout)
+        if self._device_lane:  # and the attention nodes' combine slots
+            ray.get([e.connect_lane.remote(own) for e in self.experts], timeout=timeout)
+
+    @property
+    def _device_lane(self) -> bool:
+        return self.deployment.transport.lane == "device" and bool(self.experts)
 
     # ---- requests ---------------------------------------------------------------------
     @overload
@@ -598,20 +607,37 @@ class Cluster:
         return nodes
 
     def _rewire_expert(self, j: int, timeout: float) -> None:
+        """Connects a restarted expert node (new address, new slots) to every attention node."""
+        attention_ids = list(range(len(self.attention)))
         address = ray.get(self.experts[j].address.remote(), timeout=timeout)
-        wait = self.experts[j].wait_for_attention_nodes.remote(
-            list(range(len(self.attention))), timeout
-        )
+        region = None
+        if self._device_lane:
+            capacity = self.deployment.attention.max_batch_tokens
+            region = ray.get(
+                self.experts[j].open_lane.remote(attention_ids, capacity), timeout=timeout
+            )
+        wait = self.experts[j].wait_for_attention_nodes.remote(attention_ids, timeout)
         ray.get(
-            [a.reconnect.remote(EXPERT_PEER_BASE + j, address) for a in self.attention],
+            [a.reconnect.remote(EXPERT_PEER_BASE + j, address, region) for a in self.attention],
             timeout=timeout,
         )
         ray.get(wait, timeout=timeout)
+        if self._device_lane:
+            own = ray.get([a.lane_region.remote() for a in self.attention], timeout=timeout)
+            ray.get(self.experts[j].connect_lane.remote(own), timeout=timeout)
 
     def _rewire_attention(self, i: int, timeout: float) -> None:
+        """Connects a restarted attention node (new slots too) to every expert node."""
         waits = [e.accept_attention_node.remote(i, timeout) for e in self.experts]
-        ray.get(self.attention[i].connect.remote(self._expert_peers()), timeout=timeout)
+        regions = None
+        if self._device_lane:
+            regions = ray.get([e.lane_region.remote() for e in self.experts], timeout=timeout)
+        own = ray.get(
+            self.attention[i].connect.remote(self._expert_peers(), regions), timeout=timeout
+        )
         ray.get(waits, timeout=timeout)
+        if own is not None:
+            ray.get([e.reconnect_lane.remote(own) for e in self.experts], timeout=timeout)
 
     def _least_loaded(self) -> int:
         live = [i for i in range(len(self._load)) if i not in self._dead]

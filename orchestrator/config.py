@@ -80,6 +80,9 @@ class TransportSection(TransportSettings):
 
     round_timeout_s: float = 30.0
     recovery_timeout_s: float = 120.0  # a dead node must be back (restarted, loaded) by then
+    # the exchange lane for rows and sums: "host" (frames over the transport, any machines) or
+    # "device" (slots in shared GPU or host memory; every node on one host, MPS for one GPU)
+    lane: str = "host"
 
     def settings(self) -> TransportSettings:
         """The part a node's transport takes."""
@@ -255,6 +258,13 @@ def _check(d: Deployment, source: str) -> None:
             "blocking or polling",
         ),
         ("transport.spin_us", d.transport.spin_us >= 0, ">= 0"),
+        ("transport.lane", d.transport.lane in ("host", "device"), "host or device"),
+        (
+            "transport.lane",
+            d.transport.lane == "host" or (d.experts.nodes >= 1 and d.experts.replicas == 1),
+            "host with experts.nodes 0 (no exchange) or experts.replicas > 1 (failover within "
+            "a step is the host lane's)",
+        ),
         ("serve.grpc_port", 0 <= d.serve.grpc_port < 65536, "a port number (0: any free port)"),
         ("serve.http_port", 0 <= d.serve.http_port < 65536, "a port number (0: any free port)"),
         ("serve.max_requests", d.serve.max_requests >= 1, ">= 1"),

@@ -37,6 +37,7 @@ def attention_node_settings(d: Deployment, index: int) -> AttentionNodeSettings:
         device=a.device,
         cuda_graphs=a.cuda_graphs,
         cuda_graph_context=a.cuda_graph_context,
+        lane=d.transport.lane if d.experts.nodes else "host",
     )
 
 
@@ -56,6 +57,7 @@ def expert_node_settings(
         transport=d.transport.settings(),
         device=d.experts.device,
         serve_failovers=serve_failovers,
+        lane=d.transport.lane,
     )
 
 

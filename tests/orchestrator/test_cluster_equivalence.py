@@ -6,9 +6,11 @@ token ids must be identical.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import ray
 from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.orchestrator.cluster import Cluster
@@ -85,6 +87,33 @@ def test_cluster_matches_reference(
         assert [o.logprob for o in got] == pytest.approx(want.logprobs, abs=1e-5)
         assert "".join(o.text_delta for o in got) == want.text
         assert got[-1].finish_reason == want.finish_reason == "length"
+
+
+@pytest.mark.parametrize(("attention_nodes", "expert_nodes", "micro_batches"), [(2, 2, 2)])
+def test_a_device_lane_cluster_matches_reference(
+    attention_nodes: int,
+    expert_nodes: int,
+    micro_batches: int,
+    tiny_models: dict[str, Path],
+    ray_session,
+) -> None:
+    """Rows and sums through shared slots between the actors (host memory on CPU)."""
+    engine = ReferenceEngine(tiny_models["qwen3_moe"])
+    requests = _requests(engine)
+    deployment = Deployment(model=ModelSection(path=str(tiny_models["qwen3_moe"]))).with_shape(
+        attention_nodes, expert_nodes, micro_batches
+    )
+    deployment = replace(deployment, transport=replace(deployment.transport, lane="device"))
+    cluster = Cluster(deployment)
+    try:
+        assert ray.get(cluster.attention[0].lane_region.remote()) is not None
+        outputs = _staggered(cluster, requests)
+    finally:
+        cluster.shutdown()
+    for (ids, params), got in zip(requests, outputs, strict=True):
+        want = engine.generate(ids, params)
+        assert [o.token_id for o in got] == want.token_ids
+        assert [o.logprob for o in got] == pytest.approx(want.logprobs, abs=1e-5)
 
 
 def test_each_actor_loads_only_its_own_tensors(tiny_models: dict[str, Path], ray_session) -> None:

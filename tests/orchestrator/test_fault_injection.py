@@ -81,17 +81,25 @@ def test_with_expert_replicas_a_killed_expert_node_fails_no_round(
 
 
 @pytest.mark.parametrize(
-    ("pool", "expert_nodes"), [("experts", 2), ("attention", 2), ("attention", 0)]
+    ("pool", "expert_nodes", "lane"),
+    [
+        ("experts", 2, "host"),
+        ("attention", 2, "host"),
+        ("attention", 0, "host"),
+        ("experts", 2, "device"),
+        ("attention", 2, "device"),
+    ],
 )
 def test_a_killed_node_costs_no_request_and_no_token(
-    pool: str, expert_nodes: int, tiny_model: Path, ray_session
+    pool: str, expert_nodes: int, lane: str, tiny_model: Path, ray_session
 ) -> None:
     """Expert nodes 0: colocated nodes, each with every expert; a dead one's requests
-    re-prefill on the other."""
+    re-prefill on the other. Device lane: the restarted node's new slots are mapped again."""
     ref = ReferenceEngine(tiny_model)
     requests = _requests(ref)
     want = [ref.generate(ids, params).token_ids for ids, params in requests]
     d = Deployment(model=ModelSection(path=str(tiny_model))).with_shape(2, expert_nodes, 2)
+    d = replace(d, transport=replace(d.transport, lane=lane))
     cluster = Cluster(d)
     try:
         streams = [iter(cluster.submit(ids, params)) for ids, params in requests]
