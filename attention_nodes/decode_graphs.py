@@ -73,6 +73,11 @@ class DecodeGraphs:
                 if (B, M) not in self.graphs:
                     self._capture(B, M)
 
+    def clear(self) -> None:
+        """Drops every graph: a peer's slots moved (a restarted expert node), and the graphs
+        hold the old addresses. The next steps capture again."""
+        self.graphs.clear()
+
     def run(
         self, token_ids: list[int], positions: list[int], tables: list[list[int]]
     ) -> torch.Tensor:

@@ -200,6 +200,8 @@ class AttentionNode:
             if lane_region is None:
                 raise ValueError("the device lane needs the restarted expert node's slots")
             self.lane.reconnect(lane_region, self.settings.node_id)
+            if self.graphs is not None:
+                self.graphs.clear()
 
     def abort(self) -> None:
         """Ends the step in progress with an error (the orchestrator calls it from another

@@ -141,6 +141,7 @@ def _start_disaggregated(
     own = node.connect([(EXPERT_NODE_ID, address)], None if slots is None else [slots])
     if own is not None:
         here.send([own])
+    here.send(0)  # the step it starts at
     return node, process
 
 

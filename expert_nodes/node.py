@@ -118,6 +118,8 @@ class ExpertNode:
                 f"expert node {self.settings.node_id}: connect_lane before open_lane"
             )
         self.lane.connect(attention_regions, self.settings.node_id)
+        if self._graphs is not None:
+            self._graphs.clear()
 
     def accept_attention_node(self, peer: int, timeout_s: float) -> None:
         """Takes back a restarted attention node under its old id."""
@@ -133,6 +135,8 @@ class ExpertNode:
         if self.lane is None:
             raise RuntimeError(f"expert node {self.settings.node_id} runs the host lane")
         self.lane.reconnect(attention_region, self.settings.node_id)
+        if self._graphs is not None:
+            self._graphs.clear()  # they write into the old slots
 
     def abort(self) -> None:
         """Ends the step in progress with an error; called from another thread."""

@@ -2,8 +2,9 @@
 benches and the GPU tests run beside an in-process attention node (no Ray needed).
 
 The parent receives (address, dispatch-slot handle or None), sends the attention node ids,
-then, on the device lane, the attention nodes' combine-slot handles. The node then runs step
-0, 1, 2, ... until the parent terminates it, as the orchestrator would drive it.
+then, on the device lane, the attention nodes' combine-slot handles, then the step to start at
+(a node started after a failure joins a running sequence). The node then runs that step and
+every next one until the parent terminates it, as the orchestrator would drive it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def serve(
     node.wait_for_attention_nodes(conn.recv(), WIRE_TIMEOUT_S)
     if handle is not None:
         node.connect_lane(conn.recv())
-    step = 0
+    step = conn.recv()
     while True:
         node.run_step(step)
         step += 1

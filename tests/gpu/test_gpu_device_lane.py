@@ -5,6 +5,8 @@ expert node in another process (under CUDA MPS) giving the colocated engine's to
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from dataclasses import replace
@@ -22,6 +24,7 @@ from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.transport import lane_signals
 from afd.transport.device_lane import DeviceLane
+from afd.transport.endpoint import TransportError
 from afd.transport.lane_signals import LaneTimeout
 from afd.transport.region_memory import mps_running
 from afd.transport.slots import SlotKind, WaitStatus, sequence
@@ -140,6 +143,7 @@ def test_an_expert_process_over_the_device_lane_gives_the_colocated_tokens(
         address, slots = here.recv()
         here.send([0])
         here.send([node.connect([(1000, address)], [slots])])
+        here.send(0)  # the step it starts at
         got = _serve(node, requests)
         if micro_batches == 1:
             assert node.graphs is not None and node.graphs.replays > 10  # the exchange inside
@@ -155,3 +159,79 @@ def test_an_expert_process_over_the_device_lane_gives_the_colocated_tokens(
             assert logprobs == [t.logprob for t in want[r.request_id]]
         else:
             assert logprobs == pytest.approx([t.logprob for t in want[r.request_id]], abs=1e-3)
+
+
+def _start_expert(ctx, settings: AttentionNodeSettings, placement: ExpertPlacement):
+    """An expert process for node 0, over the device lane; returns (process, pipe, address,
+    slots)."""
+    expert = ExpertNodeSettings(
+        1000, settings.model_dir, placement.assignment[0], device="cuda", lane="device",
+        round_timeout_s=settings.round_timeout_s,
+    )  # fmt: skip
+    here, there = ctx.Pipe()
+    child = ctx.Process(
+        target=expert_process.serve, args=(expert, settings.max_batch_tokens, 1, there), daemon=True
+    )
+    child.start()
+    address, slots = here.recv()
+    return child, here, address, slots
+
+
+@pytest.mark.skipif(not mps_running(), reason="two processes on one GPU need CUDA MPS")
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
+def test_a_killed_or_stopped_expert_process_fails_the_step_at_its_deadline_and_loses_nothing(
+    tiny_model: Path, signal_name: str
+) -> None:
+    """The step in progress ends at the round deadline with an error (nothing hangs, nothing
+    of it is applied); a new expert process is wired in, its slots mapped again, and every
+    request finishes with the colocated engine's tokens."""
+    ref = ReferenceEngine(tiny_model)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    requests = [NewRequest(f"r{i}", ref.tokenizer.encode(t), params) for i, t in enumerate(PROMPTS)]
+    base = AttentionNodeSettings(0, str(tiny_model), device="cuda", block_size=4)
+    colocated = AttentionNode(base, None)
+    want = _serve(colocated, requests)
+    colocated.shutdown()
+
+    placement = ExpertPlacement.even(load_config(tiny_model).num_experts, 1)
+    settings = replace(base, lane="device", round_timeout_s=2.0)
+    ctx = multiprocessing.get_context("spawn")
+    children = []
+    try:
+        child, pipe, address, slots = _start_expert(ctx, settings, placement)
+        children.append(child)
+        node = AttentionNode(settings, placement)
+        pipe.send([0])
+        pipe.send([node.connect([(1000, address)], [slots])])
+        pipe.send(0)  # the step it starts at
+        out: dict[str, list[TokenOutput]] = {r.request_id: [] for r in requests}
+        step = 0
+        for r in requests:  # every request admitted, a few decode steps
+            for token in node.step(step, [r], []).outputs:
+                out[token.request_id].append(token)
+            step += 1
+        os.kill(child.pid, getattr(signal, signal_name))
+        start = time.monotonic()
+        with pytest.raises(TransportError):
+            node.step(step, [], [])
+        assert time.monotonic() - start < 15  # the 2 s deadline, not a hang
+        step += 1
+        node.reset(step)
+        child, pipe, address, slots = _start_expert(ctx, settings, placement)
+        children.append(child)
+        pipe.send([0])
+        node.reconnect(1000, address, slots)
+        pipe.send([node.lane_region()])
+        pipe.send(step)
+        while any(not t or t[-1].finish_reason is None for t in out.values()):
+            for token in node.step(step, [], []).outputs:
+                out[token.request_id].append(token)
+            step += 1
+            assert step < 300
+        node.shutdown()
+    finally:
+        for c in children:
+            c.kill()
+            c.join(30)
+    for r in requests:
+        assert [t.token_id for t in out[r.request_id]] == [t.token_id for t in want[r.request_id]]
