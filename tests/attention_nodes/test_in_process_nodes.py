@@ -148,10 +148,7 @@ def test_the_device_lane_gives_the_reference_tokens(
     finally:
         for node in [attention, *experts]:
             node.shutdown()
-    for r in requests:
-        want = reference.generate(r.prompt_ids, r.params)
-        assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
-        assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-5)
+    _check(reference, requests, got)
     for j, steps in enumerate(results):  # every (token, slot) counted once, on its holder
         assert set(steps[0].tokens_per_expert) == set(placement.assignment[j])
     counted = sum(sum(s.tokens_per_expert.values()) for steps in results for s in steps)
@@ -184,6 +181,16 @@ def test_a_device_lane_step_without_its_expert_node_ends_at_the_deadline(
             node.shutdown()
 
 
+def _check(
+    reference: ReferenceEngine, requests: list[NewRequest], got: dict[str, list[TokenOutput]]
+) -> None:
+    """Every request's tokens are the reference's, logprobs within 1e-5."""
+    for r in requests:
+        want = reference.generate(r.prompt_ids, r.params)
+        assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
+        assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-5)
+
+
 def _serve_placement(
     tiny_model: Path, reference: ReferenceEngine, placement: ExpertPlacement, micro_batches: int
 ) -> tuple[list[NewRequest], list[list[ExpertStepResult]]]:
@@ -213,10 +220,7 @@ def _serve_placement(
     finally:
         for node in [attention, *experts]:
             node.shutdown()
-    for r in requests:
-        want = reference.generate(r.prompt_ids, r.params)
-        assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
-        assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-5)
+    _check(reference, requests, got)
     return requests, results
 
 
@@ -269,10 +273,7 @@ def test_a_colocated_node_gives_the_reference_tokens(
         got = _serve(node, [], requests)
     finally:
         node.shutdown()
-    for r in requests:
-        want = reference.generate(r.prompt_ids, r.params)
-        assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
-        assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-5)
+    _check(reference, requests, got)
 
 
 # ---- the remote dispatcher against hand-driven expert peers ---------------------------------

@@ -29,6 +29,8 @@ from afd.transport.lane_signals import LaneTimeout
 from afd.transport.region_memory import mps_running
 from afd.transport.slots import SlotKind, WaitStatus, sequence
 
+from tests.gpu.test_gpu_engine import _serve
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 LAYERS = 4
 PROMPTS = ["Hello, world!", "The capital of France is", "one two three", "def add(a, b):", "Hi"]
@@ -98,19 +100,6 @@ def test_a_graph_of_releases_and_waits_follows_the_step_counter() -> None:
         lane.check(f"step {step}")
         assert int(word) == sequence(step, LAYERS - 1, LAYERS)
     lane.close()
-
-
-def _serve(node: AttentionNode, requests: list[NewRequest]) -> dict[str, list[TokenOutput]]:
-    """One new request a step (prefill beside decode), steps 0, 1, 2, ... to the end."""
-    out: dict[str, list[TokenOutput]] = {r.request_id: [] for r in requests}
-    waiting, step = list(requests), 0
-    while waiting or any(not t or t[-1].finish_reason is None for t in out.values()):
-        result = node.step(step, waiting[:1], [])
-        waiting, step = waiting[1:], step + 1
-        for token in result.outputs:
-            out[token.request_id].append(token)
-        assert step < 300
-    return out
 
 
 @pytest.mark.skipif(not mps_running(), reason="two processes on one GPU need CUDA MPS")

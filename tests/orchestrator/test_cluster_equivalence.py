@@ -59,6 +59,17 @@ def _staggered(cluster: Cluster, requests: list[tuple[list[int], SamplingParams]
     return [[first, *rest] for first, rest in zip(firsts, iterators, strict=True)]
 
 
+def _check(engine: ReferenceEngine, requests: list, outputs: list[list]) -> list:
+    """Token ids equal the reference's, logprobs within 1e-5; the reference's generations."""
+    wants = []
+    for (ids, params), got in zip(requests, outputs, strict=True):
+        want = engine.generate(ids, params)
+        assert [o.token_id for o in got] == want.token_ids
+        assert [o.logprob for o in got] == pytest.approx(want.logprobs, abs=1e-5)
+        wants.append(want)
+    return wants
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
 @pytest.mark.parametrize(("attention_nodes", "expert_nodes", "micro_batches"), SHAPES)
 def test_cluster_matches_reference(
@@ -81,10 +92,7 @@ def test_cluster_matches_reference(
             assert [len(a) for a in cluster.placement.assignment] == [3, 3, 2]
     finally:
         cluster.shutdown()
-    for (ids, params), got in zip(requests, outputs, strict=True):
-        want = engine.generate(ids, params)
-        assert [o.token_id for o in got] == want.token_ids
-        assert [o.logprob for o in got] == pytest.approx(want.logprobs, abs=1e-5)
+    for want, got in zip(_check(engine, requests, outputs), outputs, strict=True):
         assert "".join(o.text_delta for o in got) == want.text
         assert got[-1].finish_reason == want.finish_reason == "length"
 
@@ -110,10 +118,7 @@ def test_a_device_lane_cluster_matches_reference(
         outputs = _staggered(cluster, requests)
     finally:
         cluster.shutdown()
-    for (ids, params), got in zip(requests, outputs, strict=True):
-        want = engine.generate(ids, params)
-        assert [o.token_id for o in got] == want.token_ids
-        assert [o.logprob for o in got] == pytest.approx(want.logprobs, abs=1e-5)
+    _check(engine, requests, outputs)
 
 
 def test_each_actor_loads_only_its_own_tensors(tiny_models: dict[str, Path], ray_session) -> None:
