@@ -272,10 +272,8 @@ class AttentionNode:
         ]
         rows = [_sample_rows(g, b).to(self.device) for g, b in zip(groups, batches, strict=True)]
         batches = [b.to(self.device) for b in batches]
-        if isinstance(self.pipeline.dispatcher, DeviceDispatcher):
-            self.pipeline.dispatcher.begin_step(
-                step_id, [b.token_ids.shape[0] for b in batches], graphed=False
-            )
+        rows_M = [b.token_ids.shape[0] for b in batches]
+        self.pipeline.dispatcher.begin_step(step_id, rows_M, graphed=False)
         logits, timings = self.pipeline.run(step_id, batches, rows)
         self.pipeline.dispatcher.end_step(step_id)
         moved = 0
@@ -307,8 +305,7 @@ class AttentionNode:
         assert self.graphs is not None and self.pipeline is not None
         start = time.perf_counter()
         dispatcher = self.pipeline.dispatcher
-        if isinstance(dispatcher, DeviceDispatcher):
-            dispatcher.begin_step(step_id, [batch_bucket(len(chunks))], graphed=True)
+        dispatcher.begin_step(step_id, [batch_bucket(len(chunks))], graphed=True)
         logits_BV = self.graphs.run(
             [c.seq.pending[0] for c in chunks],
             [c.seq.num_computed for c in chunks],

@@ -2,7 +2,9 @@
 
 For each (step, layer, micro-batch) it waits for a frame from every attention node (possibly
 empty), runs its experts once over all their tokens together (this aggregation is the point
-of disaggregation), and sends each attention node back its partial sums.
+of disaggregation), and sends each attention node back its partial sums. On the device lane
+the rows arrive in its slots and the sums go straight into the attention nodes' slots; only a
+control frame per step (the rows of each micro-batch) comes through the transport.
 
 With expert replicas it also answers failover frames (tokens an attention node sends again
 because the expert node it first sent them to died) whenever they come, and ends its step only
@@ -164,17 +166,10 @@ class ExpertNode:
             device=self.settings.device,
         )
         self._step_counts = counts  # failover frames answered while gathering count too
-        compute = wait = 0.0
         if self.lane is not None:
-            wait = self._lane_step(step_id, counts)
-        for layer in self.config.moe_layers if self.lane is None else ():
-            for mb in range(self.settings.micro_batches):
-                key = RoundKey.exchange(step_id, layer, mb)
-                t0 = time.perf_counter()
-                frames = self._gather(key)
-                t1 = time.perf_counter()
-                compute += self._answer(key, self.attention_peers, frames, counts)
-                wait += t1 - t0
+            compute, wait = 0.0, self._lane_step(step_id, counts)
+        else:
+            compute, wait = self._host_step(step_id, counts)
         if self.settings.serve_failovers:
             t0 = time.perf_counter()
             self._gather(RoundKey.end_of_step(step_id))
@@ -198,6 +193,20 @@ class ExpertNode:
             stats.bytes_sent + stats.bytes_received,
             tuple(tuple(row) for row in layer_tokens),
         )
+
+    def _host_step(self, step_id: int, counts: torch.Tensor) -> tuple[float, float]:
+        """A step on the host lane: every round's frames gathered, answered; returns the time
+        computing and the time waiting."""
+        compute = wait = 0.0
+        for layer in self.config.moe_layers:
+            for mb in range(self.settings.micro_batches):
+                key = RoundKey.exchange(step_id, layer, mb)
+                t0 = time.perf_counter()
+                frames = self._gather(key)
+                t1 = time.perf_counter()
+                compute += self._answer(key, self.attention_peers, frames, counts)
+                wait += t1 - t0
+        return compute, wait
 
     def _lane_step(self, step_id: int, counts: torch.Tensor) -> float:
         """A step on the device lane: the rows of every micro-batch from each attention node's

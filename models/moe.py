@@ -186,6 +186,11 @@ class Dispatcher(ABC):
     def combine(self, plan: Any, like_TD: torch.Tensor) -> torch.Tensor:
         """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) for every token t, as [T, D]."""
 
+    def begin_step(self, step: int, rows_per_micro_batch: list[int], graphed: bool) -> None:
+        """A step starts with these rows in each micro-batch; `graphed`: its forward replays a
+        CUDA graph (the device lane tells its expert nodes both, once a step)."""
+        return None
+
     def end_step(self, step: int) -> None:
         """The caller is through with `step` (remote experts with replicas wait for this)."""
         return None

@@ -85,7 +85,8 @@ def allocate(
             f"/proc/self/fd/{fd}", shared=True, size=layout.nbytes, dtype=torch.uint8
         )
         shared, gpu = (f"/proc/{os.getpid()}/fd/{fd}",), None
-        _own_fds[key] = fd  # peers open the file through it; closed by `release`
+        with _own_lock:
+            _own_fds[key] = fd  # peers open the file through it; closed by `release`
     with _own_lock:
         _own[key] = memory_N
     handle = RegionHandle(layout, owner, writers, machine, os.getpid(), key, gpu, shared)

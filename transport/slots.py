@@ -20,6 +20,7 @@ Shape legend: M = micro-batches, P = peers writing into the region, C = rows per
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -91,23 +92,18 @@ class SlotLayout:
             ]
         return arrays
 
-    def offsets(self) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]]]:
-        """name -> (byte offset, dtype, shape) of every array."""
+    def offsets(self) -> dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]]:
+        """name -> (byte offset, bytes, dtype, shape) of every array."""
         out, at = {}, 0
         for name, dtype, shape in self._arrays():
-            out[name] = (at, dtype, shape)
-            n = dtype.itemsize
-            for s in shape:
-                n *= s
+            n = dtype.itemsize * math.prod(shape)
+            out[name] = (at, n, dtype, shape)
             at += _aligned(n)
         return out
 
     @property
     def nbytes(self) -> int:
-        at, dtype, shape = list(self.offsets().values())[-1]
-        n = dtype.itemsize
-        for s in shape:
-            n *= s
+        at, n, _, _ = list(self.offsets().values())[-1]
         return at + _aligned(n)
 
 
@@ -121,10 +117,7 @@ class SlotRegion:
             )
         self.layout, self.memory_N = layout, memory_N
         views = {}
-        for name, (at, dtype, shape) in layout.offsets().items():
-            n = dtype.itemsize
-            for s in shape:
-                n *= s
+        for name, (at, n, dtype, shape) in layout.offsets().items():
             views[name] = memory_N[at : at + n].view(dtype).view(shape)
         self.words_MP: torch.Tensor = views["words"]
         self.control_2: torch.Tensor = views["control"]  # abort word, status word

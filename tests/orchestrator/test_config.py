@@ -35,6 +35,18 @@ def test_shipped_tiny_cpu_config_loads() -> None:
             "model: {path: m}\nexperts: {nodes: 2, assignment: [[0, 1]]}\n",
             "lists 1 nodes but 'experts.nodes' is 2",
         ),
+        (
+            "model: {path: m}\ntransport: {lane: fast}\n",
+            "field 'transport.lane' must be host or device",
+        ),
+        (
+            "model: {path: m}\nexperts: {nodes: 2, replicas: 2}\ntransport: {lane: device}\n",
+            "field 'transport.lane' must be host with experts.nodes 0",
+        ),
+        (
+            "model: {path: m}\nexperts: {nodes: 0}\ntransport: {lane: device}\n",
+            "field 'transport.lane' must be host with experts.nodes 0",
+        ),
         ("model: [1, 2]\n", "'model' must be a mapping"),
         ("model: {path: m\n", "not valid YAML"),
     ],

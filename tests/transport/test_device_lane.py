@@ -28,10 +28,10 @@ def _layout(kind: SlotKind = SlotKind.DISPATCH, peers: int = 2) -> SlotLayout:
 
 def test_slot_arrays_are_aligned_and_disjoint() -> None:
     layout = _layout()
-    spans = sorted(
-        (at, at + dtype.itemsize * torch.Size(shape).numel(), name)
-        for name, (at, dtype, shape) in layout.offsets().items()
-    )
+    offsets = layout.offsets()
+    for _, n, dtype, shape in offsets.values():
+        assert n == dtype.itemsize * torch.Size(shape).numel()
+    spans = sorted((at, at + n, name) for name, (at, n, _, _) in offsets.items())
     assert [name for *_, name in spans] == ["words", "control", "rows", "local_ids", "weights"]
     for (_, end, _), (start, _, _) in zip(spans, spans[1:], strict=False):
         assert start % ALIGN == 0 and start >= end
