@@ -29,6 +29,17 @@ class ExpertRouting:
         }
         self.dead = dead
 
+    def switch(self, placement: ExpertPlacement) -> None:
+        """Routes by a rebalance's new placement from now on (at a step boundary), still
+        around the nodes reported dead."""
+        if placement.num_nodes != self.placement.num_nodes:
+            raise ValueError(
+                f"a placement of {placement.num_nodes} expert nodes cannot replace one of "
+                f"{self.placement.num_nodes}"
+            )
+        self.placement = placement
+        self.route_around(self.dead)
+
     def route(
         self, layer: int, ids_TK: torch.Tensor, rows_T: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

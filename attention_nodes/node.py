@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from afd.attention_nodes.decode_graphs import DecodeGraphs, batch_bucket
 from afd.attention_nodes.device_dispatch import DeviceDispatcher
+from afd.attention_nodes.expert_routing import ExpertRouting
 from afd.attention_nodes.paged_kv_cache import PagedKVCache
 from afd.attention_nodes.pipeline import PingPongPipeline
 from afd.attention_nodes.remote_dispatch import RemoteDispatcher
@@ -75,6 +76,7 @@ class AttentionNode:
     def __init__(self, settings: AttentionNodeSettings, placement: ExpertPlacement | None) -> None:
         self.settings = settings
         self.placement = placement
+        self.placement_version = 0  # the rebalance whose placement this node routes by
         self.config = load_config(settings.model_dir)
         self.checkpoint = open_checkpoint(settings.model_dir, settings.load_format, settings.device)
         self.device = torch.device(settings.device)
@@ -96,6 +98,7 @@ class AttentionNode:
         self.transport: Transport | None = None
         self.lane: DeviceLane | None = None  # the device lane's slots, once connected
         self.pipeline: PingPongPipeline | None = None
+        self.routing: ExpertRouting | None = None  # the remote dispatcher's, once connected
         self.graphs: DecodeGraphs | None = None  # colocated on CUDA: decode steps replay graphs
         if placement is None:
             if settings.lane != "host":
@@ -152,7 +155,7 @@ class AttentionNode:
         for peer, address in expert_peers:
             self.transport.connect(peer, address)
         peers, s = [p for p, _ in expert_peers], self.settings
-        dispatcher: Dispatcher
+        dispatcher: DeviceDispatcher | RemoteDispatcher
         if s.lane == "device":
             if lane_regions is None or len(lane_regions) != len(peers):
                 raise ValueError("the device lane needs every expert node's slots")
@@ -181,6 +184,7 @@ class AttentionNode:
             dispatcher = RemoteDispatcher(
                 self.transport, self.placement, peers, s.round_timeout_s, self.device
             )
+        self.routing = dispatcher.routing
         self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)
         return None if self.lane is None else self.lane.handle
 
@@ -211,6 +215,20 @@ class AttentionNode:
             self.transport.abort()
         if self.lane is not None:
             self.lane.abort()
+
+    def set_placement(self, version: int, placement: ExpertPlacement) -> None:
+        """Routes by rebalance `version`'s placement from the next step on (the orchestrator
+        calls it at a step boundary, once every expert node holds its new experts)."""
+        if self.placement is None:
+            raise RuntimeError("a colocated node holds every expert: it has no placement")
+        if version == self.placement_version:
+            return
+        self.placement = placement
+        if self.routing is not None:
+            self.routing.switch(placement)
+        if self.graphs is not None:
+            self.graphs.clear()  # they hold the old routing tables
+        self.placement_version = version
 
     def expert_lost(self, peer: int) -> None:
         """An expert node died and its experts have replicas: route around it at once, within

@@ -68,7 +68,6 @@ class RemoteDispatcher(Dispatcher):
     ) -> None:
         super().__init__()
         self.transport = transport
-        self.placement = placement
         self.expert_peers = expert_peers
         self.device = device
         self.routing = ExpertRouting(placement, device)
@@ -146,7 +145,7 @@ class RemoteDispatcher(Dispatcher):
                 (y_nD,) = self.transport.recv(peer, ex.key, self.timeout_s)
                 ex.send.result(self.timeout_s)  # surfaces a failed send
             except PeerLost:
-                if not self.placement.covers(self.routing.dead | {ex.node}):
+                if not self.routing.placement.covers(self.routing.dead | {ex.node}):
                     raise
                 attempt += 1
                 waiting += self._failover(plan, ex, attempt)
@@ -165,7 +164,7 @@ class RemoteDispatcher(Dispatcher):
     def end_step(self, step: int) -> None:
         """Tells every live expert node this node is done with the step (replicas only: the
         marker keeps them serving failovers until every attention node is through)."""
-        if self.placement.replicas == 1:
+        if self.routing.placement.replicas == 1:
             return
         key = RoundKey.end_of_step(step)
         for j, peer in enumerate(self.expert_peers):

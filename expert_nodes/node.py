@@ -25,7 +25,7 @@ import torch
 from afd.models.checkpoint import open_checkpoint
 from afd.models.config import DTYPES, load_config
 from afd.models.messages import ExpertStepResult
-from afd.models.moe import ExpertShard
+from afd.models.moe import ExpertShard, StackedExperts, load_layer_experts
 from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import PeerAddress, Transport, TransportError, TransportSettings
 from afd.transport.region_memory import RegionHandle
@@ -68,9 +68,11 @@ class ExpertNode:
         self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self.attention_peers: list[int] = []
         self._moe_row = {layer: i for i, layer in enumerate(self.config.moe_layers)}
-        self._widest = max(
-            (len(self.shard.ids_at(layer)) for layer in self.config.moe_layers), default=0
-        )
+        self._widest = self._widest_layer()
+        self.placement_version = 0  # the rebalance whose placement this node holds
+        # a rebalance's experts new to this node, loaded while steps run: (version, layer ->
+        # (ids, their stack)); replaced by the next one, dropped at the switch
+        self._staged: tuple[int, dict[int, tuple[tuple[int, ...], StackedExperts]]] | None = None
         self._step_counts: torch.Tensor | None = None
         self.lane: DeviceLane | None = None  # the device lane, once `open_lane` made its slots
         # lane steps as CUDA graphs, by the rows of each (attention node, micro-batch)
@@ -78,6 +80,87 @@ class ExpertNode:
             dict[tuple[tuple[int, ...], ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None
         ) = None
         self._graph_pool: Any = None  # torch.cuda.graph_pool_handle(), once there are graphs
+
+    def _widest_layer(self) -> int:
+        return max((len(self.shard.ids_at(layer)) for layer in self.config.moe_layers), default=0)
+
+    # ---- live rebalancing ----------------------------------------------------------------
+    def held_experts(self) -> dict[int, tuple[int, ...]]:
+        """MoE layer -> the experts this node holds there, in local-id order."""
+        return {layer: self.shard.ids_at(layer) for layer in self.config.moe_layers}
+
+    def stage_experts(self, version: int, layer_ids: dict[int, tuple[int, ...]]) -> int:
+        """Loads the experts of rebalance `version` that this node does not hold yet, while
+        steps run on another thread (nothing the step reads changes). Only from a source that
+        reads into host memory: made on the GPU (dummy weights there), they would be CUDA work
+        beside a graph capture, so they are made at the switch instead. Returns how many."""
+        if getattr(self.checkpoint, "device", torch.device("cpu")).type != "cpu":
+            return 0
+        staged: dict[int, tuple[tuple[int, ...], StackedExperts]] = {}
+        for layer, ids in self._checked_layer_ids(layer_ids).items():
+            new = tuple(e for e in ids if e not in self.shard.ids_at(layer))
+            if new:
+                staged[layer] = (new, self._load_experts(layer, new))
+        self._staged = (version, staged)
+        return sum(len(ids) for ids, _ in staged.values())
+
+    def hold_experts(self, version: int, layer_ids: dict[int, tuple[int, ...]]) -> None:
+        """Switches to rebalance `version`'s placement, at a step boundary (no step runs): each
+        changed layer's new stack is gathered from the experts held and those staged (or loaded
+        now), then replaces the old one, which is freed; one layer at a time, so the memory
+        beyond the steady state is one layer's stack. Idempotent: a restarted node is given the
+        cluster's placement this way."""
+        if version == self.placement_version:
+            return
+        staged: dict[int, tuple[tuple[int, ...], StackedExperts]] = {}
+        if self._staged is not None and self._staged[0] == version:
+            staged = self._staged[1]
+        self._staged = None
+        device = torch.device(self.settings.device)
+        for layer, ids in self._checked_layer_ids(layer_ids).items():
+            held = self.shard.ids_at(layer)
+            if ids == held:
+                continue
+            current = self.shard.layers[layer]
+            rows = {e: (current, held.index(e)) for e in ids if e in held}
+            parts = [staged[layer]] if layer in staged else []
+            have = {e for part_ids, _ in parts for e in part_ids}
+            missing = tuple(e for e in ids if e not in rows and e not in have)
+            if missing:  # not staged: a restarted node, or weights made on the device
+                parts.append((missing, self._load_experts(layer, missing)))
+            for part_ids, part in parts:
+                part = part.to(device)
+                rows.update({e: (part, i) for i, e in enumerate(part_ids) if e in ids})
+            rows_in_order = [rows[e] for e in ids]
+            del rows, parts
+            self.shard.place_layer(layer, ids, StackedExperts.gather(rows_in_order))
+        self._widest = self._widest_layer()
+        self.placement_version = version
+        if self._graphs is not None:
+            self._graphs.clear()  # they read the old stacks
+
+    def _checked_layer_ids(
+        self, layer_ids: dict[int, tuple[int, ...]]
+    ) -> dict[int, tuple[int, ...]]:
+        unknown = sorted(set(layer_ids) - set(self.config.moe_layers))
+        if unknown:
+            raise ValueError(f"expert node {self.settings.node_id}: {unknown} are not MoE layers")
+        out = {}
+        for layer, ids in layer_ids.items():
+            ids = tuple(int(e) for e in ids)
+            if not ids or len(set(ids)) != len(ids):
+                raise ValueError(f"layer {layer}: expert ids {list(ids)} are empty or repeat")
+            bad = [e for e in ids if not 0 <= e < self.config.num_experts]
+            if bad:
+                raise ValueError(f"layer {layer}: experts {bad} do not exist")
+            out[layer] = ids
+        return out
+
+    def _load_experts(self, layer: int, ids: tuple[int, ...]) -> StackedExperts:
+        s = self.settings
+        return load_layer_experts(
+            self.checkpoint, self.config, layer, ids, DTYPES[s.dtype], s.quantization
+        )
 
     def address(self) -> PeerAddress:
         return self.transport.address

@@ -34,6 +34,7 @@ class TensorSource(Protocol):
     """Where a node's weights come from: a safetensors checkpoint, or made up (dummy)."""
 
     names_read: list[str]  # every tensor handed out, for tests that check what a node loaded
+    device: torch.device  # where `load` makes its tensors
 
     def check_names(self, config: ModelConfig) -> None: ...
 
@@ -60,6 +61,7 @@ def open_checkpoint(
 class Checkpoint:
     def __init__(self, model_dir: str | Path) -> None:
         self.model_dir = Path(model_dir)
+        self.device = torch.device("cpu")  # safetensors are read into host memory
         self.file_of = self._map_names()
         self.bytes_read = 0  # for tests and metrics: what this reader actually loaded
         self.names_read: list[str] = []

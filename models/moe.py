@@ -51,6 +51,26 @@ class StackedExperts:
             self.gate_EID.to(device), self.up_EID.to(device), self.down_EDI.to(device), scales
         )
 
+    @classmethod
+    def gather(cls, rows: Sequence[tuple[StackedExperts, int]]) -> StackedExperts:
+        """A stack of the given experts (source stack, row), in order: how a rebalance builds a
+        layer's new stack from experts the node holds and experts it just loaded."""
+        if not rows:
+            raise ValueError("a layer's stack needs at least one expert")
+
+        def stacked(pick: Any) -> torch.Tensor:
+            return torch.stack([pick(src)[i] for src, i in rows])
+
+        scales = None
+        if rows[0][0].scales is not None:
+            scales = tuple(stacked(lambda s, k=k: s.scales[k]) for k in range(3))
+        return cls(
+            stacked(lambda s: s.gate_EID),
+            stacked(lambda s: s.up_EID),
+            stacked(lambda s: s.down_EDI),
+            scales,  # type: ignore[arg-type]
+        )
+
     def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert e's (gate, up, down) in `dtype`, dequantized when they are fp8."""
         gate, up, down = self.gate_EID[e], self.up_EID[e], self.down_EDI[e]
@@ -110,15 +130,13 @@ class ExpertShard:
         layers = {}
         for layer in config.moe_layers:
             ids = list((layer_ids or {}).get(layer, expert_ids))  # local id i is ids[i]
-            tensors = checkpoint.load(
-                tensor_specs(config, ["experts"], layers=[layer], experts=ids), dtype
-            )
-            stack = [
-                torch.stack([tensors.pop(expert_tensor_name(config, layer, e, proj)) for e in ids])
-                for proj in ("gate", "up", "down")
-            ]
-            layers[layer] = StackedExperts.of(stack, quantization)
+            layers[layer] = load_layer_experts(checkpoint, config, layer, ids, dtype, quantization)
         return cls(config, expert_ids, layers, layer_ids)
+
+    def place_layer(self, layer: int, ids: Sequence[int], experts: StackedExperts) -> None:
+        """Layer `layer` holds `ids` (local order) from now on: a rebalance's switch."""
+        self.layers[layer] = experts
+        self.layer_ids[layer] = tuple(ids)
 
     def forward(
         self, layer: int, x_TD: torch.Tensor, local_ids_TK: torch.Tensor, weights_TK: torch.Tensor
@@ -154,6 +172,24 @@ class ExpertShard:
             out_TD.index_add_(0, tok, y * weights_TK[tok, slot_T[start : start + n], None])
             start += n
         return out_TD
+
+
+def load_layer_experts(
+    checkpoint: TensorSource,
+    config: ModelConfig,
+    layer: int,
+    ids: Sequence[int],
+    dtype: torch.dtype,
+    quantization: str = "none",
+) -> StackedExperts:
+    """Experts `ids` of MoE layer `layer`, stacked in that order (quantized if asked), where
+    the checkpoint makes them."""
+    tensors = checkpoint.load(tensor_specs(config, ["experts"], layers=[layer], experts=ids), dtype)
+    stack = [
+        torch.stack([tensors.pop(expert_tensor_name(config, layer, e, proj)) for e in ids])
+        for proj in ("gate", "up", "down")
+    ]
+    return StackedExperts.of(stack, quantization)
 
 
 class Dispatcher(ABC):

@@ -39,6 +39,7 @@ from afd.orchestrator.pool_placement import (
     remove_placement_group,
     reserve,
 )
+from afd.orchestrator.rebalancer import RebalancePlan, plan_rebalance
 from afd.transport.endpoint import PeerAddress
 from ray._private.state import state as ray_state
 
@@ -56,6 +57,7 @@ class StepRecord:
     attention: list[AttentionStepResult | None]  # None: a colocated node that did not step
     experts: list[ExpertStepResult]
     load_imbalance: tuple[float, ...] = ()  # per MoE layer, over the load window (expert nodes)
+    rebalances: int = 0  # live rebalances carried out so far
 
 
 class TokenSink(Protocol):
@@ -89,6 +91,7 @@ class ClusterState:
     expert_failovers: int = 0  # expert node deaths absorbed by replicas, without a failed round
     layer_loads: list[LayerLoad] = field(default_factory=list)  # over the load window
     load_window_steps: int = 0
+    expert_rebalances: int = 0  # live rebalances carried out (the placement moved)
 
 
 Sink = TypeVar("Sink", bound=TokenSink)
@@ -185,16 +188,13 @@ class Cluster:
         self._attention_tokens = [0] * len(self.attention)
         self._expert_tokens: dict[int, int] = dict.fromkeys(range(self.config.num_experts), 0)
         self._expert_node_tokens = [0] * (self.placement.num_nodes if self.placement else 0)
-        self.load_window = ExpertLoadWindow(
-            self.config.moe_layers,
-            self.config.num_experts,
-            [self.placement.at(layer) for layer in self.config.moe_layers]
-            if self.placement
-            else [()],
-            deployment.experts.load_window,
-        )
+        self.load_window = self._new_load_window()
         self.failed_steps = 0
         self.expert_failovers = 0
+        self.expert_rebalances = 0
+        self.placement_version = 0  # the last rebalance's; every node holds or routes by it
+        self._staging: tuple[RebalancePlan, list[ray.ObjectRef]] | None = None
+        self._looked_at = 0  # the step at which the load was last looked at
         self._down: set[int] = set()  # expert nodes dead, their experts served by replicas
         self._revivals: dict[int, ray.ObjectRef] = {}  # expert node -> pending pid call (back yet?)
         self._gone: set[int] = set()  # down expert nodes Ray will not restart
@@ -213,6 +213,16 @@ class Cluster:
             thread.start()
 
     # ---- placement and wiring ---------------------------------------------------------
+    def _new_load_window(self) -> ExpertLoadWindow:
+        """An empty window over the placement as it is now (its count columns follow it)."""
+        layers = self.config.moe_layers
+        return ExpertLoadWindow(
+            layers,
+            self.config.num_experts,
+            [self.placement.at(layer) for layer in layers] if self.placement else [()],
+            self.deployment.experts.load_window,
+        )
+
     def _start_expert(self, j: int):
         assert self.placement is not None  # expert nodes exist only with a placement
         settings = expert_node_settings(
@@ -419,6 +429,8 @@ class Cluster:
     def _step(self, new: list[list[NewRequest]], aborts: list[list[str]]) -> None:
         if self._down:
             self._revive_experts()
+        if self.placement is not None:
+            self._rebalance_at_boundary()
         self.step_id += 1
         s = self.step_id
         calls = {
@@ -450,7 +462,7 @@ class Cluster:
             if e.layer_tokens:
                 self.load_window.add(j, e.layer_tokens)
         imbalance = tuple(float(x) for x in self.load_window.imbalance())
-        record = StepRecord(s, wall, attention, experts, imbalance)
+        record = StepRecord(s, wall, attention, experts, imbalance, self.expert_rebalances)
         for i, a in enumerate(attention):
             self._last_attention[i] = a
             self._attention_tokens[i] += a.tokens
@@ -519,6 +531,100 @@ class Cluster:
         for a in self.attention:
             a.expert_lost.remote(EXPERT_PEER_BASE + j)
 
+    # ---- live rebalancing -------------------------------------------------------------------
+    def _rebalance_at_boundary(self) -> None:
+        """At a step boundary: switches to the staged plan once every expert node has loaded
+        its new experts; otherwise, every `every_steps` steps, looks at the load window and has
+        the expert nodes stage a plan while the next steps run."""
+        assert self.placement is not None
+        r = self.deployment.experts.rebalance
+        if self._staging is not None:
+            plan, refs = self._staging
+            if self._down or ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
+                return  # still loading, or a node is down: switch once all can
+            self._staging = None
+            try:
+                ray.get(refs)
+            except Exception as err:  # a node died while loading: the next look plans again
+                log.warning("rebalance %d abandoned: staging failed (%s)", plan.version, err)
+                return
+            self._switch(plan)
+            return
+        if not r.enabled or self._down or self.step_id - self._looked_at < r.every_steps:
+            return
+        self._looked_at = self.step_id
+        planned = plan_rebalance(
+            self.placement,
+            self.load_window.layers(),
+            self.deployment.experts.redundant_slots,
+            r.threshold,
+            r.max_moves,
+            self.placement_version + 1,
+        )
+        if planned is None:
+            return
+        plan = planned
+        log.info(
+            "rebalance %d: layers %s over %.2f (worst %.2f, expected %.2f after), %d expert "
+            "copies to load",
+            plan.version,
+            list(plan.layers),
+            r.threshold,
+            plan.measured,
+            plan.expected,
+            plan.moves,
+        )
+        self._staging = (
+            plan,
+            [
+                e.stage_experts.remote(plan.version, plan.node_layers(j))
+                for j, e in enumerate(self.experts)
+            ],
+        )
+
+    def _switch(self, plan: RebalancePlan) -> None:
+        """Every node to the plan's placement before the next step. A node failing meanwhile is
+        recovered like a failed step, and recovery gives every node the new placement."""
+        self.placement, self.placement_version = plan.placement, plan.version
+        self.expert_rebalances += 1
+        self.load_window = self._new_load_window()
+        self._looked_at = self.step_id  # the next look waits for `every_steps` of new load
+        errors = self._push_placement(self.deployment.transport.recovery_timeout_s)
+        if errors:
+            self._recover(self.step_id, errors)
+            return
+        log.info("rebalance %d: every node switched", plan.version)
+
+    def _node_layer_ids(self, j: int) -> dict[int, tuple[int, ...]]:
+        assert self.placement is not None
+        return {layer: self.placement.at(layer)[j] for layer in self.config.moe_layers}
+
+    def _push_placement(self, timeout: float) -> dict:
+        """Brings every live node to the cluster's placement (a node already there does
+        nothing); the failures, by node."""
+        if self.placement_version == 0:
+            return {}
+        v = self.placement_version
+        calls = {
+            ("expert", j): e.hold_experts.remote(v, self._node_layer_ids(j))
+            for j, e in enumerate(self.experts)
+            if j not in self._down
+        }
+        calls.update(
+            {
+                ("attention", i): a.set_placement.remote(v, self.placement)
+                for i, a in enumerate(self.attention)
+            }
+        )
+        deadline = time.monotonic() + timeout
+        errors = {}
+        for key, ref in calls.items():
+            try:
+                ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except Exception as err:
+                errors[key] = err
+        return errors
+
     def _revive_experts(self) -> None:
         """At a step boundary: rewires the down expert nodes that Ray has brought back."""
         timeout = self.deployment.transport.recovery_timeout_s
@@ -573,6 +679,9 @@ class Cluster:
                 self._pids = pids
                 self._down.clear()  # every node answered: down expert nodes are back, rewired
                 self._revivals.clear()
+                unplaced = self._push_placement(left)  # a node a rebalance's switch missed
+                if unplaced:
+                    raise next(iter(unplaced.values()))
                 break
             except Exception as err:
                 # a node out of restarts will not come back; anything else may pass
@@ -625,6 +734,13 @@ class Cluster:
         if self._device_lane:
             own = ray.get([a.lane_region.remote() for a in self.attention], timeout=timeout)
             ray.get(self.experts[j].connect_lane.remote(own), timeout=timeout)
+        if self.placement_version:  # it restarted with the placement it was first given
+            ray.get(
+                self.experts[j].hold_experts.remote(
+                    self.placement_version, self._node_layer_ids(j)
+                ),
+                timeout=timeout,
+            )
 
     def _rewire_attention(self, i: int, timeout: float) -> None:
         """Connects a restarted attention node (new slots too) to every expert node."""
@@ -638,6 +754,11 @@ class Cluster:
         ray.get(waits, timeout=timeout)
         if own is not None:
             ray.get([e.reconnect_lane.remote(own) for e in self.experts], timeout=timeout)
+        if self.placement_version:
+            ray.get(
+                self.attention[i].set_placement.remote(self.placement_version, self.placement),
+                timeout=timeout,
+            )
 
     def _least_loaded(self) -> int:
         live = [i for i in range(len(self._load)) if i not in self._dead]
@@ -725,6 +846,7 @@ class Cluster:
             self.expert_failovers,
             self.load_window.layers() if self.placement else [],
             self.load_window.steps,
+            self.expert_rebalances,
         )
 
     def loaded_tensor_names(self) -> dict[str, list[str]]:

@@ -61,11 +61,26 @@ class AttentionSection(PoolSection):
 
 
 @dataclass(frozen=True, slots=True)
+class RebalanceSection:
+    """Live rebalancing: every `every_steps` steps the orchestrator looks at the load window;
+    where a layer's node imbalance (max/mean) exceeds `threshold`, it plans that layer again,
+    the expert nodes load the experts they newly hold while serving, and every node switches
+    at one step boundary. At most `max_moves` (layer, node, expert) copies move at a time."""
+
+    enabled: bool = False
+    threshold: float = 1.5
+    every_steps: int = 64
+    max_moves: int = 64
+
+
+@dataclass(frozen=True, slots=True)
 class ExpertSection(PoolSection):
     assignment: list | None = None  # explicit expert ids per node; default: even contiguous ranges
     replicas: int = 1  # nodes holding each expert: with 2, an expert node's death costs no round
     load_window: int = 128  # steps over which expert load and imbalance are reported
     placement_file: str | None = None  # `afd plan-experts --out`: a placement per MoE layer
+    redundant_slots: int = 0  # spare expert slots per node and layer, for copies of hot experts
+    rebalance: RebalanceSection = field(default_factory=RebalanceSection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +260,15 @@ def _check(d: Deployment, source: str) -> None:
             "experts.replicas",
             1 <= d.experts.replicas <= max(1, d.experts.nodes),
             f"between 1 and experts.nodes ({d.experts.nodes})",
+        ),
+        ("experts.redundant_slots", d.experts.redundant_slots >= 0, ">= 0"),
+        ("experts.rebalance.threshold", d.experts.rebalance.threshold >= 1.0, ">= 1.0 (max/mean)"),
+        ("experts.rebalance.every_steps", d.experts.rebalance.every_steps >= 1, ">= 1"),
+        ("experts.rebalance.max_moves", d.experts.rebalance.max_moves >= 1, ">= 1"),
+        (
+            "experts.rebalance.enabled",
+            not d.experts.rebalance.enabled or d.experts.nodes >= 2,
+            "false with fewer than 2 expert nodes (nothing to balance)",
         ),
         ("pipeline.micro_batches", 1 <= d.pipeline.micro_batches <= 16, "between 1 and 16"),
         ("attention.kv_blocks", d.attention.kv_blocks >= 1, ">= 1"),

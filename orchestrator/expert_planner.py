@@ -65,19 +65,22 @@ def plan_layer(
     redundant_slots: int,
     samples: Sequence[Sequence[int]] = (),
     slack: float = 0.1,
+    replicas: int = 1,
 ) -> LayerPlan:
-    """A placement of E experts (plus replicas) on `nodes` nodes of ⌈E/N⌉ + `redundant_slots`
-    slots each. `samples`: top-k sets of sampled tokens (co-activation); `slack`: how far
-    above the mean a node's load may go to keep a co-chosen expert beside its partners."""
+    """A placement of E experts, each on at least `replicas` nodes (failover), plus copies of
+    hot ones, on `nodes` nodes of ⌈E·replicas/N⌉ + `redundant_slots` slots each. `samples`:
+    top-k sets of sampled tokens (co-activation); `slack`: how far above the mean a node's load
+    may go to keep a co-chosen expert beside its partners."""
     load = np.asarray(load_E, dtype=np.float64)
     E = len(load)
-    if nodes < 1 or redundant_slots < 0:
+    if nodes < 1 or redundant_slots < 0 or not 1 <= replicas <= nodes:
         raise ValueError(
-            f"need at least 1 node and redundant_slots >= 0, got {nodes}, {redundant_slots}"
+            f"need at least 1 node, redundant_slots >= 0 and 1 <= replicas <= nodes, got "
+            f"{nodes}, {redundant_slots}, {replicas}"
         )
-    slots = -(-E // nodes) + redundant_slots
-    copies = np.ones(E, dtype=np.int64)
-    for _ in range(nodes * slots - E):  # the hottest per-copy load gets the next spare slot
+    slots = -(-E * replicas // nodes) + redundant_slots
+    copies = np.full(E, replicas, dtype=np.int64)
+    for _ in range(nodes * slots - E * replicas):  # the hottest per-copy load: the next spare
         per_copy = np.where(copies < nodes, load / copies, -1.0)
         hottest = int(per_copy.argmax())
         if per_copy[hottest] <= 0:

@@ -115,6 +115,13 @@ class Metrics:
             buckets=_RTT_BUCKETS,
             registry=r,
         ).labels(**label)
+        self.rebalances = Counter(
+            "afd:expert_rebalances",
+            "Live rebalances carried out: the expert placement moved.",
+            list(label),
+            registry=r,
+        ).labels(**label)
+        self._rebalances_seen = 0
         self.steps = Counter(
             "afd:engine_steps", "Engine steps run.", list(label), registry=r
         ).labels(**label)
@@ -147,6 +154,9 @@ class Metrics:
             if a.timings.rounds:
                 self.round_trip.observe(a.timings.round_trip_s / a.timings.rounds)
             self._transport(node, a.transport_bytes)
+        if record.rebalances > self._rebalances_seen:
+            self.rebalances.inc(record.rebalances - self._rebalances_seen)
+            self._rebalances_seen = record.rebalances
         for i, value in enumerate(record.load_imbalance):
             self.imbalance.labels(layer=str(self._moe_layers[i]), **self._label).set(value)
         for j, e in enumerate(record.experts):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
 from afd.models.config import load_config
@@ -65,4 +66,52 @@ def test_malformed_dispatch_frames_are_rejected_naming_the_peer(tiny_model: Path
         assert errors == []
     finally:
         attention.close()
+        node.shutdown()
+
+
+def test_a_rebalance_stages_new_experts_then_switches_layers_it_changes(tiny_model: Path) -> None:
+    """Staged while serving, switched at a boundary: the node's layer then computes exactly what
+    a node loaded with the new experts computes; a restarted node (nothing staged) gets there
+    by the same call."""
+    from afd.models.checkpoint import open_checkpoint
+    from afd.models.moe import ExpertShard
+
+    config = load_config(tiny_model)
+    first, second = config.moe_layers[0], config.moe_layers[-1]
+    node = ExpertNode(ExpertNodeSettings(1000, str(tiny_model), (0, 1, 2)))
+    try:
+        assert node.stage_experts(1, {first: (1, 4, 6)}) == 2  # 4 and 6 are new here
+        assert node.shard.ids_at(first) == (0, 1, 2)  # nothing switched while it serves
+        node.hold_experts(1, {first: (1, 4, 6), second: (0, 1, 2)})
+        assert node.held_experts()[first] == (1, 4, 6) and node.placement_version == 1
+        assert node.held_experts()[second] == (0, 1, 2)
+        node.hold_experts(2, {second: (5, 0)})  # not staged: loaded at the switch
+        fresh = ExpertShard.load(
+            open_checkpoint(tiny_model),
+            config,
+            (0, 1, 2),
+            torch.float32,
+            layer_ids={first: (1, 4, 6), second: (5, 0)},
+        )
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, config.hidden_size, generator=g)
+        weights = torch.rand(5, config.top_k, generator=g)
+        for layer, width in ((first, 3), (second, 2)):
+            ids = torch.randint(-1, width, (5, config.top_k), generator=g)
+            torch.testing.assert_close(
+                node.shard.forward(layer, x, ids, weights),
+                fresh.forward(layer, x, ids, weights),
+                rtol=0,
+                atol=0,
+            )
+        node.hold_experts(2, {second: (3,)})  # the same version again: nothing happens
+        assert node.held_experts()[second] == (5, 0)
+        for bad, message in [
+            ({10_000: (0,)}, "not MoE layers"),
+            ({first: (0, 0)}, "empty or repeat"),
+            ({first: (config.num_experts,)}, "do not exist"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                node.hold_experts(3, bad)
+    finally:
         node.shutdown()
