@@ -39,7 +39,7 @@ from afd.orchestrator.pool_placement import (
     remove_placement_group,
     reserve,
 )
-from afd.orchestrator.rebalancer import RebalancePlan, plan_rebalance
+from afd.orchestrator.rebalancer import RebalancePlan, Rebalancer
 from afd.transport.endpoint import PeerAddress
 from ray._private.state import state as ray_state
 
@@ -192,9 +192,8 @@ class Cluster:
         self.failed_steps = 0
         self.expert_failovers = 0
         self.expert_rebalances = 0
-        self.placement_version = 0  # the last rebalance's; every node holds or routes by it
+        self._rebalancer = Rebalancer(d.experts.rebalance, d.experts.redundant_slots)
         self._staging: tuple[RebalancePlan, list[ray.ObjectRef]] | None = None
-        self._looked_at = 0  # the step at which the load was last looked at
         self._down: set[int] = set()  # expert nodes dead, their experts served by replicas
         self._revivals: dict[int, ray.ObjectRef] = {}  # expert node -> pending pid call (back yet?)
         self._gone: set[int] = set()  # down expert nodes Ray will not restart
@@ -537,39 +536,30 @@ class Cluster:
         its new experts; otherwise, every `every_steps` steps, looks at the load window and has
         the expert nodes stage a plan while the next steps run."""
         assert self.placement is not None
-        r = self.deployment.experts.rebalance
         if self._staging is not None:
-            plan, refs = self._staging
+            staged, refs = self._staging
             if self._down or ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
                 return  # still loading, or a node is down: switch once all can
             self._staging = None
             try:
                 ray.get(refs)
             except Exception as err:  # a node died while loading: the next look plans again
-                log.warning("rebalance %d abandoned: staging failed (%s)", plan.version, err)
+                log.warning("rebalance %d abandoned: staging failed (%s)", staged.version, err)
                 return
-            self._switch(plan)
+            self._switch(staged)
             return
-        if not r.enabled or self._down or self.step_id - self._looked_at < r.every_steps:
+        if self._down:
             return
-        self._looked_at = self.step_id
-        planned = plan_rebalance(
-            self.placement,
-            self.load_window.layers(),
-            self.deployment.experts.redundant_slots,
-            r.threshold,
-            r.max_moves,
-            self.placement_version + 1,
-        )
-        if planned is None:
+        loads = self.load_window.layers()
+        plan = self._rebalancer.look(self.step_id, self.placement, loads)
+        if plan is None:
             return
-        plan = planned
         log.info(
             "rebalance %d: layers %s over %.2f (worst %.2f, expected %.2f after), %d expert "
             "copies to load",
             plan.version,
             list(plan.layers),
-            r.threshold,
+            self.deployment.experts.rebalance.threshold,
             plan.measured,
             plan.expected,
             plan.moves,
@@ -585,15 +575,20 @@ class Cluster:
     def _switch(self, plan: RebalancePlan) -> None:
         """Every node to the plan's placement before the next step. A node failing meanwhile is
         recovered like a failed step, and recovery gives every node the new placement."""
-        self.placement, self.placement_version = plan.placement, plan.version
+        self.placement = plan.placement
+        self._rebalancer.switched(plan, self.step_id)
         self.expert_rebalances += 1
         self.load_window = self._new_load_window()
-        self._looked_at = self.step_id  # the next look waits for `every_steps` of new load
         errors = self._push_placement(self.deployment.transport.recovery_timeout_s)
         if errors:
             self._recover(self.step_id, errors)
             return
         log.info("rebalance %d: every node switched", plan.version)
+
+    @property
+    def placement_version(self) -> int:
+        """The placement every node holds or routes by: 0 as deployed, then each rebalance's."""
+        return self._rebalancer.version
 
     def _node_layer_ids(self, j: int) -> dict[int, tuple[int, ...]]:
         assert self.placement is not None

@@ -5,8 +5,9 @@ threshold is planned again (`plan_layer`: replicate hot experts into the spare s
 equal load). The plan's nodes are then matched to today's nodes so that as few experts as
 possible move: a planned node is only a set of experts, any real node may take it. A layer is
 taken when it is expected to be better balanced and its moves fit in what is left of
-`max_moves`, worst layers first. The cluster carries a plan out (`Cluster`): the expert nodes
-stage the experts they newly hold while serving, and all nodes switch at one step boundary.
+`max_moves`, worst layers first. `Rebalancer` says when to look; the cluster (and
+bench/eplb.py, with the same nodes in one process) carries a plan out: the expert nodes stage
+the experts they newly hold while serving, and all nodes switch at one step boundary.
 
 Shape legend: E = experts, N = expert nodes.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from afd.models.expert_placement import ExpertPlacement
+from afd.orchestrator.config import RebalanceSection
 from afd.orchestrator.expert_load import LayerLoad
 from afd.orchestrator.expert_planner import plan_layer
 
@@ -108,3 +110,31 @@ def plan_rebalance(
         over[0].imbalance,
         expected,
     )
+
+
+class Rebalancer:
+    """When to look at the load and what plan to carry out: every `every_steps` steps of load
+    gathered since the last look or switch (the window starts empty at a switch)."""
+
+    def __init__(self, settings: RebalanceSection, redundant_slots: int) -> None:
+        self.settings, self.redundant_slots = settings, redundant_slots
+        self.version = 0  # the placement the nodes hold: 0 as deployed, then each switch's
+        self._looked_at = 0
+
+    def look(
+        self, step: int, placement: ExpertPlacement, loads: Sequence[LayerLoad]
+    ) -> RebalancePlan | None:
+        """A plan for the nodes to stage, when it is time to look and a layer is over the
+        threshold with a better placement in reach."""
+        r = self.settings
+        if not r.enabled or step - self._looked_at < r.every_steps:
+            return None
+        self._looked_at = step
+        return plan_rebalance(
+            placement, loads, self.redundant_slots, r.threshold, r.max_moves, self.version + 1
+        )
+
+    def switched(self, plan: RebalancePlan, step: int) -> None:
+        """Every node took `plan` at the boundary after `step`."""
+        self.version = plan.version
+        self._looked_at = step
