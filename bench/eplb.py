@@ -78,22 +78,26 @@ def skewed_model(out: Path, args: argparse.Namespace) -> Path:
     g = torch.Generator().manual_seed(args.seed)
     embed = tensors["model.embed_tokens.weight"]
     V, D = embed.shape
+    even = ExpertPlacement.even(args.experts, args.expert_nodes)
     u = torch.randn(2, D, generator=g)
     u /= u.norm(dim=1, keepdim=True)
-    embed[: V // 2] += u[0]  # phase A's tokens lean along u_A
-    embed[V // 2 :] += u[1]  # phase B's along u_B
+    # phase A's tokens lean along u_A, phase B's along u_B, by √D: the lean then outweighs what
+    # the layers add to the residual stream at any width, so every MoE layer sees it
+    u *= D**0.5
+    embed[: V // 2] += u[0]
+    embed[V // 2 :] += u[1]
     head = tensors["lm_head.weight"]  # and pick their next token from their own half
-    head[: V // 2] += 4 * u[0]
-    head[V // 2 :] += 4 * u[1]
+    head[: V // 2] += 4 * u[0] / D**0.5
+    head[V // 2 :] += 4 * u[1] / D**0.5
     for name in [n for n in tensors if n.endswith("mlp.gate.weight")]:
         router = 0.02 * torch.randn(args.experts, D, generator=g)
         for half in range(2):  # which experts are hot differs per layer and per half
             order = torch.randperm(args.experts, generator=g)
             if args.hot_together:  # the hottest in one even range: the even placement's worst
-                block = args.experts // args.expert_nodes
-                start = int(torch.randint(0, args.expert_nodes, (1,), generator=g)) * block
-                first = torch.arange(start, start + block)[torch.randperm(block, generator=g)]
-                order = torch.cat([first, order[(order < start) | (order >= start + block)]])
+                node = int(torch.randint(0, args.expert_nodes, (1,), generator=g))
+                held = torch.tensor(even.assignment[node])
+                first = held[torch.randperm(len(held), generator=g)]
+                order = torch.cat([first, order[~torch.isin(order, held)]])
             rank = torch.empty(args.experts, dtype=torch.long)
             rank[order] = torch.arange(args.experts)
             c = (1.0 + rank.float()) ** -args.zipf

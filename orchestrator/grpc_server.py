@@ -109,6 +109,7 @@ class AfdServicer(pb_grpc.AfdServicer):
                 for x in s.layer_loads
             ],
             load_window_steps=s.load_window_steps,
+            expert_rebalances=s.expert_rebalances,
         )
 
     def _parse(self, request: pb.GenerateRequest):

@@ -151,7 +151,7 @@ class LayerLoad(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., node_tokens: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("nodes", "running", "waiting", "steps", "experts", "layers", "load_window_steps")
+    __slots__ = ("nodes", "running", "waiting", "steps", "experts", "layers", "load_window_steps", "expert_rebalances")
     NODES_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,7 @@ class ClusterStatusResponse(_message.Message):
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     LOAD_WINDOW_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_REBALANCES_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     running: int
     waiting: int
@@ -166,4 +167,5 @@ class ClusterStatusResponse(_message.Message):
     experts: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
     layers: _containers.RepeatedCompositeFieldContainer[LayerLoad]
     load_window_steps: int
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., steps: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., load_window_steps: _Optional[int] = ...) -> None: ...
+    expert_rebalances: int
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., steps: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., load_window_steps: _Optional[int] = ..., expert_rebalances: _Optional[int] = ...) -> None: ...

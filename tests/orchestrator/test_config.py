@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_shipped_tiny_cpu_config_loads() -> None:
     d = load_deployment(ROOT / "configs/tiny-cpu.yaml")
     assert (d.attention.nodes, d.experts.nodes, d.pipeline.micro_batches) == (2, 2, 2)
+    assert not d.experts.rebalance.enabled and d.experts.rebalance.every_steps == 64
 
 
 @pytest.mark.parametrize(
@@ -46,6 +47,22 @@ def test_shipped_tiny_cpu_config_loads() -> None:
         (
             "model: {path: m}\nexperts: {nodes: 0}\ntransport: {lane: device}\n",
             "field 'transport.lane' must be host with experts.nodes 0",
+        ),
+        (
+            "model: {path: m}\nexperts: {nodes: 2, rebalance: {threshold: 0.5}}\n",
+            "field 'experts.rebalance.threshold' must be >= 1.0",
+        ),
+        (
+            "model: {path: m}\nexperts: {nodes: 2, rebalance: {every_step: 8}}\n",
+            "unknown field 'experts.rebalance.every_step'",
+        ),
+        (
+            "model: {path: m}\nexperts: {nodes: 1, rebalance: {enabled: true}}\n",
+            "field 'experts.rebalance.enabled' must be false with fewer than 2 expert nodes",
+        ),
+        (
+            "model: {path: m}\nexperts: {nodes: 2, redundant_slots: -1}\n",
+            "field 'experts.redundant_slots' must be >= 0",
         ),
         ("model: [1, 2]\n", "'model' must be a mapping"),
         ("model: {path: m\n", "not valid YAML"),

@@ -86,3 +86,14 @@ def test_the_planner_honours_replicas() -> None:
     assert all(len(set(ids)) == len(ids) == 4 for ids in plan.assignment)
     with pytest.raises(ValueError, match="replicas"):
         plan_layer([10] * 6, nodes=3, redundant_slots=0, replicas=4)
+
+
+def test_the_rebalance_counter_follows_the_clusters_count() -> None:
+    from afd.orchestrator.cluster import StepRecord
+    from afd.orchestrator.metrics import Metrics
+
+    metrics = Metrics("m", (0,))
+    for step, rebalances in enumerate([0, 1, 1, 3]):
+        metrics.observe_step(StepRecord(step, 0.0, [], [], (1.0,), rebalances), 16)
+    text = metrics.exposition().decode()
+    assert 'afd:expert_rebalances_total{model_name="m"} 3.0' in text

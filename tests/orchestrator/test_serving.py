@@ -406,6 +406,7 @@ def test_metrics_after_traffic(server: BackgroundServer, ch: grpc.Channel) -> No
         'afd:transport_bytes_total{model_name="qwen3_moe",node="expert-0"}',
         "afd:transport_round_trip_seconds_count",
         'afd:expert_node_load_imbalance{layer="0",model_name="qwen3_moe"}',
+        'afd:expert_rebalances_total{model_name="qwen3_moe"} 0.0',  # rebalancing is off here
     ):
         assert name in text, name
     ttft = next(
@@ -424,6 +425,7 @@ def test_cluster_status_reports_expert_load_per_layer(ch: grpc.Channel) -> None:
     s = _status(ch)
     experts = [n for n in s.nodes if n.pool == "expert"]
     assert s.load_window_steps == 128 and len(s.layers) == 2  # both layers of the tiny model
+    assert s.expert_rebalances == 0
     totals = {sum(x.expert_tokens) for x in s.layers}
     assert len(totals) == 1 and totals.pop() % 2 == 0 and sum(s.layers[0].expert_tokens) > 0
     for x in s.layers:
