@@ -33,6 +33,7 @@ from afd.models.model import AttentionSideModel
 from afd.models.moe import Dispatcher, ExpertShard, LocalDispatcher
 from afd.models.request_state import RequestState, check_prompt
 from afd.models.sampling import sample_rows
+from afd.models.step_trace import StepsToTrace, StepTrace
 from afd.models.tokenizer import Tokenizer
 from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
@@ -77,6 +78,7 @@ class AttentionNode:
         self.settings = settings
         self.placement = placement
         self.placement_version = 0  # the rebalance whose placement this node routes by
+        self._tracing = StepsToTrace()
         self.config = load_config(settings.model_dir)
         self.checkpoint = open_checkpoint(settings.model_dir, settings.load_format, settings.device)
         self.device = torch.device(settings.device)
@@ -216,6 +218,11 @@ class AttentionNode:
         if self.lane is not None:
             self.lane.abort()
 
+    def trace_steps(self, count: int, first: int | None = None) -> None:
+        """Records the spans of `count` steps into their results: the next ones, or those from
+        step `first` on. Traced steps run eagerly (no CUDA graph), so every span is stamped."""
+        self._tracing.arm(count, first)
+
     def set_placement(self, version: int, placement: ExpertPlacement) -> None:
         """Routes by rebalance `version`'s placement from the next step on (the orchestrator
         calls it at a step boundary, once every expert node holds its new experts)."""
@@ -279,7 +286,9 @@ class AttentionNode:
         for r in new:
             self._admit(r)
         chunks = self.scheduler.schedule()
-        if self.graphs is not None and chunks and all(c.num_tokens == 1 for c in chunks):
+        trace = StepTrace(self.device) if self._tracing.take(step_id) else None
+        decode_only = chunks and all(c.num_tokens == 1 for c in chunks)
+        if self.graphs is not None and decode_only and trace is None:
             return self._graph_step(step_id, chunks)
         groups = split_micro_batches(chunks, self.settings.micro_batches)
         batches = [
@@ -292,7 +301,7 @@ class AttentionNode:
         batches = [b.to(self.device) for b in batches]
         rows_M = [b.token_ids.shape[0] for b in batches]
         self.pipeline.dispatcher.begin_step(step_id, rows_M, graphed=False)
-        logits, timings = self.pipeline.run(step_id, batches, rows)
+        logits, timings = self.pipeline.run(step_id, batches, rows, trace)
         self.pipeline.dispatcher.end_step(step_id)
         moved = 0
         if self.transport is not None:
@@ -309,6 +318,7 @@ class AttentionNode:
             len(self.scheduler.waiting),
             self.cache.allocator.free,
             moved,
+            () if trace is None else tuple(trace.spans()),
         )
 
     def prepare_graphs(self, batch_sizes: list[int], context: int) -> None:

@@ -18,6 +18,7 @@ from afd.models.batch import TokenBatch
 from afd.models.messages import StepTimings
 from afd.models.model import AttentionSideModel, Residual, Routed
 from afd.models.moe import Dispatcher
+from afd.models.step_trace import StepTrace
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +35,15 @@ class PingPongPipeline:
         self.model, self.cache, self.dispatcher = model, cache, dispatcher
 
     def run(
-        self, step: int, batches: list[TokenBatch], sample_rows: list[torch.Tensor]
+        self,
+        step: int,
+        batches: list[TokenBatch],
+        sample_rows: list[torch.Tensor],
+        trace: StepTrace | None = None,
     ) -> tuple[list[torch.Tensor], StepTimings]:
-        """Logits [B_j, V] at `sample_rows[j]` of every micro-batch j."""
+        """Logits [B_j, V] at `sample_rows[j]` of every micro-batch j. With `trace`, each
+        (layer, micro-batch) records an "attention" span (attention, router and dispatch) and a
+        "combine" span (waiting for the experts' sums and adding them)."""
         d = self.dispatcher
         start, wait_before = time.perf_counter(), d.wait_s
         rounds_before, rtt_before = d.rounds, d.round_trip_s
@@ -46,7 +53,9 @@ class PingPongPipeline:
         for layer in range(self.model.config.num_layers):
             for j, batch in enumerate(batches):
                 if (previous := inflight[j]) is not None:
-                    h[j] = self._finish(previous)
+                    h[j] = self._finish(previous, j, trace)
+                if trace is not None:
+                    trace.begin("attention", layer, j)
                 routed = self.model.pre_experts(layer, h[j], batch, attns[j])
                 plan = None
                 if self.model.config.is_moe_layer(layer):
@@ -58,8 +67,10 @@ class PingPongPipeline:
                         routed.ids_TK,
                         routed.weights_TK,
                     )
+                if trace is not None:
+                    trace.end("attention", layer, j)
                 inflight[j] = _InFlight(layer, routed, plan)
-        h = [self._finish(f) for f in inflight if f is not None]
+        h = [self._finish(f, j, trace) for j, f in enumerate(inflight) if f is not None]
         logits = [self.model.logits(h_j, rows) for h_j, rows in zip(h, sample_rows, strict=True)]
         total = time.perf_counter() - start
         wait = self.dispatcher.wait_s - wait_before
@@ -67,6 +78,11 @@ class PingPongPipeline:
             total, total - wait, wait, d.rounds - rounds_before, d.round_trip_s - rtt_before
         )
 
-    def _finish(self, f: _InFlight) -> Residual:
+    def _finish(self, f: _InFlight, j: int, trace: StepTrace | None) -> Residual:
+        if trace is not None:
+            trace.begin("combine", f.layer, j)
         experts_TD = None if f.plan is None else self.dispatcher.combine(f.plan, f.routed.x_TD)
-        return self.model.post_experts(f.layer, f.routed, experts_TD)
+        out = self.model.post_experts(f.layer, f.routed, experts_TD)
+        if trace is not None:
+            trace.end("combine", f.layer, j)
+        return out

@@ -26,6 +26,7 @@ from afd.models.checkpoint import open_checkpoint
 from afd.models.config import DTYPES, load_config
 from afd.models.messages import ExpertStepResult
 from afd.models.moe import ExpertShard, StackedExperts, load_layer_experts
+from afd.models.step_trace import StepsToTrace, StepTrace
 from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import PeerAddress, Transport, TransportError, TransportSettings
 from afd.transport.region_memory import RegionHandle
@@ -74,6 +75,8 @@ class ExpertNode:
         # (ids, their stack)); replaced by the next one, dropped at the switch
         self._staged: tuple[int, dict[int, tuple[tuple[int, ...], StackedExperts]]] | None = None
         self._step_counts: torch.Tensor | None = None
+        self._tracing = StepsToTrace()
+        self._trace: StepTrace | None = None  # the step in progress's, when it is traced
         self.lane: DeviceLane | None = None  # the device lane, once `open_lane` made its slots
         # lane steps as CUDA graphs, by the rows of each (attention node, micro-batch)
         self._graphs: (
@@ -237,6 +240,12 @@ class ExpertNode:
     def pid(self) -> int:
         return os.getpid()
 
+    def trace_steps(self, count: int, first: int | None = None) -> None:
+        """Records the spans ("wait", "experts" per layer and micro-batch) of `count` steps
+        into their results: the next ones, or those from step `first` on. Traced steps run
+        eagerly (no CUDA graph)."""
+        self._tracing.arm(count, first)
+
     @torch.inference_mode()
     def run_step(self, step_id: int) -> ExpertStepResult:
         start = time.perf_counter()
@@ -249,6 +258,9 @@ class ExpertNode:
             device=self.settings.device,
         )
         self._step_counts = counts  # failover frames answered while gathering count too
+        trace = self._trace = (
+            StepTrace(self.settings.device) if self._tracing.take(step_id) else None
+        )
         if self.lane is not None:
             compute, wait = 0.0, self._lane_step(step_id, counts)
         else:
@@ -275,6 +287,7 @@ class ExpertNode:
             time.perf_counter() - start,
             stats.bytes_sent + stats.bytes_received,
             tuple(tuple(row) for row in layer_tokens),
+            () if trace is None else tuple(trace.spans()),
         )
 
     def _host_step(self, step_id: int, counts: torch.Tensor) -> tuple[float, float]:
@@ -284,10 +297,14 @@ class ExpertNode:
         for layer in self.config.moe_layers:
             for mb in range(self.settings.micro_batches):
                 key = RoundKey.exchange(step_id, layer, mb)
+                self._mark("wait", layer, mb, begin=True)
                 t0 = time.perf_counter()
                 frames = self._gather(key)
                 t1 = time.perf_counter()
+                self._mark("wait", layer, mb, begin=False)
+                self._mark("experts", layer, mb, begin=True)
                 compute += self._answer(key, self.attention_peers, frames, counts)
+                self._mark("experts", layer, mb, begin=False)
                 wait += t1 - t0
         return compute, wait
 
@@ -305,7 +322,8 @@ class ExpertNode:
         waited = time.perf_counter() - start
         rows_PM = tuple(rows for rows, _ in frames)
         self.lane.begin_step(step_id)
-        if self._graphs is not None and all(graphed for _, graphed in frames):
+        replay = all(graphed for _, graphed in frames) and self._trace is None
+        if self._graphs is not None and replay:
             graph, graph_counts = self._graphs.get(rows_PM) or self._capture(rows_PM, counts)
             graph.replay()
             counts.copy_(graph_counts)
@@ -322,7 +340,10 @@ class ExpertNode:
         for layer in self.config.moe_layers:
             for mb in range(self.settings.micro_batches):
                 rows_P = [rows_M[mb] for rows_M in rows_PM]
+                self._mark("wait", layer, mb, begin=True)
                 lane.wait(layer, mb, timeout)
+                self._mark("wait", layer, mb, begin=False)
+                self._mark("experts", layer, mb, begin=True)
                 x_TD, ids_TK, weights_TK = lane.own.micro_batch_rows(mb, rows_P)
                 ids_TK = ids_TK.long()
                 self._count(layer, ids_TK, counts)
@@ -332,6 +353,11 @@ class ExpertNode:
                 ):
                     slots.rows_MPCD[mb, me, : y_nD.shape[0]].copy_(y_nD)
                     lane.release(p, layer, mb)
+                self._mark("experts", layer, mb, begin=False)
+
+    def _mark(self, name: str, layer: int, micro_batch: int, begin: bool) -> None:
+        if self._trace is not None:
+            (self._trace.begin if begin else self._trace.end)(name, layer, micro_batch)
 
     def _capture(
         self, rows_PM: tuple[tuple[int, ...], ...], like: torch.Tensor

@@ -16,6 +16,17 @@ FinishReason = Literal["length", "stop"]
 
 
 @dataclass(frozen=True, slots=True)
+class TraceSpan:
+    """A span of a traced step on one node (`afd.models.step_trace`)."""
+
+    name: str  # what ran: "attention", "combine" (attention nodes), "wait", "experts"
+    layer: int
+    micro_batch: int
+    start_ns: int  # host clock (time.time_ns)
+    end_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class NewRequest:
     """A request the orchestrator hands to one attention node (sent once; later steps refer to
     it by id)."""
@@ -58,6 +69,7 @@ class AttentionStepResult:
     waiting: int  # sequences admitted but not yet scheduled
     free_kv_blocks: int  # KV blocks on the node's free list
     transport_bytes: int  # sent and received since the node started
+    trace: tuple[TraceSpan, ...] = ()  # a traced step's spans (`trace_steps`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,3 +84,4 @@ class ExpertStepResult:
     # tokens per (MoE layer, local expert) this step: rows in the model's MoE-layer order,
     # columns in the node's expert order; failover frames served count too
     layer_tokens: tuple[tuple[int, ...], ...] = ()
+    trace: tuple[TraceSpan, ...] = ()  # a traced step's spans (`trace_steps`)

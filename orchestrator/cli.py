@@ -35,7 +35,7 @@ from afd.orchestrator.planner import (
     with_measured,
 )
 from afd.orchestrator.pool_placement import PoolPlacementError
-from afd.orchestrator.server import BackgroundServer, Server, with_ports
+from afd.orchestrator.server import BackgroundServer, Server, with_ports, with_trace
 
 DEMO_MODEL_DIR = Path(".afd/tiny-qwen3_moe")
 LOAD_HELP = "dummy: random weights from config.json alone (no checkpoint needed)"
@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--http-port", type=int)
+    serve.add_argument(
+        "--trace",
+        metavar="DIR",
+        help="write a Chrome/Perfetto timeline of the first steps with traffic into DIR",
+    )
+    serve.add_argument("--trace-steps", type=int, help="steps the timeline covers (default 8)")
     serve.set_defaults(handler=_serve)
 
     client = sub.add_parser("client", help="stream one generation from a running server")
@@ -275,6 +281,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     load_config(deployment.model.path)  # a bad model directory fails before Ray starts
     deployment = with_ports(deployment, args.host, args.grpc_port, args.http_port)
+    deployment = with_trace(deployment, args.trace, args.trace_steps)
     return Server(deployment).run_forever()
 
 

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar, overload
 
@@ -20,9 +20,16 @@ import ray
 from afd.attention_nodes.node import AttentionNode
 from afd.expert_nodes.node import ExpertNode
 from afd.models.config import load_config
-from afd.models.messages import AttentionStepResult, ExpertStepResult, NewRequest, TokenOutput
+from afd.models.messages import (
+    AttentionStepResult,
+    ExpertStepResult,
+    NewRequest,
+    TokenOutput,
+    TraceSpan,
+)
 from afd.models.request_state import check_prompt
 from afd.models.sampling import SamplingParams
+from afd.models.step_trace import chrome_trace
 from afd.orchestrator.config import Deployment
 from afd.orchestrator.expert_load import ExpertLoadWindow, LayerLoad
 from afd.orchestrator.local_ray import connect_ray
@@ -58,6 +65,23 @@ class StepRecord:
     experts: list[ExpertStepResult]
     load_imbalance: tuple[float, ...] = ()  # per MoE layer, over the load window (expert nodes)
     rebalances: int = 0  # live rebalances carried out so far
+
+
+class _TraceCollector:
+    """The spans of a `Cluster.trace` as the nodes' results bring them, until every node has
+    reported `steps` traced steps."""
+
+    def __init__(self, steps: int, names: list[str]) -> None:
+        self.steps = steps
+        self.armed = False  # the nodes were told
+        self.nodes: dict[str, list[tuple[int, list[TraceSpan]]]] = {n: [] for n in names}
+        self.done = threading.Event()
+
+    def add(self, node: str, step: int, spans: Sequence[TraceSpan]) -> None:
+        if spans and len(self.nodes[node]) < self.steps:
+            self.nodes[node].append((step, list(spans)))
+        if all(len(v) >= self.steps for v in self.nodes.values()):
+            self.done.set()
 
 
 class TokenSink(Protocol):
@@ -192,6 +216,7 @@ class Cluster:
         self.failed_steps = 0
         self.expert_failovers = 0
         self.expert_rebalances = 0
+        self._tracer: _TraceCollector | None = None  # a `trace` in progress
         self._rebalancer = Rebalancer(d.experts.rebalance, d.experts.redundant_slots)
         self._staging: tuple[RebalancePlan, list[ray.ObjectRef]] | None = None
         self._down: set[int] = set()  # expert nodes dead, their experts served by replicas
@@ -386,6 +411,9 @@ class Cluster:
             self._publish(out)
         attention: list[AttentionStepResult | None] = [None] * len(self.attention)
         attention[i] = result
+        tracer = self._tracer
+        if tracer is not None:
+            tracer.add(f"attention-{i}", self.step_id + 1, result.trace)
         with self._wake:
             self.step_id += 1
             record = StepRecord(self.step_id, result.timings.total_s, attention, [])
@@ -428,6 +456,14 @@ class Cluster:
     def _step(self, new: list[list[NewRequest]], aborts: list[list[str]]) -> None:
         if self._down:
             self._revive_experts()
+        tracer = self._tracer
+        if tracer is not None and not tracer.armed:  # every node traces the same next steps
+            timeout = self.deployment.transport.recovery_timeout_s
+            ray.get(
+                [n.trace_steps.remote(tracer.steps) for n in self._nodes().values()],
+                timeout=timeout,
+            )
+            tracer.armed = True
         if self.placement is not None:
             self._rebalance_at_boundary()
         self.step_id += 1
@@ -456,6 +492,9 @@ class Cluster:
         attention = [results["attention", i] for i in range(len(self.attention))]
         expert_keys = [k for k in sorted(results) if k[0] == "expert"]
         experts = [results[k] for k in expert_keys]
+        if tracer is not None:
+            for (kind, index), r in sorted(results.items()):
+                tracer.add(f"{kind}-{index}", s, r.trace)
         for (_, j), e in zip(expert_keys, experts, strict=True):
             self._expert_node_tokens[j] += sum(e.tokens_per_expert.values())
             if e.layer_tokens:
@@ -799,6 +838,37 @@ class Cluster:
             self._incoming = [[] for _ in self.attention]
         for stream in streams:
             stream.put(error)
+
+    # ---- tracing ------------------------------------------------------------------------------
+    def trace(self, steps: int, timeout_s: float | None = None) -> dict:
+        """A Chrome/Perfetto trace (`chrome://tracing`, ui.perfetto.dev) of the next `steps`
+        steps every node runs: per node, per layer and micro-batch, its spans from GPU
+        timestamps (`afd.models.step_trace`). Steps run when there is traffic: this waits until
+        every node has run them or `timeout_s` passed (an idle colocated node never steps), and
+        returns what was taken (TimeoutError if nothing). Traced steps run without CUDA graphs."""
+        if steps < 1:
+            raise ValueError(f"steps to trace must be >= 1, got {steps}")
+        names = [f"attention-{i}" for i in range(len(self.attention))]
+        names += [f"expert-{j}" for j in range(len(self.experts))]
+        tracer = _TraceCollector(steps, names)
+        with self._wake:
+            if self._tracer is not None:
+                raise RuntimeError("a trace is already being taken")
+            self._tracer = tracer
+        try:
+            if self.placement is None:  # colocated: each node's own loop takes it up
+                ray.get([a.trace_steps.remote(steps) for a in self.attention])
+                tracer.armed = True
+            tracer.done.wait(timeout_s)
+            if not any(tracer.nodes.values()):
+                raise TimeoutError(f"no traced step ran within {timeout_s}s (no traffic?)")
+        finally:
+            with self._wake:
+                self._tracer = None
+            if tracer.armed:  # steps not taken yet: untraced again (best effort: a node is up)
+                for node in self._nodes().values():
+                    node.trace_steps.remote(0)
+        return chrome_trace(tracer.nodes)
 
     # ---- introspection and shutdown ---------------------------------------------------------
     def status(self) -> ClusterState:

@@ -127,6 +127,8 @@ class ServeSection:
     max_prompt_chars: int = 1 << 20
     max_message_bytes: int = 4 << 20
     drain_timeout_s: float = 60.0
+    trace_dir: str | None = None  # `afd serve --trace DIR`: a timeline of the first steps run
+    trace_steps: int = 8  # how many steps it covers
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +297,7 @@ def _check(d: Deployment, source: str) -> None:
         ("serve.max_prompt_chars", d.serve.max_prompt_chars >= 1, ">= 1"),
         ("serve.max_message_bytes", d.serve.max_message_bytes >= 1024, ">= 1024"),
         ("serve.drain_timeout_s", d.serve.drain_timeout_s > 0, "> 0"),
+        ("serve.trace_steps", d.serve.trace_steps >= 1, ">= 1"),
         (
             "serve.tls_key",
             (d.serve.tls_cert is None) == (d.serve.tls_key is None),

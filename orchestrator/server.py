@@ -8,15 +8,18 @@ requests get UNAVAILABLE, running ones finish — then everything shuts down and
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from afd.models.tokenizer import Tokenizer
 from afd.orchestrator.cluster import Cluster
-from afd.orchestrator.config import Deployment
+from afd.orchestrator.config import Deployment, DeploymentError
 from afd.orchestrator.grpc_server import SERVICE_NAME, _auth_token, start_grpc
 from afd.orchestrator.http_server import make_app
 from afd.orchestrator.local_ray import connect_ray, disconnect_ray
@@ -51,6 +54,14 @@ class Server:
             log.info("starting the cluster for %s", d.model.path)
             self.cluster = await asyncio.to_thread(Cluster, d)
         self.service = Service(self.cluster, d, Tokenizer(d.model.path))
+        if serve.trace_dir is not None:
+            Path(serve.trace_dir).mkdir(parents=True, exist_ok=True)  # a bad path fails now
+            threading.Thread(
+                target=write_trace,
+                args=(self.cluster, serve.trace_dir, serve.trace_steps),
+                name="afd-trace",
+                daemon=True,
+            ).start()
         self._grpc, grpc_port, self._health = await start_grpc(
             self.service, serve.host, serve.grpc_port
         )
@@ -146,6 +157,31 @@ class BackgroundServer:
     def service(self) -> Service:
         assert self.server.service is not None
         return self.server.service
+
+
+def with_trace(deployment: Deployment, trace_dir: str | None, steps: int | None) -> Deployment:
+    """`--trace DIR` and `--trace-steps N` over the config's `serve.trace_dir`/`trace_steps`."""
+    serve = deployment.serve
+    changed = replace(
+        serve,
+        trace_dir=trace_dir if trace_dir is not None else serve.trace_dir,
+        trace_steps=steps if steps is not None else serve.trace_steps,
+    )
+    if changed.trace_steps < 1:
+        raise DeploymentError(f"command line: --trace-steps must be >= 1, got {steps}")
+    return replace(deployment, serve=changed)
+
+
+def write_trace(cluster: Cluster, directory: str, steps: int) -> Path:
+    """Waits for `steps` steps with traffic, traced, and writes their timeline into
+    `directory` (open it in ui.perfetto.dev or chrome://tracing)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    trace = cluster.trace(steps)
+    path = out / f"afd-trace-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(trace))
+    log.info("wrote a trace of %d step(s) to %s", steps, path)
+    return path
 
 
 def with_ports(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.request
 from dataclasses import replace
@@ -31,8 +32,14 @@ def _deployment(model: Path, **serve: object) -> Deployment:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models: dict[str, Path], ray_session):
-    s = BackgroundServer(_deployment(tiny_models["qwen3_moe"]))
+def trace_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("trace")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models: dict[str, Path], trace_dir: Path, ray_session):
+    deployment = _deployment(tiny_models["qwen3_moe"], trace_dir=str(trace_dir), trace_steps=3)
+    s = BackgroundServer(deployment)
     s.start()
     yield s
     assert s.stop()
@@ -528,3 +535,42 @@ def test_random_requests_never_give_internal_errors(ch: grpc.Channel) -> None:
 
     check()
     assert len(list(generate(ch, request(text="still here", max_tokens=3, ignore_eos=True)))) == 3
+
+
+# ---- the timeline (`afd serve --trace`) ---------------------------------------------------------
+def test_the_server_writes_a_timeline_of_its_first_steps(ch: grpc.Channel, trace_dir: Path) -> None:
+    """Every node's spans per layer and micro-batch, on one clock: an expert node computes a
+    (layer, micro-batch) after the attention node started sending it, and the attention node's
+    combine of it ends after the expert node started on it."""
+    list(generate(ch, request(text="trace me", max_tokens=8, ignore_eos=True)))
+    deadline = time.monotonic() + 60
+    while not (files := list(trace_dir.glob("afd-trace-*.json"))):
+        assert time.monotonic() < deadline, "no trace was written"
+        time.sleep(0.1)
+    events = json.loads(files[0].read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert sorted(names.values()) == ["attention-0", "attention-1", "expert-0", "expert-1"]
+    spans: dict[tuple, dict] = {}
+    for e in events:
+        if e["ph"] == "X":
+            a = e["args"]
+            spans[names[e["pid"]], e["cat"], a["step"], a["layer"], a["micro_batch"]] = e
+    steps = {key[2] for key in spans if key[0] == "expert-0"}
+    assert len(steps) == 3
+    for (node, cat, step, layer, mb), e in spans.items():
+        assert e["dur"] >= 0
+        if node.startswith("expert") and cat == "experts":
+            senders = [
+                spans[a, "attention", step, layer, mb]
+                for a in ("attention-0", "attention-1")
+                if (a, "attention", step, layer, mb) in spans
+            ]
+            assert senders and e["ts"] >= min(s["ts"] for s in senders)
+            combines = [
+                spans[a, "combine", step, layer, mb]
+                for a in ("attention-0", "attention-1")
+                if (a, "combine", step, layer, mb) in spans
+            ]
+            assert all(c["ts"] + c["dur"] >= e["ts"] for c in combines)
+    layers = {key[3] for key in spans if key[1] == "attention"}
+    assert layers == {0, 1} and {key[4] for key in spans if key[1] == "attention"} <= {0, 1}
