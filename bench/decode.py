@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import replace
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from afd.models.expert_placement import ExpertPlacement
 from afd.models.messages import NewRequest
 from afd.models.presets import PRESETS, write_preset
 from afd.models.sampling import SamplingParams
+from afd.models.step_trace import chrome_trace
 
 TINY = {
     **PRESETS["qwen3-30b-a3b"],
@@ -110,7 +112,7 @@ EXPERT_NODE_ID = 1000
 
 def _start_disaggregated(
     settings: AttentionNodeSettings, micro_batches: int, lane: str
-) -> tuple[AttentionNode, BaseProcess]:
+) -> tuple[AttentionNode, BaseProcess, Connection]:
     """1 attention node here + 1 expert process holding every expert, wired over the
     transport: rows and sums through the device lane's slots, or the host lane's frames."""
     config = load_config(settings.model_dir)
@@ -142,7 +144,27 @@ def _start_disaggregated(
     if own is not None:
         here.send([own])
     here.send(0)  # the step it starts at
-    return node, process
+    return node, process, here
+
+
+def _trace(node: AttentionNode, conn: Connection, step: int, out: Path) -> int:
+    """Traces two decode steps on both nodes (from step + 2: the expert process takes the
+    request between two steps) and writes their timeline to `out`; the next step to run."""
+    first, count = step + 2, 2
+    node.trace_steps(count, first)
+    conn.send(("trace", count, first))
+    spans = []
+    for s in range(step, first + count):
+        result = node.step(s, [], [])
+        if result.trace:
+            spans.append((s, list(result.trace)))
+    expert = []
+    for _ in range(count):
+        _, s, got = conn.recv()
+        expert.append((s, list(got)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(chrome_trace({"attention-0": spans, "expert-0": expert})))
+    return first + count
 
 
 def bench_afd(
@@ -159,7 +181,7 @@ def bench_afd(
     request sample, seeded, instead of greedy; `micro_batches` > 0: the disaggregated engine
     (1 attention node here, 1 expert process) with that many micro-batches."""
     sampling = sampling or {}
-    most, total = max(args.batches), args.prompt + args.warmup + args.steps + 2
+    most, total = max(args.batches), args.prompt + args.warmup + args.steps + 6  # + traced
     settings = AttentionNodeSettings(
         0,
         str(model_dir),
@@ -173,9 +195,9 @@ def bench_afd(
         cuda_graphs=graphs,
         quantization=quantization,
     )
-    expert_proc = None
+    expert_proc = conn = None
     if micro_batches:
-        node, expert_proc = _start_disaggregated(settings, micro_batches, lane)
+        node, expert_proc, conn = _start_disaggregated(settings, micro_batches, lane)
     else:
         node = AttentionNode(settings, None)  # colocated: every expert on the node
     vocab = node.config.vocab_size
@@ -203,6 +225,9 @@ def bench_afd(
             assert len(result.outputs) == B, "every sequence decodes in every timed step"
             step += 1
         seconds = (time.perf_counter() - start) / args.steps
+        if args.trace and conn is not None:
+            name = f"trace-{lane}-m{micro_batches}-b{B}.json"
+            step = _trace(node, conn, step, Path(args.trace) / name)
         node.step(step, [], [r.request_id for r in requests])
         step += 1
         name = ("afd-graph" if graphs else "afd-eager") + ("-sampled" if sampling else "")
@@ -442,6 +467,11 @@ def main() -> int:
     )
     p.add_argument("--json", action="store_true")
     p.add_argument("--json-out", help="also write the JSON object to this file")
+    p.add_argument(
+        "--trace",
+        metavar="DIR",
+        help="after each disaggregated row's timed steps, write a timeline of two more into DIR",
+    )
     args = p.parse_args()
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     with tempfile.TemporaryDirectory() as d:

@@ -4,7 +4,9 @@ benches and the GPU tests run beside an in-process attention node (no Ray needed
 The parent receives (address, dispatch-slot handle or None), sends the attention node ids,
 then, on the device lane, the attention nodes' combine-slot handles, then the step to start at
 (a node started after a failure joins a running sequence). The node then runs that step and
-every next one until the parent terminates it, as the orchestrator would drive it.
+every next one until the parent terminates it, as the orchestrator would drive it. Between
+steps it takes ("trace", count, first) from the parent (`ExpertNode.trace_steps`) and sends
+back ("spans", step, spans) after each traced step.
 """
 
 from __future__ import annotations
@@ -29,5 +31,12 @@ def serve(
         node.connect_lane(conn.recv())
     step = conn.recv()
     while True:
-        node.run_step(step)
+        while conn.poll():
+            kind, count, first = conn.recv()
+            if kind != "trace":
+                raise ValueError(f"expert process: unknown message {kind!r} from the parent")
+            node.trace_steps(count, first)
+        result = node.run_step(step)
+        if result.trace:
+            conn.send(("spans", step, result.trace))
         step += 1
