@@ -13,7 +13,7 @@ nvidia-cuda-mps-control -d
 trap 'echo quit | nvidia-cuda-mps-control' EXIT
 ls "$CUDA_MPS_PIPE_DIRECTORY" > "$out/mps-pipes.txt"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_device_lane.py \
-    tests/gpu/test_gpu_engine.py > "$out/tests.txt" 2>&1; tail -25 "$out/tests.txt"
+    tests/gpu/test_gpu_engine.py tests/gpu/test_gpu_step_trace.py > "$out/tests.txt" 2>&1; tail -25 "$out/tests.txt"
 timeout 150 python3 bench/transport.py --device cuda --only lane --iters 2000 \
     > "$out/transport.txt" 2>&1; tail -10 "$out/transport.txt"
 timeout 400 python3 bench/decode.py --layers 48 --batches "$batches" --skip-hf --skip-eager \
