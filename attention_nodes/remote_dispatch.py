@@ -6,8 +6,8 @@ partial sum per node. Every expert node gets a frame every round, empty if no to
 there, so it knows when the round is complete.
 
 An expert with several holders has its tokens split across them by row (`ExpertRouting`).
-With expert replicas, an expert node the orchestrator reports dead (`Transport.mark_lost`) is
-routed around at once: the tokens of the exchange in progress that went to it are sent again,
+With expert replicas, an expert node the orchestrator reports dead (`Transport.mark_lost`), or
+whose connection closed, is routed around at once: the tokens of the exchange in progress that went to it are sent again,
 under a failover key, to the nodes that hold its experts' replicas, and later exchanges go
 there directly. No round fails. Expert nodes answer failover frames while they wait for their
 regular ones, and wait for every attention node's end-of-step marker before their step ends, so

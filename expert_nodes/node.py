@@ -199,6 +199,12 @@ class ExpertNode:
         self.transport.wait_for_peers(peers, timeout_s)
         self.attention_peers = list(peers)
 
+    def forget_attention_nodes(self, peers: list[int]) -> None:
+        """Drops what this node holds of these attention nodes (a rewiring that failed half-way
+        and is tried again): they connect again, under the same ids."""
+        for peer in peers:
+            self.transport.forget_peer(peer)
+
     def connect_lane(self, attention_regions: list[RegionHandle]) -> None:
         """Maps every attention node's combine slots (device lane), in attention-peer order."""
         if self.lane is None:

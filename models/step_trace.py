@@ -28,6 +28,10 @@ class StepTrace:
         self._stamps = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         self._host: list[int] = []
         self._labels: list[tuple[str, int, int, bool]] = []  # (name, layer, mb, is_begin)
+        if self._gpu:  # the kernel's first launch compiles it: not inside the first span
+            from afd.models.kernels.timer import stamp
+
+            stamp(self._stamps, capacity - 1)
 
     def begin(self, name: str, layer: int, micro_batch: int) -> None:
         self._mark((name, layer, micro_batch, True))

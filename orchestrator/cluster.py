@@ -753,6 +753,10 @@ class Cluster:
         """Connects a restarted expert node (new address, new slots) to every attention node."""
         attention_ids = list(range(len(self.attention)))
         address = ray.get(self.experts[j].address.remote(), timeout=timeout)
+        # an earlier attempt may have connected some attention nodes before it failed; a stale
+        # entry would end the wait below at once, with nobody left to serve (or accept: the id
+        # is taken) the hellos they send again
+        ray.get(self.experts[j].forget_attention_nodes.remote(attention_ids), timeout=timeout)
         region = None
         if self._device_lane:
             capacity = self.deployment.attention.max_batch_tokens

@@ -7,13 +7,16 @@ and then sleeping on the worker's epoll descriptor until the call's deadline. Me
 of hundreds: the asyncio API hands every message between an event-loop thread and the caller
 under the GIL, and that hand-off was the whole cost.
 
-Two listeners: peers on the same machine connect to one whose endpoints run without UCX's
-peer-failure handling, because that mode excludes UCX's shared-memory transports (measured on
-the 2-core host, bench/NOTES.md: 16 GB/s and 18 µs round trips over shared memory against
-1.2 GB/s and 49 µs over loopback TCP); peers on other machines connect to one with it. UCX's
-cross-memory-attach transport is left out, because a read from a process that died is fatal to
-the reader without failure handling; nodes that die are found by the orchestrator through Ray,
-and every receive has a deadline anyway.
+Two listeners: one whose endpoints run with UCX's peer-failure handling (loopback TCP between
+peers on one machine), and one without it, over UCX's shared memory, which that mode excludes
+(measured on the 2-core host, bench/NOTES.md: 16 GB/s and 18 µs round trips over shared memory
+against 1.2 GB/s and 49 µs over loopback TCP). Peers connect to the first unless
+`shared_memory` is set, because shared memory does not survive a peer's death: senders write
+into the receiver's FIFO in place, and one killed between claiming a slot and marking it
+written (SIGKILL, OOM) blocks that FIFO for good, so the receiver never again gets a frame or a
+hello from any peer on its machine (tests/transport/test_endpoint.py reproduces it). Set it
+only where no node is expected to die. UCX's cross-memory-attach transport is left out too,
+because a read from a process that died is fatal to the reader without failure handling.
 
 Connections: a peer opens an endpoint to our listener and sends a hello on the endpoint's
 stream (its node id and the tag under which it wants our frames); we answer with the tag it must
@@ -92,7 +95,8 @@ class TransportError(RuntimeError):
 
 
 class PeerLost(TransportError):
-    """The orchestrator said the peer died (`mark_lost`): whoever waits on it can stop now."""
+    """The peer died (the orchestrator said so, `mark_lost`, or its connection closed): whoever
+    waits on it can stop now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +110,9 @@ class TransportSettings:
     max_frame_bytes: int = 256 << 20
     max_pending_frames: int = 256  # frames of one peer received but not yet asked for
     connect_timeout_s: float = 30.0  # a peer's hello must be answered by then
-    shared_memory: bool = True  # same-machine peers over shared memory (see the module docstring)
+    # same-machine peers over shared memory: faster, but a peer killed mid-send can block this
+    # node's receives for good (see the module docstring); off wherever nodes may die
+    shared_memory: bool = False
 
 
 @dataclass
@@ -247,7 +253,7 @@ class Transport:
         self._mail: dict[tuple[int, RoundKey], list[torch.Tensor]] = {}
         self._pending: dict[int, int] = {}
         self._failed: dict[int, str] = {}
-        self._lost: set[int] = set()  # peers the orchestrator reported dead; set from any thread
+        self._lost: set[int] = set()  # peers reported dead or disconnected; set from any thread
         self._aborted = threading.Event()  # set from another thread to end a wait at once
         self._min_step = 0  # frames of earlier (abandoned) steps are dropped on arrival
         self._graveyard: list[PendingSend] = []  # abandoned sends: UCX may still read them
@@ -493,7 +499,7 @@ class Transport:
                     f"node {self.node_id}: a send to peer {handle.peer} did not complete "
                     f"within {timeout_s}s"
                 )
-            if not handle.done():
+            if not handle.done() or (handle.error is not None and handle.peer in lost):
                 raise PeerLost(f"node {self.node_id}: peer {handle.peer} was lost")
             handle._settle()
             if handle.error is not None:
@@ -679,6 +685,8 @@ class Transport:
             reason,
         )
         self._failed[p.id] = reason
+        if not protocol:  # its connection is gone (with peer-failure handling: it died)
+            self._lost.add(p.id)  # as if the orchestrator had said so: waits on it end now
         if self._peers.get(p.id) is p:
             del self._peers[p.id]
         for s in p.sends:

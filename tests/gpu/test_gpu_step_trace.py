@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 
 def test_a_span_measures_the_gpu_work_between_its_stamps() -> None:
-    trace = StepTrace("cuda")
+    trace = StepTrace("cuda")  # made before the clock starts: the first one compiles the kernel
     torch.cuda.synchronize()
     before = time.time_ns()
     trace.begin("busy", 0, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,13 @@ import time
 
 import pytest
 import torch
-from afd.transport.endpoint import HELLO_BYTES, Transport, TransportError, TransportSettings
+from afd.transport.endpoint import (
+    HELLO_BYTES,
+    PeerAddress,
+    Transport,
+    TransportError,
+    TransportSettings,
+)
 from afd.transport.wire import RoundKey
 
 ECHO_PEER = textwrap.dedent(
@@ -122,3 +129,53 @@ def test_a_rogue_connection_is_rejected_and_the_node_keeps_serving(
     while node.stats.rejected_peers == before and time.monotonic() < deadline:
         node.progress(0.05)
     assert node.stats.rejected_peers == before + 1
+
+
+SENDING_PEER = textwrap.dedent(
+    """
+    import json, sys, torch
+    from afd.transport.endpoint import Transport
+    from afd.transport.wire import RoundKey
+    t = Transport(int(sys.argv[1]))  # the settings a node runs with by default
+    print(json.dumps(list(t.address)), flush=True)
+    t.wait_for_peers([0], 30)  # the receiver connects, as attention nodes do to expert nodes
+    x, gap = torch.randn(1024), float(sys.argv[2])
+    for step in range(1 << 40):
+        t.send(0, RoundKey.exchange(step, 0, 0), [x])
+        t.progress(gap)
+    """
+)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_peer_killed_mid_send_costs_the_others_nothing(attempt: int) -> None:
+    """Nodes get SIGKILLed (fault injection, OOM). Over UCX's shared memory, a sender killed
+    between claiming a slot of the receiver's FIFO and marking it written blocks that FIFO for
+    good: no frame of any other peer, no new hello gets through any more (about half the kills
+    of a peer sending flat out do it). The endpoints a node makes by default come through."""
+    node = Transport(0, TransportSettings(connect_timeout_s=10.0, max_pending_frames=1 << 30))
+    spawned = [_spawn(SENDING_PEER, 1, 0.02), _spawn(SENDING_PEER, 2, 0.0)]  # ticker, victim
+    try:
+        for peer, p in enumerate(spawned, 1):
+            assert p.stdout is not None
+            node.connect(peer, PeerAddress(*json.loads(p.stdout.readline())))
+        last, until = -1, time.monotonic() + 1.0 + 0.2 * attempt
+        while time.monotonic() < until:
+            peer, key, _ = node.recv_any(lambda p, k: True, 10)
+            if peer == 1:
+                last = max(last, key.step)
+        spawned[1].kill()
+        spawned[1].wait()
+        node.mark_lost(2)
+        for _ in range(5):  # frames the ticker sends after the kill still arrive
+            _, key, _ = node.recv_any(lambda p, k, after=last + 3: p == 1 and k.step > after, 10)
+            last = key.step
+        newcomer = _spawn(SENDING_PEER, 3, 0.02)
+        spawned.append(newcomer)
+        assert newcomer.stdout is not None
+        node.connect(3, PeerAddress(*json.loads(newcomer.stdout.readline())))  # hello answered
+    finally:
+        for p in spawned:
+            p.kill()
+            p.wait()
+        node.close()
