@@ -1,6 +1,7 @@
 """CUDA graphs for decode-only steps: the whole forward replayed, one graph per (batch bucket,
-block bucket). Colocated, or disaggregated over the device lane (m = 1), whose exchange is
-kernels too.
+block bucket). Colocated, or disaggregated over the device lane, whose exchange is kernels too:
+with m micro-batches the graph holds the ping-pong pipeline over m equal slices of the bucket
+(sequence rows j·Bp/m .. (j+1)·Bp/m - 1 in micro-batch j; the bucket is a multiple of m).
 
 A decode step of B sequences is padded to the next batch bucket (1, 2, 4, 8, 16, 32, then
 multiples of 32) and the longest block table to the next power of two, so a handful of graphs
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from afd.attention_nodes.pipeline import ping_pong
 from afd.models.attention import PagedAttention, PagedMetadata
 from afd.models.batch import TokenBatch
 from afd.models.model import AttentionSideModel
@@ -52,8 +54,10 @@ class DecodeGraphs:
         dispatcher: Dispatcher,
         scratch_block: int,
         max_blocks: int,
+        micro_batches: int = 1,
     ) -> None:
         self.model, self.dispatcher = model, dispatcher
+        self.micro_batches = micro_batches
         self.k_cache, self.v_cache = k_cache, v_cache
         self.block_size = k_cache.shape[2]
         self.scratch_block = scratch_block  # never handed out: padding rows write here
@@ -68,10 +72,20 @@ class DecodeGraphs:
         `context` tokens per sequence, so that no step pays for a capture later (a capture
         runs the forward three times)."""
         blocks = -(-context // self.block_size)
-        for B in sorted({batch_bucket(b) for b in batch_sizes}):
+        for B in sorted({self.bucket(b) for b in batch_sizes}):
             for M in sorted({block_bucket(m, self.max_blocks) for m in range(1, blocks + 1)}):
                 if (B, M) not in self.graphs:
                     self._capture(B, M)
+
+    def bucket(self, batch: int) -> int:
+        """The rows a step of `batch` sequences runs with: its batch bucket, rounded up to a
+        multiple of the micro-batches."""
+        m = self.micro_batches
+        return -(-batch_bucket(batch) // m) * m
+
+    def rows_per_micro_batch(self, batch: int) -> list[int]:
+        """What each micro-batch of the graph for `batch` sequences carries (padding included)."""
+        return [self.bucket(batch) // self.micro_batches] * self.micro_batches
 
     def clear(self) -> None:
         """Drops every graph: a peer's slots moved (a restarted expert node), and the graphs
@@ -84,7 +98,7 @@ class DecodeGraphs:
         """Logits [B, V] of B sequences decoding one token each: `token_ids[b]` at
         `positions[b]`, the sequence's blocks in `tables[b]` (already reserved)."""
         B = len(token_ids)
-        Bp = batch_bucket(B)
+        Bp = self.bucket(B)
         Mp = block_bucket(max(len(t) for t in tables), self.max_blocks)
         g = self.graphs.get((Bp, Mp)) or self._capture(Bp, Mp)
         inputs = pack_decode_inputs(
@@ -100,7 +114,14 @@ class DecodeGraphs:
         empty = pack_decode_inputs([], [], [], self.block_size, self.scratch_block, Bp, Mp)
         inputs_N = empty.to(self.device)
         batch, meta = decode_views(inputs_N, Bp, Mp)
-        forward = partial(decode_forward, self.model, self.dispatcher, self.k_cache, self.v_cache)
+        forward = partial(
+            decode_forward,
+            self.model,
+            self.dispatcher,
+            self.k_cache,
+            self.v_cache,
+            micro_batches=self.micro_batches,
+        )
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with self.dispatcher.capturing():
@@ -158,7 +179,32 @@ def decode_forward(
     v_cache: torch.Tensor,
     batch: TokenBatch,
     meta: PagedMetadata,
+    micro_batches: int = 1,
 ) -> torch.Tensor:
-    """Logits [Bp, V] of every row: the eager forward, as a graph captures it."""
-    rows = torch.arange(batch.token_ids.shape[0], device=batch.token_ids.device)
-    return model.forward(batch, PagedAttention(k_cache, v_cache, meta), dispatcher, rows)
+    """Logits [Bp, V] of every row: the eager forward, as a graph captures it; with m > 1
+    micro-batches, the ping-pong pipeline over m equal slices of the rows (views: the graph's
+    inputs stay one tensor)."""
+    Bp = batch.token_ids.shape[0]
+    if micro_batches == 1:
+        rows = torch.arange(Bp, device=batch.token_ids.device)
+        return model.forward(batch, PagedAttention(k_cache, v_cache, meta), dispatcher, rows)
+    if Bp % micro_batches:
+        raise ValueError(f"{Bp} rows do not split into {micro_batches} equal micro-batches")
+    b = Bp // micro_batches
+    parts = [slice(j * b, (j + 1) * b) for j in range(micro_batches)]
+    batches = [TokenBatch(batch.token_ids[p], batch.positions[p], ()) for p in parts]
+    attns = [
+        PagedAttention(
+            k_cache,
+            v_cache,
+            PagedMetadata(
+                meta.slot_T[p],
+                meta.block_table_BM[p],
+                meta.query_row_BQ[p] - p.start,  # rows within the micro-batch
+                meta.query_pos_BQ[p],
+            ),
+        )
+        for p in parts
+    ]
+    local_rows = [torch.arange(b, device=batch.token_ids.device)] * micro_batches
+    return torch.cat(ping_pong(model, dispatcher, 0, batches, attns, local_rows))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from afd.attention_nodes.decode_graphs import DecodeGraphs, batch_bucket
+from afd.attention_nodes.decode_graphs import DecodeGraphs
 from afd.attention_nodes.device_dispatch import DeviceDispatcher
 from afd.attention_nodes.expert_routing import ExpertRouting
 from afd.attention_nodes.paged_kv_cache import PagedKVCache
@@ -120,9 +120,10 @@ class AttentionNode:
         self._next_seq_id = 0
         self._loop: StepLoop | None = None
 
-    def _use_graphs(self, dispatcher: Dispatcher) -> None:
-        """Decode-only steps replay CUDA graphs: colocated, or over the device lane with one
-        micro-batch (the exchange's kernels are captured with the rest of the step)."""
+    def _use_graphs(self, dispatcher: Dispatcher, micro_batches: int = 1) -> None:
+        """Decode-only steps replay CUDA graphs: colocated, or over the device lane, whose
+        exchange's kernels are captured with the rest of the step (the ping-pong pipeline of
+        `micro_batches` in one graph)."""
         s = self.settings
         if self.device.type != "cuda" or not s.cuda_graphs:
             return
@@ -133,6 +134,7 @@ class AttentionNode:
             dispatcher,
             self.cache.scratch_block,
             -(-self.config.max_position_embeddings // s.block_size),
+            micro_batches,
         )
         if s.cuda_graph_context:  # capture now, not in the first requests' steps
             self.graphs.prepare(list(range(1, s.max_running + 1)), s.cuda_graph_context)
@@ -180,8 +182,7 @@ class AttentionNode:
             dispatcher = DeviceDispatcher(
                 self.transport, self.lane, peers, self.placement, s.round_timeout_s
             )
-            if s.micro_batches == 1:
-                self._use_graphs(dispatcher)
+            self._use_graphs(dispatcher, s.micro_batches)
         else:
             dispatcher = RemoteDispatcher(
                 self.transport, self.placement, peers, s.round_timeout_s, self.device
@@ -333,7 +334,7 @@ class AttentionNode:
         assert self.graphs is not None and self.pipeline is not None
         start = time.perf_counter()
         dispatcher = self.pipeline.dispatcher
-        dispatcher.begin_step(step_id, [batch_bucket(len(chunks))], graphed=True)
+        dispatcher.begin_step(step_id, self.graphs.rows_per_micro_batch(len(chunks)), graphed=True)
         logits_BV = self.graphs.run(
             [c.seq.pending[0] for c in chunks],
             [c.seq.num_computed for c in chunks],

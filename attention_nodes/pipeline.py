@@ -9,11 +9,13 @@ the same for every m.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from afd.attention_nodes.paged_kv_cache import PagedKVCache
+from afd.models.attention import BatchAttention
 from afd.models.batch import TokenBatch
 from afd.models.messages import StepTimings
 from afd.models.model import AttentionSideModel, Residual, Routed
@@ -47,42 +49,52 @@ class PingPongPipeline:
         d = self.dispatcher
         start, wait_before = time.perf_counter(), d.wait_s
         rounds_before, rtt_before = d.rounds, d.round_trip_s
-        h = [self.model.embed_residual(b) for b in batches]
         attns = [self.cache.attention(b) for b in batches]  # metadata once per micro-batch
-        inflight: list[_InFlight | None] = [None] * len(batches)
-        for layer in range(self.model.config.num_layers):
-            for j, batch in enumerate(batches):
-                if (previous := inflight[j]) is not None:
-                    h[j] = self._finish(previous, j, trace)
-                if trace is not None:
-                    trace.begin("attention", layer, j)
-                routed = self.model.pre_experts(layer, h[j], batch, attns[j])
-                plan = None
-                if self.model.config.is_moe_layer(layer):
-                    plan = self.dispatcher.dispatch(
-                        step,
-                        layer,
-                        j,
-                        routed.x_TD,
-                        routed.ids_TK,
-                        routed.weights_TK,
-                    )
-                if trace is not None:
-                    trace.end("attention", layer, j)
-                inflight[j] = _InFlight(layer, routed, plan)
-        h = [self._finish(f, j, trace) for j, f in enumerate(inflight) if f is not None]
-        logits = [self.model.logits(h_j, rows) for h_j, rows in zip(h, sample_rows, strict=True)]
+        logits = ping_pong(self.model, d, step, batches, attns, sample_rows, trace)
         total = time.perf_counter() - start
-        wait = self.dispatcher.wait_s - wait_before
+        wait = d.wait_s - wait_before
         return logits, StepTimings(
             total, total - wait, wait, d.rounds - rounds_before, d.round_trip_s - rtt_before
         )
 
-    def _finish(self, f: _InFlight, j: int, trace: StepTrace | None) -> Residual:
+
+def ping_pong(
+    model: AttentionSideModel,
+    dispatcher: Dispatcher,
+    step: int,
+    batches: list[TokenBatch],
+    attns: Sequence[BatchAttention],
+    sample_rows: list[torch.Tensor],
+    trace: StepTrace | None = None,
+) -> list[torch.Tensor]:
+    """The micro-batches' forward in ping-pong order; logits [B_j, V] at `sample_rows[j]`.
+    No host work of its own, so a CUDA graph can capture it (`DecodeGraphs`, m >= 2)."""
+
+    def finish(f: _InFlight, j: int) -> Residual:
         if trace is not None:
             trace.begin("combine", f.layer, j)
-        experts_TD = None if f.plan is None else self.dispatcher.combine(f.plan, f.routed.x_TD)
-        out = self.model.post_experts(f.layer, f.routed, experts_TD)
+        experts_TD = None if f.plan is None else dispatcher.combine(f.plan, f.routed.x_TD)
+        out = model.post_experts(f.layer, f.routed, experts_TD)
         if trace is not None:
             trace.end("combine", f.layer, j)
         return out
+
+    h = [model.embed_residual(b) for b in batches]
+    inflight: list[_InFlight | None] = [None] * len(batches)
+    for layer in range(model.config.num_layers):
+        for j, batch in enumerate(batches):
+            if (previous := inflight[j]) is not None:
+                h[j] = finish(previous, j)
+            if trace is not None:
+                trace.begin("attention", layer, j)
+            routed = model.pre_experts(layer, h[j], batch, attns[j])
+            plan = None
+            if model.config.is_moe_layer(layer):
+                plan = dispatcher.dispatch(
+                    step, layer, j, routed.x_TD, routed.ids_TK, routed.weights_TK
+                )
+            if trace is not None:
+                trace.end("attention", layer, j)
+            inflight[j] = _InFlight(layer, routed, plan)
+    h = [finish(f, j) for j, f in enumerate(inflight) if f is not None]
+    return [model.logits(h_j, rows) for h_j, rows in zip(h, sample_rows, strict=True)]

@@ -36,8 +36,15 @@ def test_buckets() -> None:
     assert [block_bucket(n, 16) for n in (1, 2, 3, 9, 40)] == [1, 2, 4, 16, 16]
 
 
-@pytest.mark.parametrize(("Bp", "Mp"), [(3, 4), (4, 4), (8, 8)])
-def test_padded_decode_inputs_give_the_eager_logits(tiny_model: Path, Bp: int, Mp: int) -> None:
+@pytest.mark.parametrize(
+    ("Bp", "Mp", "micro_batches"),
+    [(3, 4, 1), (4, 4, 1), (8, 8, 1), (4, 4, 2), (6, 4, 3), (8, 4, 4)],
+)
+def test_padded_decode_inputs_give_the_eager_logits(
+    tiny_model: Path, Bp: int, Mp: int, micro_batches: int
+) -> None:
+    """With micro-batches the rows are cut into equal slices run in ping-pong order (the
+    last slices padding only, for some): each token's arithmetic stays that of the eager step."""
     config = load_config(tiny_model)
     checkpoint = Checkpoint(tiny_model)
     model = AttentionSideModel.load(checkpoint, config, torch.float32)
@@ -65,5 +72,20 @@ def test_padded_decode_inputs_give_the_eager_logits(tiny_model: Path, Bp: int, M
         Mp,
     )
     batch, meta = decode_views(inputs, Bp, Mp)
-    got = decode_forward(model, experts, cache.k_LNBBSGDh, cache.v_LNBBSGDh, batch, meta)
+    got = decode_forward(
+        model, experts, cache.k_LNBBSGDh, cache.v_LNBBSGDh, batch, meta, micro_batches
+    )
+    assert got.shape[0] == Bp
     torch.testing.assert_close(got[: len(prompts)], want, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_that_do_not_split_evenly_are_refused(tiny_model: Path) -> None:
+    config = load_config(tiny_model)
+    checkpoint = Checkpoint(tiny_model)
+    model = AttentionSideModel.load(checkpoint, config, torch.float32)
+    cache = PagedKVCache(
+        config.num_layers, 8, 4, config.num_kv_heads, config.head_dim, torch.float32
+    )
+    batch, meta = decode_views(pack_decode_inputs([], [], [], 4, cache.scratch_block, 3, 1), 3, 1)
+    with pytest.raises(ValueError, match="3 rows do not split into 2"):
+        decode_forward(model, None, cache.k_LNBBSGDh, cache.v_LNBBSGDh, batch, meta, 2)  # type: ignore[arg-type]
