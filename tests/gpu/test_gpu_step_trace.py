@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 def test_a_span_measures_the_gpu_work_between_its_stamps() -> None:
     trace = StepTrace("cuda")  # made before the clock starts: the first one compiles the kernel
+    torch.cuda._sleep(1)  # and the sleep kernel's first launch loads its module: not timed
     torch.cuda.synchronize()
     before = time.time_ns()
     trace.begin("busy", 0, 0)
@@ -24,8 +25,8 @@ def test_a_span_measures_the_gpu_work_between_its_stamps() -> None:
     enqueued = time.time_ns()
     (busy, idle) = trace.spans()
     after = time.time_ns()
-    assert enqueued - before < 5_000_000  # the host did not wait for the GPU
-    assert busy.end_ns - busy.start_ns > 10_000_000  # the GPU did
+    assert busy.end_ns - busy.start_ns > 10_000_000  # the GPU was busy between the stamps
+    assert enqueued - before < (busy.end_ns - busy.start_ns) / 2  # while the host went on
     assert idle.end_ns - idle.start_ns < 1_000_000 and idle.start_ns >= busy.end_ns
     slack = 1_000_000  # the clock mapping's error is far below a millisecond
     assert before - slack <= busy.start_ns and idle.end_ns <= after + slack
