@@ -78,14 +78,14 @@ class DecodeGraphs:
                     self._capture(B, M)
 
     def bucket(self, batch: int) -> int:
-        """The rows a step of `batch` sequences runs with: its batch bucket, rounded up to a
-        multiple of the micro-batches."""
-        m = self.micro_batches
-        return -(-batch_bucket(batch) // m) * m
+        return micro_batch_bucket(batch, self.micro_batches)
 
     def rows_per_micro_batch(self, batch: int) -> list[int]:
         """What each micro-batch of the graph for `batch` sequences carries (padding included)."""
         return [self.bucket(batch) // self.micro_batches] * self.micro_batches
+
+    def real_rows_per_micro_batch(self, batch: int) -> list[int]:
+        return real_rows(batch, self.micro_batches)
 
     def clear(self) -> None:
         """Drops every graph: a peer's slots moved (a restarted expert node), and the graphs
@@ -135,6 +135,19 @@ class DecodeGraphs:
         g = _Graph(graph, inputs_N, logits_BV)
         self.graphs[Bp, Mp] = g
         return g
+
+
+def micro_batch_bucket(batch: int, micro_batches: int) -> int:
+    """The rows a graphed step of `batch` sequences runs with: its batch bucket, rounded up to
+    a multiple of the micro-batches."""
+    return -(-batch_bucket(batch) // micro_batches) * micro_batches
+
+
+def real_rows(batch: int, micro_batches: int) -> list[int]:
+    """How many of each micro-batch's rows are sequences in the graphed step of `batch` (the
+    rest are padding, at the end)."""
+    b = micro_batch_bucket(batch, micro_batches) // micro_batches
+    return [min(b, max(0, batch - j * b)) for j in range(micro_batches)]
 
 
 def pack_decode_inputs(

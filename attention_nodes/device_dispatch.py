@@ -50,17 +50,40 @@ class DeviceDispatcher(Dispatcher):
         self.routing = ExpertRouting(placement, device)
         self.capacity = lane.own.layout.capacity
         self._rows_C = torch.arange(self.capacity, device=device)
+        # each micro-batch's rows that are sequences (the rest: padding), set every step
+        micro_batches = lane.own.rows_MPCD.shape[0]
+        self._real_M = torch.zeros(micro_batches, dtype=torch.int64, device=device)
+        self._real_pinned = torch.zeros(
+            micro_batches, dtype=torch.int64, pin_memory=device.type == "cuda"
+        )
 
-    def begin_step(self, step: int, rows_per_micro_batch: list[int], graphed: bool) -> None:
+    def begin_step(
+        self,
+        step: int,
+        rows_per_micro_batch: list[int],
+        graphed: bool,
+        real_rows: list[int] | None = None,
+    ) -> None:
         """Sets the step the kernels' sequence numbers follow, and tells every expert node how
         many rows each micro-batch brings and whether this node replays a graph (then the
-        expert node replays one of its own for these rows)."""
+        expert node replays one of its own for these rows). Rows past `real_rows` (a graph
+        bucket's padding) go out with no expert: the expert nodes neither compute nor count
+        them, so padding does not pass for load."""
         if max(rows_per_micro_batch, default=0) > self.capacity:
             raise ValueError(
                 f"a micro-batch of {max(rows_per_micro_batch)} rows exceeds the device lane's slots "
                 f"({self.capacity} rows: the attention node's max_batch_tokens)"
             )
         self.lane.begin_step(step)
+        real = rows_per_micro_batch if real_rows is None else real_rows
+        if len(real) != len(rows_per_micro_batch) or not all(
+            0 <= r <= n for r, n in zip(real, rows_per_micro_batch, strict=True)
+        ):
+            raise ValueError(
+                f"real rows {real} do not fit the micro-batches' {rows_per_micro_batch}"
+            )
+        self._real_pinned[: len(real)] = torch.tensor(real, dtype=torch.int64)
+        self._real_M.copy_(self._real_pinned, non_blocking=True)  # read by dispatch, in order
         counts = torch.tensor([*rows_per_micro_batch, int(graphed)], dtype=torch.int64)
         for peer in self.expert_peers:
             self.transport.send(peer, RoundKey.control(step), [counts])
@@ -76,9 +99,10 @@ class DeviceDispatcher(Dispatcher):
     ) -> tuple[int, int, int]:
         T = x_TD.shape[0]
         node_TK, local_TK = self.routing.route(layer, ids_TK, self._rows_C[:T])
+        real_T1 = (self._rows_C[:T] < self._real_M[micro_batch])[:, None]
         for j, (remote, me) in enumerate(self.lane.peers):
             assert remote.local_ids_MPCK is not None and remote.weights_MPCK is not None
-            on_TK = node_TK == j
+            on_TK = (node_TK == j) & real_T1
             remote.rows_MPCD[micro_batch, me, :T].copy_(x_TD)
             remote.local_ids_MPCK[micro_batch, me, :T].copy_(torch.where(on_TK, local_TK, -1))
             remote.weights_MPCK[micro_batch, me, :T].copy_(torch.where(on_TK, weights_TK, 0))

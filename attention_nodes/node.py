@@ -334,7 +334,12 @@ class AttentionNode:
         assert self.graphs is not None and self.pipeline is not None
         start = time.perf_counter()
         dispatcher = self.pipeline.dispatcher
-        dispatcher.begin_step(step_id, self.graphs.rows_per_micro_batch(len(chunks)), graphed=True)
+        dispatcher.begin_step(
+            step_id,
+            self.graphs.rows_per_micro_batch(len(chunks)),
+            graphed=True,
+            real_rows=self.graphs.real_rows_per_micro_batch(len(chunks)),
+        )
         logits_BV = self.graphs.run(
             [c.seq.pending[0] for c in chunks],
             [c.seq.num_computed for c in chunks],

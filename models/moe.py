@@ -222,9 +222,16 @@ class Dispatcher(ABC):
     def combine(self, plan: Any, like_TD: torch.Tensor) -> torch.Tensor:
         """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) for every token t, as [T, D]."""
 
-    def begin_step(self, step: int, rows_per_micro_batch: list[int], graphed: bool) -> None:
-        """A step starts with these rows in each micro-batch; `graphed`: its forward replays a
-        CUDA graph (the device lane tells its expert nodes both, once a step)."""
+    def begin_step(
+        self,
+        step: int,
+        rows_per_micro_batch: list[int],
+        graphed: bool,
+        real_rows: list[int] | None = None,
+    ) -> None:
+        """A step starts with these rows in each micro-batch, of which the first `real_rows`
+        (default: all) are sequences and the rest a graph bucket's padding; `graphed`: its
+        forward replays a CUDA graph (the device lane tells its expert nodes, once a step)."""
         return None
 
     def end_step(self, step: int) -> None:

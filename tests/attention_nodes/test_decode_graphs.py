@@ -12,7 +12,9 @@ from afd.attention_nodes.decode_graphs import (
     block_bucket,
     decode_forward,
     decode_views,
+    micro_batch_bucket,
     pack_decode_inputs,
+    real_rows,
 )
 from afd.attention_nodes.paged_kv_cache import PagedKVCache
 from afd.models.batch import TokenBatch
@@ -34,6 +36,11 @@ def test_buckets() -> None:
         128,
     ]
     assert [block_bucket(n, 16) for n in (1, 2, 3, 9, 40)] == [1, 2, 4, 16, 16]
+    # with micro-batches: a multiple of m, sequences first, padding in the last slices
+    assert [micro_batch_bucket(n, 2) for n in (1, 2, 3, 33)] == [2, 2, 4, 64]
+    assert [micro_batch_bucket(n, 3) for n in (1, 4, 8)] == [3, 6, 9]
+    assert real_rows(1, 2) == [1, 0] and real_rows(3, 2) == [2, 1] and real_rows(5, 3) == [3, 2, 0]
+    assert real_rows(8, 1) == [8] and sum(real_rows(33, 2)) == 33
 
 
 @pytest.mark.parametrize(
