@@ -29,16 +29,28 @@ class ExpertRouting:
         }
         self.dead = dead
 
-    def switch(self, placement: ExpertPlacement) -> None:
+    def switch(self, placement: ExpertPlacement) -> bool:
         """Routes by a rebalance's new placement from now on (at a step boundary), still
-        around the nodes reported dead."""
+        around the nodes reported dead. Returns whether the tables were rewritten in place
+        (same layers placed their own way, same widths), so that CUDA graphs that read them
+        stay valid; otherwise they are new tensors and such graphs must go."""
         if placement.num_nodes != self.placement.num_nodes:
             raise ValueError(
                 f"a placement of {placement.num_nodes} expert nodes cannot replace one of "
                 f"{self.placement.num_nodes}"
             )
+        old = self._tables
         self.placement = placement
         self.route_around(self.dead)
+        same = old.keys() == self._tables.keys() and all(
+            a.shape == b.shape for at in old for a, b in zip(old[at], self._tables[at], strict=True)
+        )
+        if same:
+            for at, tables in self._tables.items():
+                for a, b in zip(old[at], tables, strict=True):
+                    a.copy_(b)
+            self._tables = old
+        return same
 
     def route(
         self, layer: int, ids_TK: torch.Tensor, rows_T: torch.Tensor

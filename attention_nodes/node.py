@@ -232,9 +232,8 @@ class AttentionNode:
         if version == self.placement_version:
             return
         self.placement = placement
-        if self.routing is not None:
-            self.routing.switch(placement)
-        if self.graphs is not None:
+        in_place = self.routing is None or self.routing.switch(placement)
+        if self.graphs is not None and not in_place:
             self.graphs.clear()  # they hold the old routing tables
         self.placement_version = version
 

@@ -17,6 +17,7 @@ Shape legend: T = tokens from all attention nodes, D = hidden, K = top-k.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,7 @@ class ExpertNode:
         self._step_counts: torch.Tensor | None = None
         self._tracing = StepsToTrace()
         self._trace: StepTrace | None = None  # the step in progress's, when it is traced
+        self._step_lock = threading.Lock()  # a step and a placement switch never overlap
         self.lane: DeviceLane | None = None  # the device lane, once `open_lane` made its slots
         # lane steps as CUDA graphs, by the rows of each (attention node, micro-batch)
         self._graphs: (
@@ -108,19 +110,28 @@ class ExpertNode:
         return sum(len(ids) for ids, _ in staged.values())
 
     def hold_experts(self, version: int, layer_ids: dict[int, tuple[int, ...]]) -> None:
-        """Switches to rebalance `version`'s placement, at a step boundary (no step runs): each
-        changed layer's new stack is gathered from the experts held and those staged (or loaded
-        now), then replaces the old one, which is freed; one layer at a time, so the memory
-        beyond the steady state is one layer's stack. Idempotent: a restarted node is given the
-        cluster's placement this way."""
-        if version == self.placement_version:
-            return
+        """Switches to rebalance `version`'s placement, at a step boundary: each changed
+        layer's new stack is gathered from the experts held and those staged (or loaded now),
+        then takes the old one's place, one layer at a time, so the memory beyond the steady
+        state is one layer's stack. A stack of the old one's shape is copied into it, so the
+        CUDA graphs that read it stay valid; otherwise the graphs are dropped before anything
+        is freed. Holds the step lock (a step never sees a half-switched layer) and is
+        idempotent: a failure part-way is mended by calling again, and a restarted node is given
+        the cluster's placement this way."""
+        with self._step_lock:
+            if version == self.placement_version:
+                return
+            self._hold(version, self._checked_layer_ids(layer_ids))
+            self._staged = None
+            self._widest = self._widest_layer()
+            self.placement_version = version
+
+    def _hold(self, version: int, layer_ids: dict[int, tuple[int, ...]]) -> None:
         staged: dict[int, tuple[tuple[int, ...], StackedExperts]] = {}
         if self._staged is not None and self._staged[0] == version:
             staged = self._staged[1]
-        self._staged = None
         device = torch.device(self.settings.device)
-        for layer, ids in self._checked_layer_ids(layer_ids).items():
+        for layer, ids in layer_ids.items():
             held = self.shard.ids_at(layer)
             if ids == held:
                 continue
@@ -134,13 +145,15 @@ class ExpertNode:
             for part_ids, part in parts:
                 part = part.to(device)
                 rows.update({e: (part, i) for i, e in enumerate(part_ids) if e in ids})
-            rows_in_order = [rows[e] for e in ids]
+            new = StackedExperts.gather([rows[e] for e in ids])
             del rows, parts
-            self.shard.place_layer(layer, ids, StackedExperts.gather(rows_in_order))
-        self._widest = self._widest_layer()
-        self.placement_version = version
-        if self._graphs is not None:
-            self._graphs.clear()  # they read the old stacks
+            if new.same_shape(current):  # in place: the graphs' addresses stay right
+                current.copy_(new)
+                self.shard.layer_ids[layer] = ids
+            else:
+                if self._graphs is not None:
+                    self._graphs.clear()  # they read the old stacks, about to be freed
+                self.shard.place_layer(layer, ids, new)
 
     def _checked_layer_ids(
         self, layer_ids: dict[int, tuple[int, ...]]
@@ -254,6 +267,10 @@ class ExpertNode:
 
     @torch.inference_mode()
     def run_step(self, step_id: int) -> ExpertStepResult:
+        with self._step_lock:
+            return self._run_step(step_id)
+
+    def _run_step(self, step_id: int) -> ExpertStepResult:
         start = time.perf_counter()
         # tokens per (MoE layer, local expert) — as wide as the layer holding the most — plus a
         # column for slots held elsewhere; counted on the device, read once at the end

@@ -71,6 +71,21 @@ class StackedExperts:
             scales,  # type: ignore[arg-type]
         )
 
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.gate_EID, self.up_EID, self.down_EDI, *(self.scales or ())]
+
+    def same_shape(self, other: StackedExperts) -> bool:
+        a, b = self._tensors(), other._tensors()
+        return len(a) == len(b) and all(
+            x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+            for x, y in zip(a, b, strict=True)
+        )
+
+    def copy_(self, other: StackedExperts) -> None:
+        """Takes `other`'s values into these tensors (same shapes): what a graph reads stays."""
+        for x, y in zip(self._tensors(), other._tensors(), strict=True):
+            x.copy_(y)
+
     def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert e's (gate, up, down) in `dtype`, dequantized when they are fp8."""
         gate, up, down = self.gate_EID[e], self.up_EID[e], self.down_EDI[e]

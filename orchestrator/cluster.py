@@ -77,8 +77,12 @@ class _TraceCollector:
         self.nodes: dict[str, list[tuple[int, list[TraceSpan]]]] = {n: [] for n in names}
         self.done = threading.Event()
 
+    def expect(self, names: list[str]) -> None:
+        """Only these nodes will trace (the others are down)."""
+        self.nodes = {n: self.nodes.get(n, []) for n in names}
+
     def add(self, node: str, step: int, spans: Sequence[TraceSpan]) -> None:
-        if spans and len(self.nodes[node]) < self.steps:
+        if spans and node in self.nodes and len(self.nodes[node]) < self.steps:
             self.nodes[node].append((step, list(spans)))
         if all(len(v) >= self.steps for v in self.nodes.values()):
             self.done.set()
@@ -218,6 +222,7 @@ class Cluster:
         self.expert_rebalances = 0
         self._tracer: _TraceCollector | None = None  # a `trace` in progress
         self._rebalancer = Rebalancer(d.experts.rebalance, d.experts.redundant_slots)
+        self._confirmed_version = 0  # the placement version every node has confirmed
         self._staging: tuple[RebalancePlan, list[ray.ObjectRef]] | None = None
         self._down: set[int] = set()  # expert nodes dead, their experts served by replicas
         self._revivals: dict[int, ray.ObjectRef] = {}  # expert node -> pending pid call (back yet?)
@@ -367,15 +372,32 @@ class Cluster:
                     return
                 if not any(self._load) and not any(self._aborts):
                     continue
-                new, self._incoming = self._incoming, [[] for _ in self.attention]
-                aborts, self._aborts = self._aborts, [[] for _ in self.attention]
             try:
+                # before the step's requests are taken: a recovery here may move requests
+                self._at_boundary()
+                with self._wake:
+                    new, self._incoming = self._incoming, [[] for _ in self.attention]
+                    aborts, self._aborts = self._aborts, [[] for _ in self.attention]
                 self._step(new, aborts)
                 self._healthy = True
             except Exception as err:
                 self._healthy = False
                 log.error("step %d failed: %s", self.step_id, err)
                 self._fail_all(RequestFailed(f"step {self.step_id} failed: {err}"))
+
+    def _at_boundary(self) -> None:
+        """Between two lockstep steps: expert nodes that came back are rewired, a placement
+        not yet on every node is pushed again (no step runs on mixed placements), a rebalance
+        is staged or switched to, and a requested trace is armed."""
+        if self._down:
+            self._revive_experts()
+        if self.placement is not None:
+            if not self._placement_confirmed:
+                self._confirm_placement()
+            self._rebalance_at_boundary()
+        tracer = self._tracer
+        if tracer is not None and not tracer.armed:
+            self._arm_trace(tracer)
 
     # ---- colocated nodes: each steps on its own ---------------------------------------------
     def _drive(self, i: int) -> None:
@@ -411,14 +433,14 @@ class Cluster:
             self._publish(out)
         attention: list[AttentionStepResult | None] = [None] * len(self.attention)
         attention[i] = result
-        tracer = self._tracer
-        if tracer is not None:
-            tracer.add(f"attention-{i}", self.step_id + 1, result.trace)
         with self._wake:
             self.step_id += 1
             record = StepRecord(self.step_id, result.timings.total_s, attention, [])
             self._last_attention[i] = result
             self._attention_tokens[i] += result.tokens
+        tracer = self._tracer
+        if tracer is not None:
+            tracer.add(f"attention-{i}", record.step, result.trace)
         self._observe(record)
 
     def _recover_colocated(self, i: int, err: Exception) -> None:
@@ -454,18 +476,7 @@ class Cluster:
             stream.put(error)
 
     def _step(self, new: list[list[NewRequest]], aborts: list[list[str]]) -> None:
-        if self._down:
-            self._revive_experts()
         tracer = self._tracer
-        if tracer is not None and not tracer.armed:  # every node traces the same next steps
-            timeout = self.deployment.transport.recovery_timeout_s
-            ray.get(
-                [n.trace_steps.remote(tracer.steps) for n in self._nodes().values()],
-                timeout=timeout,
-            )
-            tracer.armed = True
-        if self.placement is not None:
-            self._rebalance_at_boundary()
         self.step_id += 1
         s = self.step_id
         calls = {
@@ -612,17 +623,33 @@ class Cluster:
         )
 
     def _switch(self, plan: RebalancePlan) -> None:
-        """Every node to the plan's placement before the next step. A node failing meanwhile is
-        recovered like a failed step, and recovery gives every node the new placement."""
+        """The plan's placement is the cluster's from here; no step runs until every node has
+        confirmed it (`_confirm_placement`, again at each boundary until it has)."""
         self.placement = plan.placement
         self._rebalancer.switched(plan, self.step_id)
-        self.expert_rebalances += 1
         self.load_window = self._new_load_window()
+        self._confirm_placement()
+
+    @property
+    def _placement_confirmed(self) -> bool:
+        return self._confirmed_version == self.placement_version
+
+    def _confirm_placement(self) -> None:
+        """Every live node to the cluster's placement. A node failing meanwhile is recovered
+        like a failed step (recovery pushes the placement too); when even that fails, the
+        error ends this boundary and the next one tries again."""
         errors = self._push_placement(self.deployment.transport.recovery_timeout_s)
+        for key, err in list(errors.items()):  # with replicas a dead expert node is routed
+            kind, j = key  # around, and given the placement when it is back (`_rewire_expert`)
+            dead = isinstance(err, ray.exceptions.RayActorError)
+            if kind == "expert" and dead and self._can_fail_over(j):
+                self._fail_over(j, err)
+                del errors[key]
         if errors:
             self._recover(self.step_id, errors)
-            return
-        log.info("rebalance %d: every node switched", plan.version)
+        self._confirmed_version = self.placement_version
+        self.expert_rebalances += 1
+        log.info("rebalance %d: every node switched", self.placement_version)
 
     @property
     def placement_version(self) -> int:
@@ -844,6 +871,26 @@ class Cluster:
             stream.put(error)
 
     # ---- tracing ------------------------------------------------------------------------------
+    def _arm_trace(self, tracer: _TraceCollector) -> None:
+        """At a step boundary: every live node traces the same next steps (a node that is down
+        is left out of the trace)."""
+        live = {
+            f"{kind}-{i}": node
+            for (kind, i), node in self._nodes().items()
+            if not (kind == "expert" and i in self._down)
+        }
+        tracer.expect(list(live))
+        try:
+            ray.get(
+                [n.trace_steps.remote(tracer.steps) for n in live.values()],
+                timeout=self.deployment.transport.recovery_timeout_s,
+            )
+        except Exception as err:  # the trace ends with what it has; serving goes on
+            log.warning("could not arm the trace: %s", err)
+            tracer.done.set()
+            return
+        tracer.armed = True
+
     def trace(self, steps: int, timeout_s: float | None = None) -> dict:
         """A Chrome/Perfetto trace (`chrome://tracing`, ui.perfetto.dev) of the next `steps`
         steps every node runs: per node, per layer and micro-batch, its spans from GPU
@@ -869,9 +916,12 @@ class Cluster:
         finally:
             with self._wake:
                 self._tracer = None
-            if tracer.armed:  # steps not taken yet: untraced again (best effort: a node is up)
-                for node in self._nodes().values():
-                    node.trace_steps.remote(0)
+            if tracer.armed:  # steps not taken yet run untraced again; waited for, so that a
+                # later trace's arming cannot be overtaken by this disarming
+                try:
+                    ray.get([n.trace_steps.remote(0) for n in self._nodes().values()], timeout=10)
+                except Exception as err:
+                    log.warning("could not disarm every node's trace: %s", err)
         return chrome_trace(tracer.nodes)
 
     # ---- introspection and shutdown ---------------------------------------------------------

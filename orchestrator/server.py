@@ -172,12 +172,21 @@ def with_trace(deployment: Deployment, trace_dir: str | None, steps: int | None)
     return replace(deployment, serve=changed)
 
 
+TRACE_WAIT_S = 60.0  # how long a trace waits for its steps once armed, before it takes what ran
+
+
 def write_trace(cluster: Cluster, directory: str, steps: int) -> Path:
     """Waits for `steps` steps with traffic, traced, and writes their timeline into
-    `directory` (open it in ui.perfetto.dev or chrome://tracing)."""
+    `directory` (open it in ui.perfetto.dev or chrome://tracing). Until traffic comes it
+    tries again every TRACE_WAIT_S; a node that never steps (idle, or failed) is left out."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    trace = cluster.trace(steps)
+    while True:
+        try:
+            trace = cluster.trace(steps, TRACE_WAIT_S)
+            break
+        except TimeoutError:
+            continue  # no traffic yet
     path = out / f"afd-trace-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(trace))
     log.info("wrote a trace of %d step(s) to %s", steps, path)

@@ -134,6 +134,25 @@ def _ucx():
     return ucx, Array
 
 
+# what UCX reports for a connection whose other end is gone (with peer-failure handling)
+_GONE_ERRORS = frozenset(
+    {
+        "UCXConnectionResetError",
+        "UCXEndpointTimeoutError",
+        "UCXUnreachableError",
+        "UCXNotConnectedError",
+        "UCXCanceledError",
+    }
+)
+
+
+def _gone(p: _Peer, err: Exception) -> bool:
+    """Whether a peer's failure means its connection is gone (the process died or closed
+    it), rather than a fault of one message: only then do waits on it end as for a lost
+    peer. Any other failure fails the peer, and the orchestrator decides."""
+    return p.closed is not None or type(err).__name__ in _GONE_ERRORS
+
+
 _context_lock = threading.Lock()
 _context = None
 
@@ -518,7 +537,9 @@ class Transport:
                 if p.sends:
                     self._retire_sends(p)
             except Exception as err:
-                self._fail_peer(p, f"{type(err).__name__}: {err}", isinstance(err, WireError))
+                self._fail_peer(
+                    p, f"{type(err).__name__}: {err}", isinstance(err, WireError), _gone(p, err)
+                )
 
     def _pump(self, p: _Peer) -> None:
         """Moves this peer's frames from UCX into the mailbox, as far as they have arrived."""
@@ -675,7 +696,7 @@ class Transport:
     def _on_peer_closed(p: _Peer, *_: object) -> None:
         p.closed = "the connection closed"
 
-    def _fail_peer(self, p: _Peer, reason: str, protocol: bool) -> None:
+    def _fail_peer(self, p: _Peer, reason: str, protocol: bool, gone: bool = False) -> None:
         # a protocol violation is news; a peer that went away shows up in the next recv anyway
         log.log(
             logging.WARNING if protocol else logging.INFO,
@@ -685,7 +706,7 @@ class Transport:
             reason,
         )
         self._failed[p.id] = reason
-        if not protocol:  # its connection is gone (with peer-failure handling: it died)
+        if gone:  # its connection is gone (with peer-failure handling: it died)
             self._lost.add(p.id)  # as if the orchestrator had said so: waits on it end now
         if self._peers.get(p.id) is p:
             del self._peers[p.id]

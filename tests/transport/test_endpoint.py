@@ -166,10 +166,13 @@ def test_a_peer_killed_mid_send_costs_the_others_nothing(attempt: int) -> None:
                 last = max(last, key.step)
         spawned[1].kill()
         spawned[1].wait()
-        node.mark_lost(2)
         for _ in range(5):  # frames the ticker sends after the kill still arrive
             _, key, _ = node.recv_any(lambda p, k, after=last + 3: p == 1 and k.step > after, 10)
             last = key.step
+        deadline = time.monotonic() + 10  # and the dead peer's closed connection is noticed:
+        while not node.is_lost(2):  # waits on it end as if the orchestrator had said so
+            assert time.monotonic() < deadline, "the killed peer was not noticed"
+            node.progress(0.05)
         newcomer = _spawn(SENDING_PEER, 3, 0.02)
         spawned.append(newcomer)
         assert newcomer.stdout is not None
