@@ -103,11 +103,11 @@ def test_an_expert_node_killed_during_a_rebalance_loses_nothing(
         assert got == want
         if replicas == 2:  # the replicas took over within the round: not a step failed
             assert cluster.status().failed_steps == 0 and cluster.expert_failovers == 1
-        assert ray.get(cluster.experts[1].pid.remote(), timeout=60) != victim  # restarted
         deadline = time.monotonic() + 60  # with replicas it rejoins at a step boundary
         while not all(n.healthy for n in cluster.status().nodes):
             assert time.monotonic() < deadline, "the killed expert node did not rejoin"
             assert [t.token_id for t in cluster.submit(*requests[0])] == want[0]
+        assert ray.get(cluster.experts[1].pid.remote(), timeout=60) != victim  # restarted
         _held_as_placed(cluster)  # the restarted node was given the placement of the day
         assert [[t.token_id for t in out] for out in cluster.generate(requests[:8])] == want[:8]
         _held_as_placed(cluster)
