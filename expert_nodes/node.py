@@ -99,7 +99,7 @@ class ExpertNode:
         steps run on another thread (nothing the step reads changes). Only from a source that
         reads into host memory: made on the GPU (dummy weights there), they would be CUDA work
         beside a graph capture, so they are made at the switch instead. Returns how many."""
-        if getattr(self.checkpoint, "device", torch.device("cpu")).type != "cpu":
+        if self.checkpoint.device.type != "cpu":
             return 0
         staged: dict[int, tuple[tuple[int, ...], StackedExperts]] = {}
         for layer, ids in self._checked_layer_ids(layer_ids).items():

@@ -819,11 +819,7 @@ class Cluster:
         ray.get(waits, timeout=timeout)
         if own is not None:
             ray.get([e.reconnect_lane.remote(own) for e in self.experts], timeout=timeout)
-        if self.placement_version:
-            ray.get(
-                self.attention[i].set_placement.remote(self.placement_version, self.placement),
-                timeout=timeout,
-            )
+        # its placement: `_recover`, the only caller, pushes the cluster's to every node next
 
     def _least_loaded(self) -> int:
         live = [i for i in range(len(self._load)) if i not in self._dead]

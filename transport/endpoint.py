@@ -141,7 +141,6 @@ _GONE_ERRORS = frozenset(
         "UCXEndpointTimeoutError",
         "UCXUnreachableError",
         "UCXNotConnectedError",
-        "UCXCanceledError",
     }
 )
 
