@@ -6,10 +6,10 @@ releases the slot's sequence word; combine waits for this node's combine slots o
 node and adds their partial sums in node order (one node: the slot itself, no copy). Every
 operation is a kernel on the current stream, so a CUDA graph of the whole step captures them.
 
-What stays on the host is one control frame per step and expert node (the rows of each
-micro-batch, so that the expert node runs its experts over exactly those rows) and one read of
-the status word when the step is over (`end_step`), which raises if a wait ran past its
-deadline or was aborted: the step's results are then thrown away.
+What stays on the host is the step's control round (`afd.transport.step_control`: the rows of
+each micro-batch, so that the expert node runs its experts over exactly those rows, and its call
+back) and one read of the status word when the step is over (`end_step`), which raises if a
+wait ran past its deadline or was aborted: the step's results are then thrown away.
 
 Faults: an expert node that dies mid-step makes this step's waits end at their deadline, or at
 once when the orchestrator aborts the step; the step is replayed after recovery, as on the host
@@ -29,7 +29,7 @@ from afd.models.expert_placement import ExpertPlacement
 from afd.models.moe import Dispatcher
 from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import Transport
-from afd.transport.wire import RoundKey
+from afd.transport.step_control import control_frame, open_step, take_calls
 
 
 class DeviceDispatcher(Dispatcher):
@@ -84,9 +84,8 @@ class DeviceDispatcher(Dispatcher):
             )
         self._real_pinned[: len(real)] = torch.tensor(real, dtype=torch.int64)
         self._real_M.copy_(self._real_pinned, non_blocking=True)  # read by dispatch, in order
-        counts = torch.tensor([*rows_per_micro_batch, int(graphed)], dtype=torch.int64)
-        for peer in self.expert_peers:
-            self.transport.send(peer, RoundKey.control(step), [counts])
+        frame = control_frame(rows_per_micro_batch, graphed)
+        open_step(self.transport, self.expert_peers, step, frame)
 
     def dispatch(
         self,
@@ -122,6 +121,7 @@ class DeviceDispatcher(Dispatcher):
 
     def end_step(self, step: int) -> None:
         self.lane.check(f"attention node, step {step}")
+        take_calls(self.transport, self.expert_peers, step, self.timeout_s)
 
     @contextmanager
     def capturing(self) -> Iterator[None]:

@@ -1,5 +1,8 @@
 """The attention node: holds everything but the routed experts and the KV cache of its own
-requests, and runs one decode step at a time when the orchestrator says so.
+requests, and runs its decode steps on a loop of its own (`start_loop`): the orchestrator hands
+it requests and takes its tokens, but is never in a step. With expert nodes, every attention
+node runs every step, in lockstep through the exchange's control round
+(`afd.transport.step_control`).
 
 Colocated (no expert placement: `experts.nodes: 0`), it holds every expert too and the same
 pipeline runs with a local dispatcher: the one-GPU deployment, and the baseline that
@@ -11,7 +14,6 @@ A plain class: Ray wraps it as an actor, tests may run it in-process.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,12 +35,14 @@ from afd.models.model import AttentionSideModel
 from afd.models.moe import Dispatcher, ExpertShard, LocalDispatcher
 from afd.models.request_state import RequestState, check_prompt
 from afd.models.sampling import sample_rows
+from afd.models.step_loop import LoopReport, StepLoop
 from afd.models.step_trace import StepsToTrace, StepTrace
 from afd.models.tokenizer import Tokenizer
 from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
 from afd.transport.region_memory import RegionHandle
 from afd.transport.slots import SlotKind
+from afd.transport.step_control import is_call
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +122,8 @@ class AttentionNode:
         else:
             self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self._next_seq_id = 0
-        self._loop: StepLoop | None = None
+        self._expert_peers: frozenset[int] = frozenset()
+        self._loop: StepLoop[AttentionStepResult] | None = None
 
     def _use_graphs(self, dispatcher: Dispatcher, micro_batches: int = 1) -> None:
         """Decode-only steps replay CUDA graphs: colocated, or over the device lane, whose
@@ -159,6 +164,7 @@ class AttentionNode:
         for peer, address in expert_peers:
             self.transport.connect(peer, address)
         peers, s = [p for p, _ in expert_peers], self.settings
+        self._expert_peers = frozenset(peers)
         dispatcher: DeviceDispatcher | RemoteDispatcher
         if s.lane == "device":
             if lane_regions is None or len(lane_regions) != len(peers):
@@ -249,30 +255,50 @@ class AttentionNode:
         if self.lane is not None:
             self.lane.reset()
 
-    # ---- the node's own loop (colocated) ----------------------------------------------------
-    def start_loop(self) -> None:
-        """Steps on a thread of its own from now on: a colocated node needs no orchestrator in
-        its step (no peer to keep in lockstep). Requests come in by `submit`, results go out
-        by `poll`; with nothing to run the thread sleeps."""
-        if self.placement is not None:
-            raise RuntimeError("only a colocated node runs its own loop; others step in lockstep")
+    # ---- the node's own loop ---------------------------------------------------------------
+    def start_loop(self, first_step: int = 0) -> None:
+        """Steps on a thread of its own from `first_step` on (`afd.models.step_loop`): requests
+        come in by `submit`, results go out by `poll`. Colocated, it sleeps while it has
+        nothing to run; with expert nodes, it also wakes when one calls it to the next step
+        (another attention node has work), so that all step in lockstep. Called again after
+        a halt or a failed step, it goes on from `first_step`."""
         if self._loop is None:
             self._loop = StepLoop(
-                self.step, lambda: bool(self.scheduler.running or self.scheduler.waiting)
+                f"afd-attention-{self.settings.node_id}",
+                self.step,
+                lambda: bool(self.scheduler.running or self.scheduler.waiting),
+                lambda result: result.tokens == 0,
+                None if self.transport is None else self._await_call,
+                (lambda: None) if self.transport is None else self.transport.interrupt,
             )
+        self._loop.run_from(first_step)
+
+    def _await_call(self, step: int, look_up: Callable[[], bool]) -> bool:
+        """Whether an expert node called this node to `step` before `look_up()` held."""
+        assert self.transport is not None
+        return self.transport.await_frame(is_call(self._expert_peers, step), 1.0, look_up)
 
     def submit(self, new: list[NewRequest], aborts: list[str]) -> None:
         """Hands requests and aborts to the loop; they join at its next step."""
-        if self._loop is None:
-            raise RuntimeError("submit before start_loop")
-        self._loop.submit(new, aborts)
+        self._running_loop().submit(new, aborts)
 
-    def poll(self, timeout_s: float) -> list[AttentionStepResult]:
-        """The loop's step results since the last poll, waiting up to `timeout_s` for one;
-        raises what stopped the loop, if anything did."""
+    def poll(self, timeout_s: float) -> LoopReport[AttentionStepResult]:
+        """The loop's step results since the last poll (waiting up to `timeout_s` for one),
+        and where it stands: what stopped it, if a step failed."""
+        return self._running_loop().poll(timeout_s)
+
+    def pause(self) -> None:
+        """Starts no step of its own from now on (still joins the others'): see StepLoop."""
+        self._running_loop().pause()
+
+    def halt(self) -> None:
+        """Leaves the wait between steps until `start_loop` (every node paused and parked)."""
+        self._running_loop().halt()
+
+    def _running_loop(self) -> StepLoop[AttentionStepResult]:
         if self._loop is None:
-            raise RuntimeError("poll before start_loop")
-        return self._loop.poll(timeout_s)
+            raise RuntimeError(f"attention node {self.settings.node_id}: no loop started")
+        return self._loop
 
     def pid(self) -> int:
         return os.getpid()
@@ -395,75 +421,3 @@ class AttentionNode:
 def _sample_rows(group: list[Chunk], batch: TokenBatch) -> torch.Tensor:
     keep = torch.tensor([i for i, c in enumerate(group) if c.samples], dtype=torch.int64)
     return batch.last_token_indices()[keep]
-
-
-class StepLoop:
-    """Runs `step(step_id, new, aborts)` on a thread while there is work: requests queued by
-    `submit`, or sequences the node still holds (`busy()`). Results wait in an outbox until
-    `poll` takes them. An error stops the loop and is raised by the next `poll`."""
-
-    def __init__(
-        self,
-        step: Callable[[int, list[NewRequest], list[str]], AttentionStepResult],
-        busy: Callable[[], bool],
-    ) -> None:
-        self._step, self._busy = step, busy
-        self._cond = threading.Condition()
-        self._new: list[NewRequest] = []
-        self._aborts: list[str] = []
-        self._outbox: list[AttentionStepResult] = []
-        self._error: BaseException | None = None
-        self._stopping = False
-        self._stalled = False  # the last step ran nothing: only a submit can change that
-        self._thread = threading.Thread(target=self._run, name="afd-node-loop", daemon=True)
-        self._thread.start()
-
-    def submit(self, new: list[NewRequest], aborts: list[str]) -> None:
-        with self._cond:
-            gone = set(aborts)  # an abort also cancels a request still queued here
-            self._new = [r for r in (*self._new, *new) if r.request_id not in gone]
-            self._aborts += aborts
-            self._stalled = False
-            self._cond.notify_all()
-
-    def poll(self, timeout_s: float) -> list[AttentionStepResult]:
-        with self._cond:
-            self._cond.wait_for(lambda: self._outbox or self._error is not None, timeout_s)
-            if self._error is not None:
-                raise RuntimeError(f"the node's step loop stopped: {self._error}") from self._error
-            out, self._outbox = self._outbox, []
-            return out
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        step = 0
-        while True:
-            with self._cond:
-                self._cond.wait_for(
-                    lambda: (
-                        self._stopping
-                        or self._new
-                        or self._aborts
-                        or (self._busy() and not self._stalled)
-                    )
-                )
-                if self._stopping:
-                    return
-                new, aborts, self._new, self._aborts = self._new, self._aborts, [], []
-            try:
-                result = self._step(step, new, aborts)
-            except BaseException as err:
-                with self._cond:
-                    self._error = err
-                    self._cond.notify_all()
-                return
-            step += 1
-            with self._cond:
-                self._stalled = result.tokens == 0  # e.g. waiting sequences the cache cannot hold
-                self._outbox.append(result)
-                self._cond.notify_all()

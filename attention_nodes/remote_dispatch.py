@@ -27,6 +27,7 @@ from afd.models.expert_placement import ExpertPlacement
 from afd.models.moe import Dispatcher
 from afd.transport.endpoint import PeerLost, PendingSend, Transport, TransportError
 from afd.transport.slots import LOCAL_ID_DTYPE
+from afd.transport.step_control import control_frame, open_step, take_calls
 from afd.transport.wire import RoundKey
 
 
@@ -73,6 +74,12 @@ class RemoteDispatcher(Dispatcher):
         self.routing = ExpertRouting(placement, device)
         self.timeout_s = timeout_s
 
+    def _follow_losses(self) -> None:
+        """Routes around the expert nodes the transport has lost, and back to those rewired."""
+        lost = frozenset(j for j, p in enumerate(self.expert_peers) if self.transport.is_lost(p))
+        if lost != self.routing.dead:
+            self.routing.route_around(lost)
+
     def _send_slots(
         self,
         key: RoundKey,
@@ -105,9 +112,7 @@ class RemoteDispatcher(Dispatcher):
         weights_TK: torch.Tensor,
     ) -> DispatchPlan:
         key = RoundKey.exchange(step, layer, micro_batch)
-        lost = frozenset(j for j, p in enumerate(self.expert_peers) if self.transport.is_lost(p))
-        if lost != self.routing.dead:
-            self.routing.route_around(lost)
+        self._follow_losses()
         node_TK, local_TK = self.routing.route(
             layer, ids_TK, torch.arange(ids_TK.shape[0], device=ids_TK.device)
         )
@@ -161,12 +166,26 @@ class RemoteDispatcher(Dispatcher):
         self.round_trip_s += end - plan.sent_at
         return out_TD
 
+    def begin_step(
+        self,
+        step: int,
+        rows_per_micro_batch: list[int],
+        graphed: bool,
+        real_rows: list[int] | None = None,
+    ) -> None:
+        """Opens the step on every live expert node (`afd.transport.step_control`)."""
+        self._follow_losses()
+        live = [p for j, p in enumerate(self.expert_peers) if j not in self.routing.dead]
+        open_step(self.transport, live, step, control_frame(rows_per_micro_batch, graphed))
+
     def end_step(self, step: int) -> None:
         """Tells every live expert node this node is done with the step (replicas only: the
-        marker keeps them serving failovers until every attention node is through)."""
-        if self.routing.placement.replicas == 1:
-            return
-        key = RoundKey.end_of_step(step)
-        for j, peer in enumerate(self.expert_peers):
-            if j not in self.routing.dead and not self.transport.is_lost(peer):
-                self.transport.send(peer, key, [])
+        marker keeps them serving failovers until every attention node is through), and takes
+        their calls to it."""
+        live = [p for j, p in enumerate(self.expert_peers) if j not in self.routing.dead]
+        if self.routing.placement.replicas > 1:
+            key = RoundKey.end_of_step(step)
+            for peer in live:
+                if not self.transport.is_lost(peer):
+                    self.transport.send(peer, key, [])
+        take_calls(self.transport, live, step, self.timeout_s)

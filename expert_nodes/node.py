@@ -3,8 +3,8 @@
 For each (step, layer, micro-batch) it waits for a frame from every attention node (possibly
 empty), runs its experts once over all their tokens together (this aggregation is the point
 of disaggregation), and sends each attention node back its partial sums. On the device lane
-the rows arrive in its slots and the sums go straight into the attention nodes' slots; only a
-control frame per step (the rows of each micro-batch) comes through the transport.
+the rows arrive in its slots and the sums go straight into the attention nodes' slots; only the
+step's control round (the rows of each micro-batch) comes through the transport.
 
 With expert replicas it also answers failover frames (tokens an attention node sends again
 because the expert node it first sent them to died) whenever they come, and ends its step only
@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +28,13 @@ from afd.models.checkpoint import open_checkpoint
 from afd.models.config import DTYPES, load_config
 from afd.models.messages import ExpertStepResult
 from afd.models.moe import ExpertShard, StackedExperts, load_layer_experts
+from afd.models.step_loop import LoopReport, StepLoop
 from afd.models.step_trace import StepsToTrace, StepTrace
 from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import PeerAddress, Transport, TransportError, TransportSettings
 from afd.transport.region_memory import RegionHandle
 from afd.transport.slots import SlotKind
+from afd.transport.step_control import call_step, is_opening, read_control_frame
 from afd.transport.wire import FrameKind, RoundKey
 
 
@@ -85,6 +88,7 @@ class ExpertNode:
             dict[tuple[tuple[int, ...], ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None
         ) = None
         self._graph_pool: Any = None  # torch.cuda.graph_pool_handle(), once there are graphs
+        self._loop: StepLoop[ExpertStepResult] | None = None
 
     def _widest_layer(self) -> int:
         return max((len(self.shard.ids_at(layer)) for layer in self.config.moe_layers), default=0)
@@ -265,6 +269,41 @@ class ExpertNode:
         eagerly (no CUDA graph)."""
         self._tracing.arm(count, first)
 
+    # ---- the node's own loop -----------------------------------------------------------------
+    def start_loop(self, first_step: int = 0) -> None:
+        """Steps on a thread of its own from `first_step` on (`afd.models.step_loop`): each
+        time an attention node opens the next step, this node runs it; results go out by
+        `poll`. Called again after a halt or a failed step, it goes on from `first_step`."""
+        if self._loop is None:
+            self._loop = StepLoop(
+                f"afd-expert-{self.settings.node_id}",
+                lambda step, new, aborts: self.run_step(step),
+                lambda: False,  # it has no work of its own: attention nodes open every step
+                lambda result: False,
+                self._await_opening,
+                self.transport.interrupt,
+            )
+        self._loop.run_from(first_step)
+
+    def _await_opening(self, step: int, look_up: Callable[[], bool]) -> bool:
+        """Whether an attention node opened `step` before `look_up()` held."""
+        peers = frozenset(self.attention_peers)
+        return self.transport.await_frame(is_opening(peers, step), 1.0, look_up)
+
+    def poll(self, timeout_s: float) -> LoopReport[ExpertStepResult]:
+        """The loop's step results since the last poll, and where it stands."""
+        return self._running_loop().poll(timeout_s)
+
+    def halt(self) -> None:
+        """Leaves the wait between steps until `start_loop` (every attention node paused and
+        parked at the step this node waits for: none will open it)."""
+        self._running_loop().halt()
+
+    def _running_loop(self) -> StepLoop[ExpertStepResult]:
+        if self._loop is None:
+            raise RuntimeError(f"expert node {self.settings.node_id}: no loop started")
+        return self._loop
+
     @torch.inference_mode()
     def run_step(self, step_id: int) -> ExpertStepResult:
         with self._step_lock:
@@ -284,10 +323,19 @@ class ExpertNode:
         trace = self._trace = (
             StepTrace(self.settings.device) if self._tracing.take(step_id) else None
         )
+        call_step(self.transport, self.attention_peers, step_id)  # idle attention nodes join
+        t0 = time.perf_counter()
+        controls = [
+            self._control_frame(p, self.transport.recv(p, RoundKey.control(step_id), self.settings.round_timeout_s))
+            for p in self.attention_peers
+        ]  # fmt: skip
+        wait = time.perf_counter() - t0
         if self.lane is not None:
-            compute, wait = 0.0, self._lane_step(step_id, counts)
+            compute = 0.0
+            self._lane_step(step_id, controls, counts)
         else:
-            compute, wait = self._host_step(step_id, counts)
+            compute, exchange_wait = self._host_step(step_id, counts)
+            wait += exchange_wait
         if self.settings.serve_failovers:
             t0 = time.perf_counter()
             self._gather(RoundKey.end_of_step(step_id))
@@ -331,21 +379,20 @@ class ExpertNode:
                 wait += t1 - t0
         return compute, wait
 
-    def _lane_step(self, step_id: int, counts: torch.Tensor) -> float:
-        """A step on the device lane: the rows of every micro-batch from each attention node's
-        control frame, then every layer's wait, experts and write-backs on the GPU: a replayed
+    def _lane_step(
+        self,
+        step_id: int,
+        controls: list[tuple[tuple[int, ...], bool]],
+        counts: torch.Tensor,
+    ) -> None:
+        """A step on the device lane, with the rows of every micro-batch from each attention
+        node's control frame: every layer's wait, experts and write-backs on the GPU, a replayed
         CUDA graph when the attention nodes replay theirs (decode steps), else enqueued one by
-        one. Returns the time spent waiting for the control frames."""
+        one."""
         assert self.lane is not None
-        start = time.perf_counter()
-        frames = [
-            self._control_frame(p, self.transport.recv(p, RoundKey.control(step_id), self.settings.round_timeout_s))
-            for p in self.attention_peers
-        ]  # fmt: skip
-        waited = time.perf_counter() - start
-        rows_PM = tuple(rows for rows, _ in frames)
+        rows_PM = tuple(rows for rows, _ in controls)
         self.lane.begin_step(step_id)
-        replay = all(graphed for _, graphed in frames) and self._trace is None
+        replay = all(graphed for _, graphed in controls) and self._trace is None
         if self._graphs is not None and replay:
             graph, graph_counts = self._graphs.get(rows_PM) or self._capture(rows_PM, counts)
             graph.replay()
@@ -353,7 +400,6 @@ class ExpertNode:
         else:
             self._lane_layers(rows_PM, counts)
         self.lane.check(f"expert node {self.settings.node_id}, step {step_id}")
-        return waited
 
     def _lane_layers(self, rows_PM: tuple[tuple[int, ...], ...], counts: torch.Tensor) -> None:
         """Every MoE layer and micro-batch: wait for the attention nodes' rows, run the experts
@@ -411,19 +457,11 @@ class ExpertNode:
         return graph, counts
 
     def _control_frame(self, peer: int, frame: list[torch.Tensor]) -> tuple[tuple[int, ...], bool]:
-        """A control frame: the rows of each micro-batch this step (within the slots), and
-        whether the attention node replays a graph (then so may we)."""
-        assert self.lane is not None
-        m, capacity = self.settings.micro_batches, self.lane.own.layout.capacity
-        ok = len(frame) == 1 and frame[0].shape == (m + 1,) and not frame[0].is_floating_point()
-        values = frame[0].tolist() if ok else []
-        if not ok or not all(0 <= r <= capacity for r in values[:m]) or values[m] not in (0, 1):
-            raise TransportError(
-                f"expert node {self.settings.node_id}: bad control frame from peer {peer}: "
-                f"{[list(t.shape) for t in frame]} {values}, expected {m} row counts within "
-                f"0..{capacity} and a graph flag"
-            )
-        return tuple(values[:m]), bool(values[m])
+        """A control frame: the rows of each micro-batch this step (within the slots, on the
+        device lane), and whether the attention node replays a graph (then so may we)."""
+        capacity = None if self.lane is None else self.lane.own.layout.capacity
+        what = f"expert node {self.settings.node_id}, peer {peer}"
+        return read_control_frame(frame, self.settings.micro_batches, capacity, what)
 
     def _count(self, layer: int, ids_TK: torch.Tensor, counts: torch.Tensor) -> None:
         """Adds the layer's tokens per local expert (no host sync: bincount would size its
@@ -506,6 +544,8 @@ class ExpertNode:
         return frame
 
     def shutdown(self) -> None:
+        if self._loop is not None:
+            self._loop.stop()
         self.transport.close()
         if self.lane is not None:
             self.lane.close()

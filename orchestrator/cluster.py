@@ -1,8 +1,14 @@
-"""Places both pools on Ray, wires the transport, routes requests and drives the steps.
+"""Places both pools on Ray, wires the transport, routes requests and streams their tokens.
 
-One engine thread runs the step loop: each step every attention node and every expert node
-is called once (all take part, idle or not), new requests go to the least-loaded attention
-node, and sampled tokens are pushed to each request's stream as soon as its step returns.
+Every node steps on a loop of its own (`afd.models.step_loop`); the orchestrator is in no step.
+New requests go to the least-loaded attention node; the tokens its steps sampled come back in
+batches, whenever the orchestrator polls, and are pushed to each request's stream. Colocated
+nodes step alone, one driver thread each. With expert nodes, the nodes keep in lockstep through
+the exchange's control round (`afd.transport.step_control`) and one engine thread feeds and
+polls them all; it stops the cluster at a common step only when something must happen between
+two steps (an expert node rejoining, a placement switch, a trace to arm), and recovers the
+cluster when a step failed: every node stops, dead ones are restarted and rewired, all go on
+from one step, and a dead attention node's requests re-prefill elsewhere.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from afd.models.messages import (
 )
 from afd.models.request_state import check_prompt
 from afd.models.sampling import SamplingParams
+from afd.models.step_loop import LoopState
 from afd.models.step_trace import chrome_trace
 from afd.orchestrator.config import Deployment
 from afd.orchestrator.expert_load import ExpertLoadWindow, LayerLoad
@@ -65,6 +72,29 @@ class StepRecord:
     experts: list[ExpertStepResult]
     load_imbalance: tuple[float, ...] = ()  # per MoE layer, over the load window (expert nodes)
     rebalances: int = 0  # live rebalances carried out so far
+
+
+POLL_S = 0.05  # how long a poll of a busy attention node waits for its next step's results
+
+
+class _NodesFailed(Exception):
+    """Nodes failed (an error, a dead actor, no answer), by (kind, index)."""
+
+    def __init__(self, errors: dict) -> None:
+        super().__init__(_describe(errors))
+        self.errors = errors
+
+
+def _describe(errors: dict) -> str:
+    return ", ".join(f"{k}-{i}: {type(e).__name__}: {e}" for (k, i), e in sorted(errors.items()))
+
+
+@dataclass
+class _StepResults:
+    """One step's results as they come in, by node index."""
+
+    attention: dict[int, AttentionStepResult] = field(default_factory=dict)
+    experts: dict[int, ExpertStepResult] = field(default_factory=dict)
 
 
 class _TraceCollector:
@@ -236,7 +266,11 @@ class Cluster:
                 threading.Thread(target=self._drive, args=(i,), name=f"afd-drive-{i}", daemon=True)
                 for i in range(len(self.attention))
             ]
-        else:  # disaggregated: one engine thread steps every node in lockstep
+        else:  # disaggregated: the nodes step in lockstep on their own; one thread feeds them
+            self._next_step = 1  # where every node's loop starts, or goes on after a stop
+            self._pending: dict[int, _StepResults] = {}  # results of steps not yet complete
+            self._unsettled = False  # loops may still be stepping: poll them until parked
+            self._run_cluster_from(self._next_step)
             self._drivers = [threading.Thread(target=self._run, name="afd-engine", daemon=True)]
         for thread in self._drivers:
             thread.start()
@@ -361,43 +395,243 @@ class Cluster:
         streams = [self.submit(ids, params) for ids, params in requests]
         return [list(s) for s in streams]
 
-    # ---- engine -------------------------------------------------------------------------
+    # ---- disaggregated: the engine thread ---------------------------------------------------
     def _run(self) -> None:
+        """Hands requests and aborts to the attention nodes and takes every node's results,
+        while there is work; the nodes step on their own meanwhile."""
         while True:
             with self._wake:
-                self._wake.wait_for(
-                    lambda: self._stopping or any(self._load) or any(self._aborts), timeout=1.0
-                )
+                self._wake.wait_for(lambda: self._stopping or self._work_left(), timeout=1.0)
                 if self._stopping and not any(self._load):
                     return
-                if not any(self._load) and not any(self._aborts):
+                if not self._work_left():
                     continue
             try:
-                # before the step's requests are taken: a recovery here may move requests
-                self._at_boundary()
-                with self._wake:
-                    new, self._incoming = self._incoming, [[] for _ in self.attention]
-                    aborts, self._aborts = self._aborts, [[] for _ in self.attention]
-                self._step(new, aborts)
-                self._healthy = True
+                try:
+                    if self._boundary_due():
+                        self._boundary()
+                    with self._wake:
+                        new, self._incoming = self._incoming, [[] for _ in self.attention]
+                        aborts, self._aborts = self._aborts, [[] for _ in self.attention]
+                    self._hand_over(new, aborts)
+                    self._take_results(POLL_S)
+                    if self.placement is not None:
+                        self._rebalance_look()
+                    self._healthy = True
+                except _NodesFailed as failure:
+                    self._recover_loops(failure.errors)
             except Exception as err:
                 self._healthy = False
                 log.error("step %d failed: %s", self.step_id, err)
                 self._fail_all(RequestFailed(f"step {self.step_id} failed: {err}"))
 
+    def _work_left(self) -> bool:
+        """Requests or aborts to hand over, or node loops that may still be stepping (their
+        last results, an aborted request's freed blocks, are taken before the engine rests)."""
+        return any(self._load) or any(self._aborts) or self._unsettled
+
+    def _hand_over(self, new: list[list[NewRequest]], aborts: list[list[str]]) -> None:
+        calls = {
+            ("attention", i): a.submit.remote(new[i], aborts[i])
+            for i, a in enumerate(self.attention)
+            if new[i] or aborts[i]
+        }
+        _, errors = self._answers(calls, self.deployment.transport.recovery_timeout_s)
+        if errors:
+            raise _NodesFailed(errors)
+
+    def _take_results(self, wait_s: float) -> dict[tuple[str, int], LoopState]:
+        """`_poll_nodes`, raising any failure."""
+        states, errors = self._poll_nodes(wait_s)
+        if errors:
+            raise _NodesFailed(errors)
+        return states
+
+    def _poll_nodes(self, wait_s: float) -> tuple[dict[tuple[str, int], LoopState], dict]:
+        """Every live node's results since the last poll (attention nodes: waiting up to
+        `wait_s` for one), absorbed; returns where each node's loop stands, and the failures:
+        nodes that did not answer, loops a failed step ended. A dead expert node whose experts
+        have replicas is routed around instead."""
+        polls = {("attention", i): a.poll.remote(wait_s) for i, a in enumerate(self.attention)}
+        polls.update(
+            {("expert", j): e.poll.remote(0.0) for j, e in enumerate(self.experts) if j not in self._down}
+        )  # fmt: skip
+        reports, errors = self._answers(polls, self.deployment.transport.round_timeout_s)
+        for key, err in list(errors.items()):
+            kind, j = key
+            dead = isinstance(err, ray.exceptions.RayActorError)
+            if kind == "expert" and dead and self._can_fail_over(j):
+                self._fail_over(j, err)
+                del errors[key]
+        states = {}
+        self._unsettled = bool(errors) or not all(r.state.parked for r in reports.values())
+        for key in sorted(reports):
+            report = reports[key]
+            self._unsettled |= bool(report.results)
+            for step, result in report.results:
+                self._absorb_step(key, step, result)
+            states[key] = report.state
+            if report.state.error is not None and not report.state.running:
+                errors[key] = RuntimeError(report.state.error)
+        self._complete_steps()
+        return states, errors
+
+    def _answers(self, calls: dict, timeout_s: float) -> tuple[dict, dict]:
+        """Each call's answer or error, by key, waiting at most `timeout_s` in all."""
+        deadline = time.monotonic() + timeout_s
+        results: dict = {}
+        errors: dict = {}
+        for key, ref in calls.items():
+            try:
+                results[key] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                errors[key] = TimeoutError(f"{key[0]}-{key[1]} did not answer within {timeout_s}s")
+            except Exception as err:
+                errors[key] = err
+        return results, errors
+
+    def _absorb_step(self, key: tuple[str, int], step: int, result: Any) -> None:
+        kind, i = key
+        pending = self._pending.setdefault(step, _StepResults())
+        if kind == "attention":
+            for out in result.outputs:
+                self._publish(out)
+            self._last_attention[i] = result
+            self._attention_tokens[i] += result.tokens
+            pending.attention[i] = result
+        else:
+            self._expert_node_tokens[i] += sum(result.tokens_per_expert.values())
+            if result.layer_tokens:
+                self.load_window.add(i, result.layer_tokens)
+            for expert, tokens in result.tokens_per_expert.items():
+                self._expert_tokens[expert] += tokens
+            pending.experts[i] = result
+        tracer = self._tracer
+        if tracer is not None:
+            tracer.add(f"{kind}-{i}", step, result.trace)
+
+    def _complete_steps(self) -> None:
+        """Hands on, in order, the steps every attention node and every live expert node has
+        reported (a step a node never reports, for it died, is dropped once later ones are)."""
+        done = [
+            s
+            for s, r in self._pending.items()
+            if len(r.attention) == len(self.attention)
+            and all(j in r.experts for j in range(len(self.experts)) if j not in self._down)
+        ]
+        for step in sorted(done):
+            r = self._pending.pop(step)
+            attention: list[AttentionStepResult | None] = [
+                r.attention[i] for i in range(len(self.attention))
+            ]
+            experts = [r.experts[j] for j in sorted(r.experts)]
+            imbalance = tuple(float(x) for x in self.load_window.imbalance())
+            wall = max(a.timings.total_s for a in r.attention.values())
+            self.step_id = max(self.step_id, step)
+            self._observe(
+                StepRecord(step, wall, attention, experts, imbalance, self.expert_rebalances)
+            )
+        for step in [s for s in self._pending if s < self.step_id - 16]:
+            del self._pending[step]
+
+    # ---- disaggregated: boundaries -------------------------------------------------------------
+    def _boundary_due(self) -> bool:
+        """Whether something must happen between two steps, with every node stopped."""
+        if self.placement is None:
+            return False
+        tracer = self._tracer
+        return (
+            self._revival_ready()
+            or not self._placement_confirmed
+            or self._staged_ready()
+            or (tracer is not None and not tracer.armed)
+        )
+
+    def _boundary(self) -> None:
+        """Stops every node at one step, does what is due (`_at_boundary`), lets them go on."""
+        self._halt_cluster()
+        try:
+            self._at_boundary()
+        finally:
+            self._run_cluster_from(self._next_step)
+
+    def _halt_cluster(self) -> None:
+        """Every attention node stops starting steps of its own; once every node is parked at
+        the same step, none can start another, and each is halted there (`StepLoop`)."""
+        timeout = self.deployment.transport.recovery_timeout_s
+        _, errors = self._answers({("attention", i): a.pause.remote() for i, a in enumerate(self.attention)}, timeout)  # fmt: skip
+        if errors:
+            raise _NodesFailed(errors)
+        deadline = time.monotonic() + self.deployment.transport.round_timeout_s * (
+            self.config.num_layers + 1
+        )
+        halted = False
+        while True:
+            states = self._take_results(POLL_S)
+            steps = {s.next_step for s in states.values()}
+            if halted and all(s.halted for s in states.values()):
+                break
+            if not halted and len(steps) == 1 and all(s.parked for s in states.values()):
+                self._next_step = steps.pop()
+                calls = {key: self._node(key).halt.remote() for key in states}
+                _, errors = self._answers(calls, timeout)
+                if errors:
+                    raise _NodesFailed(errors)
+                halted = True
+            if time.monotonic() > deadline:
+                late = {k: TimeoutError("did not stop at a step boundary") for k, st in states.items() if not st.parked}  # fmt: skip
+                raise _NodesFailed(late or {k: TimeoutError("nodes stopped at different steps") for k in states})  # fmt: skip
+
+    def _run_cluster_from(self, step: int) -> None:
+        """Every live node's loop goes on from `step` (expert nodes first: they wait for it)."""
+        timeout = self.deployment.transport.recovery_timeout_s
+        calls = {("expert", j): e.start_loop.remote(step) for j, e in enumerate(self.experts) if j not in self._down}  # fmt: skip
+        _, errors = self._answers(calls, timeout)
+        if not errors:
+            calls = {("attention", i): a.start_loop.remote(step) for i, a in enumerate(self.attention)}  # fmt: skip
+            _, errors = self._answers(calls, timeout)
+        if errors:
+            raise _NodesFailed(errors)
+
+    def _node(self, key: tuple[str, int]) -> Any:  # a Ray actor handle
+        kind, i = key
+        return self.attention[i] if kind == "attention" else self.experts[i]
+
     def _at_boundary(self) -> None:
-        """Between two lockstep steps: expert nodes that came back are rewired, a placement
-        not yet on every node is pushed again (no step runs on mixed placements), a rebalance
-        is staged or switched to, and a requested trace is armed."""
+        """Between two lockstep steps, every node halted: expert nodes that came back are
+        rewired, a placement not yet on every node is pushed again (no step runs on mixed
+        placements), a staged rebalance is switched to, and a requested trace is armed."""
         if self._down:
             self._revive_experts()
         if self.placement is not None:
             if not self._placement_confirmed:
                 self._confirm_placement()
-            self._rebalance_at_boundary()
+            if self._staged_ready():
+                self._switch_staged()
         tracer = self._tracer
         if tracer is not None and not tracer.armed:
             self._arm_trace(tracer)
+
+    # ---- disaggregated: recovery -----------------------------------------------------------------
+    def _recover_loops(self, errors: dict) -> None:
+        """A step failed somewhere: every node's step in progress is aborted, and once no loop
+        runs any more (their results taken), the cluster is recovered (`_recover`) and every
+        node goes on from one step past any step a node reached."""
+        log.warning("stopping every node: %s", _describe(errors))
+        for key in self._nodes():
+            if not (key[0] == "expert" and key[1] in self._down):
+                self._node(key).abort.remote()
+        deadline = time.monotonic() + self.deployment.transport.round_timeout_s
+        reached = self._next_step
+        while time.monotonic() < deadline:
+            states, more = self._poll_nodes(POLL_S)
+            errors = {**more, **errors}
+            reached = max([reached, *(s.next_step for s in states.values())])
+            if all(not s.running or s.halted for s in states.values()):
+                break
+        self._pending.clear()
+        self._recover(reached, errors)
+        self._run_cluster_from(self._next_step)
 
     # ---- colocated nodes: each steps on its own ---------------------------------------------
     def _drive(self, i: int) -> None:
@@ -405,11 +639,16 @@ class Cluster:
         steps on its own thread; this thread only waits for its results, never for a step."""
         node = self.attention[i]
         timeout = self.deployment.transport.round_timeout_s
+        unsettled = False  # the loop may still be stepping: polled until it is parked
         while True:
             with self._wake:
                 self._wake.wait_for(
-                    lambda: (
-                        self._stopping or self._incoming[i] or self._aborts[i] or self._load[i] > 0
+                    lambda settling=unsettled: (
+                        self._stopping
+                        or self._incoming[i]
+                        or self._aborts[i]
+                        or self._load[i] > 0
+                        or settling
                     ),
                     timeout=1.0,
                 )
@@ -417,13 +656,18 @@ class Cluster:
                     return
                 new, self._incoming[i] = self._incoming[i], []
                 aborts, self._aborts[i] = self._aborts[i], []
-                busy = self._load[i] > 0
+                busy = self._load[i] > 0 or unsettled
             try:
                 if new or aborts:
                     ray.get(node.submit.remote(new, aborts), timeout=timeout)
+                    busy = True
                 if busy:
-                    for result in ray.get(node.poll.remote(0.1), timeout=timeout):
+                    report = ray.get(node.poll.remote(0.1), timeout=timeout)
+                    unsettled = bool(report.results) or not report.state.parked
+                    for _, result in report.results:
                         self._absorb(i, result)
+                    if report.state.error is not None:
+                        raise RuntimeError(f"the node's step loop stopped: {report.state.error}")
                     self._healthy = True
             except Exception as err:
                 self._recover_colocated(i, err)
@@ -475,51 +719,6 @@ class Cluster:
         for stream in streams:
             stream.put(error)
 
-    def _step(self, new: list[list[NewRequest]], aborts: list[list[str]]) -> None:
-        tracer = self._tracer
-        self.step_id += 1
-        s = self.step_id
-        calls = {
-            ("attention", i): a.step.remote(s, new[i], aborts[i])
-            for i, a in enumerate(self.attention)
-        }
-        calls.update(
-            {
-                ("expert", j): e.run_step.remote(s)
-                for j, e in enumerate(self.experts)
-                if j not in self._down
-            }
-        )
-        start = time.perf_counter()
-        results, errors = self._collect(calls)
-        wall = time.perf_counter() - start
-        for i in range(len(self.attention)):  # a node that finished its step keeps its tokens
-            if ("attention", i) in results:
-                for out in results["attention", i].outputs:
-                    self._publish(out)
-        if errors:
-            self._recover(s, errors)
-            return
-        attention = [results["attention", i] for i in range(len(self.attention))]
-        expert_keys = [k for k in sorted(results) if k[0] == "expert"]
-        experts = [results[k] for k in expert_keys]
-        if tracer is not None:
-            for (kind, index), r in sorted(results.items()):
-                tracer.add(f"{kind}-{index}", s, r.trace)
-        for (_, j), e in zip(expert_keys, experts, strict=True):
-            self._expert_node_tokens[j] += sum(e.tokens_per_expert.values())
-            if e.layer_tokens:
-                self.load_window.add(j, e.layer_tokens)
-        imbalance = tuple(float(x) for x in self.load_window.imbalance())
-        record = StepRecord(s, wall, attention, experts, imbalance, self.expert_rebalances)
-        for i, a in enumerate(attention):
-            self._last_attention[i] = a
-            self._attention_tokens[i] += a.tokens
-        for e in experts:
-            for expert, tokens in e.tokens_per_expert.items():
-                self._expert_tokens[expert] += tokens
-        self._observe(record)
-
     def _observe(self, record: StepRecord) -> None:
         """Keeps the step (when asked) and hands it to the hooks (metrics)."""
         if self.keep_history:
@@ -529,42 +728,6 @@ class Cluster:
                 hook(record)
             except Exception as err:
                 log.warning("step hook failed: %s", err)
-
-    def _collect(self, calls: dict) -> tuple[dict, dict]:
-        """Every node's answer to this step. The first failure (a dead actor, an error) aborts
-        the round on every other node at once, so nobody waits out its round deadline."""
-        deadline = time.monotonic() + self.deployment.transport.round_timeout_s * (
-            self.config.num_layers + 1
-        )
-        pending = {ref: key for key, ref in calls.items()}
-        results: dict = {}
-        errors: dict = {}
-        aborted = False
-        while pending:
-            left = deadline - time.monotonic()
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(0.25, left)))
-            for ref in ready:
-                key = pending.pop(ref)
-                try:
-                    results[key] = ray.get(ref)
-                except ray.exceptions.RayActorError as err:
-                    if key[0] == "expert" and self._can_fail_over(key[1]):
-                        self._fail_over(key[1], err)
-                    else:
-                        errors[key] = err
-                except Exception as err:
-                    errors[key] = err
-            if not ready and left <= 0:
-                for key in pending.values():
-                    errors.setdefault(key, TimeoutError("the round passed its deadline"))
-            if (errors or left <= 0) and not aborted:
-                aborted = True
-                for kind, index in pending.values():
-                    node = self.attention[index] if kind == "attention" else self.experts[index]
-                    node.abort.remote()
-            if not ready and left <= 0:
-                break
-        return results, errors
 
     def _can_fail_over(self, j: int) -> bool:
         p = self.placement
@@ -581,24 +744,11 @@ class Cluster:
             a.expert_lost.remote(EXPERT_PEER_BASE + j)
 
     # ---- live rebalancing -------------------------------------------------------------------
-    def _rebalance_at_boundary(self) -> None:
-        """At a step boundary: switches to the staged plan once every expert node has loaded
-        its new experts; otherwise, every `every_steps` steps, looks at the load window and has
-        the expert nodes stage a plan while the next steps run."""
+    def _rebalance_look(self) -> None:
+        """Every `every_steps` steps, looks at the load window and has the expert nodes stage
+        a plan while the next steps run (the switch waits for a boundary: `_switch_staged`)."""
         assert self.placement is not None
-        if self._staging is not None:
-            staged, refs = self._staging
-            if self._down or ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
-                return  # still loading, or a node is down: switch once all can
-            self._staging = None
-            try:
-                ray.get(refs)
-            except Exception as err:  # a node died while loading: the next look plans again
-                log.warning("rebalance %d abandoned: staging failed (%s)", staged.version, err)
-                return
-            self._switch(staged)
-            return
-        if self._down:
+        if self._staging is not None or self._down:
             return
         loads = self.load_window.layers()
         plan = self._rebalancer.look(self.step_id, self.placement, loads)
@@ -621,6 +771,27 @@ class Cluster:
                 for j, e in enumerate(self.experts)
             ],
         )
+
+    def _staged_ready(self) -> bool:
+        """Whether every expert node has loaded (or failed to load) the staged plan's experts,
+        with none down."""
+        if self._staging is None or self._down:
+            return False
+        refs = self._staging[1]
+        return not ray.wait(refs, num_returns=len(refs), timeout=0)[1]
+
+    def _switch_staged(self) -> None:
+        """At a boundary: switches to the staged plan, unless a node failed to load it (then
+        the next look plans again)."""
+        assert self._staging is not None
+        staged, refs = self._staging
+        self._staging = None
+        try:
+            ray.get(refs)
+        except Exception as err:
+            log.warning("rebalance %d abandoned: staging failed (%s)", staged.version, err)
+            return
+        self._switch(staged)
 
     def _switch(self, plan: RebalancePlan) -> None:
         """The plan's placement is the cluster's from here; no step runs until every node has
@@ -646,7 +817,7 @@ class Cluster:
                 self._fail_over(j, err)
                 del errors[key]
         if errors:
-            self._recover(self.step_id, errors)
+            self._recover(self._next_step - 1, errors)
         self._confirmed_version = self.placement_version
         self.expert_rebalances += 1
         log.info("rebalance %d: every node switched", self.placement_version)
@@ -686,15 +857,24 @@ class Cluster:
                 errors[key] = err
         return errors
 
-    def _revive_experts(self) -> None:
-        """At a step boundary: rewires the down expert nodes that Ray has brought back."""
-        timeout = self.deployment.transport.recovery_timeout_s
+    def _revival_ready(self) -> bool:
+        """Whether a down expert node is back (asked without waiting; the asking is started
+        here and answered at a later look)."""
+        ready = False
         for j in sorted(self._down - self._gone):
             ref = self._revivals.get(j)
             if ref is None:
                 self._revivals[j] = self.experts[j].pid.remote()
-                continue
-            if not ray.wait([ref], timeout=0)[0]:
+            elif ray.wait([ref], timeout=0)[0]:
+                ready = True
+        return ready
+
+    def _revive_experts(self) -> None:
+        """At a boundary: rewires the down expert nodes that Ray has brought back."""
+        timeout = self.deployment.transport.recovery_timeout_s
+        for j in sorted(self._down - self._gone):
+            ref = self._revivals.get(j)
+            if ref is None or not ray.wait([ref], timeout=0)[0]:
                 continue
             del self._revivals[j]
             try:
@@ -711,8 +891,9 @@ class Cluster:
 
     def _recover(self, step: int, errors: dict) -> None:
         """Restarts dead nodes (Ray re-runs their __init__, so they reload their weights),
-        rewires them, clears the abandoned round everywhere and moves the requests of a dead
-        attention node to live ones, to continue from their prompt plus the tokens streamed."""
+        rewires them, clears the abandoned rounds everywhere (every node goes on from step
+        `step` + 1) and moves the requests of a dead attention node to live ones, to continue
+        from their prompt plus the tokens streamed. Every loop must have stopped."""
         self.failed_steps += 1
         dead = {key for key, err in errors.items() if isinstance(err, ray.exceptions.RayActorError)}
         log.warning(
@@ -730,6 +911,7 @@ class Cluster:
                 restarted = sorted(k for k, pid in pids.items() if pid != self._pids.get(k))
                 left = max(1.0, deadline - time.monotonic())
                 ray.get([n.reset.remote(step + 1) for n in self._nodes().values()], timeout=left)
+                self._next_step = step + 1
                 for kind, j in restarted:
                     if kind == "expert":
                         self._rewire_expert(j, left)
@@ -902,6 +1084,7 @@ class Cluster:
             if self._tracer is not None:
                 raise RuntimeError("a trace is already being taken")
             self._tracer = tracer
+            self._wake.notify_all()
         try:
             if self.placement is None:  # colocated: each node's own loop takes it up
                 ray.get([a.trace_steps.remote(steps) for a in self.attention])

@@ -266,6 +266,11 @@ class Transport:
         # poll, not select: select fails on descriptors past 1023, which a busy process reaches
         self._wakeup = select.poll()
         self._wakeup.register(self._worker.epoll_file_descriptor, select.POLLIN)
+        # `interrupt` writes here, so that a thread asleep in a wait re-checks what it waits for
+        self._doorbell_r, self._doorbell_w = os.pipe()
+        os.set_blocking(self._doorbell_r, False)
+        os.set_blocking(self._doorbell_w, False)
+        self._wakeup.register(self._doorbell_r, select.POLLIN)
         self._peers: dict[int, _Peer] = {}
         self._handshakes: list[_Handshake] = []
         self._mail: dict[tuple[int, RoundKey], list[torch.Tensor]] = {}
@@ -406,6 +411,34 @@ class Transport:
             self._pending[peer] -= 1
             return peer, key, self._mail.pop((peer, key))
 
+    def await_frame(
+        self, match: Callable[[int, RoundKey], bool], timeout_s: float, until: Callable[[], bool]
+    ) -> bool:
+        """Waits, without taking it, for a frame that `match(peer, key)` accepts: True once one
+        is in the mailbox, False when `until()` holds first (checked whenever the wait wakes;
+        `interrupt` wakes it) or `timeout_s` passed. How an idle node waits for a peer's step
+        while staying ready for work of its own."""
+        with self._lock:
+            found = False
+            seen = -1
+
+            def ready() -> bool:
+                nonlocal seen, found
+                if seen != self.stats.frames_received:  # rescan only when mail came in
+                    seen = self.stats.frames_received
+                    found = any(match(*slot) for slot in self._mail)
+                return found or until()
+
+            self._progress_until(ready, time.monotonic() + timeout_s)
+            return found
+
+    def interrupt(self) -> None:
+        """Wakes a wait asleep on UCX's descriptor, so that it checks its condition now.
+        Thread-safe."""
+        if self._doorbell_w >= 0:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._doorbell_w, b"x")
+
     def mark_lost(self, peer: int) -> None:
         """The orchestrator found the peer dead: waits on it end with PeerLost, and its unsent
         frames are given up. Thread-safe (the node's own thread may be blocked in recv)."""
@@ -478,6 +511,11 @@ class Transport:
             self._peers.clear()
             self._handshakes.clear()
             self._worker.progress()
+            if self._doorbell_w >= 0:
+                self._wakeup.unregister(self._doorbell_r)
+                os.close(self._doorbell_r)
+                os.close(self._doorbell_w)
+                self._doorbell_r = self._doorbell_w = -1
 
     # ---- progress ----------------------------------------------------------------------
     def _progress_until(self, done: Callable[[], bool], deadline: float) -> bool:
@@ -497,8 +535,10 @@ class Transport:
                 return False
             if polling or now < spin_until or (now < busy_until and self._in_flight()):
                 continue
-            if self._worker.arm():  # nothing left to progress: sleep until UCX has news
-                self._wakeup.poll(1000 * min(deadline - now, _MAX_SLEEP_S))
+            # nothing left to progress: sleep until UCX has news (or `interrupt` rings)
+            if self._worker.arm() and self._wakeup.poll(1000 * min(deadline - now, _MAX_SLEEP_S)):
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.read(self._doorbell_r, 4096)
 
     def _in_flight(self) -> bool:
         """A big frame is moving: UCX's shared-memory rendezvous advances only when both sides

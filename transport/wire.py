@@ -33,7 +33,7 @@ class FrameKind(IntEnum):
     EXCHANGE = 2  # dispatch rows to an expert node, or its partial sums back
     FAILOVER = 3  # an exchange resent to replicas because its first expert node died
     END_OF_STEP = 4  # an attention node is through with a step (expert replicas wait on it)
-    CONTROL = 5  # a driver's instruction to a node outside the decode protocol (benches)
+    CONTROL = 5  # a step's opening (attention -> expert) and call (expert -> attention)
 
 
 # magic, version, kind, tensor count, flags, sender, step, layer, micro-batch, attempt
@@ -85,7 +85,7 @@ class RoundKey(NamedTuple):
 
     @classmethod
     def control(cls, step: int) -> RoundKey:
-        """A driver's instruction for `step` (the benches' step and stop orders)."""
+        """The control round of `step` (`afd.transport.step_control`)."""
         return cls(FrameKind.CONTROL, step, 0, 0, 0)
 
     @classmethod

@@ -386,51 +386,21 @@ def test_a_colocated_node_steps_on_its_own_loop_and_sleeps_when_idle(
     node = AttentionNode(AttentionNodeSettings(0, str(tiny_model)), None)
     node.start_loop()
     try:
-        assert node.poll(0.05) == []  # nothing submitted: no step at all
+        assert node.poll(0.05).results == []  # nothing submitted: no step at all
         requests = _requests(reference)
         node.submit(requests[:2], [])
         node.submit(requests[2:], [])
         got: dict[str, list[TokenOutput]] = {r.request_id: [] for r in requests}
         while any(not t or t[-1].finish_reason is None for t in got.values()):
-            for result in node.poll(TIMEOUT_S):
+            for _, result in node.poll(TIMEOUT_S).results:
                 for token in result.outputs:
                     got[token.request_id].append(token)
-        assert node.poll(0.05) == []  # every request finished: the loop sleeps again
+        assert node.poll(0.05).results == []  # every request finished: the loop sleeps again
     finally:
         node.shutdown()
     for r in requests:
         want = reference.generate(r.prompt_ids, r.params)
         assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
-
-
-def test_the_step_loop_never_admits_a_request_aborted_while_queued() -> None:
-    from afd.attention_nodes.node import StepLoop
-    from afd.models.messages import AttentionStepResult, StepTimings
-
-    seen: list[tuple[list[str], list[str]]] = []
-    first_step_running, release = threading.Event(), threading.Event()
-
-    def step(step_id: int, new: list[NewRequest], aborts: list[str]) -> AttentionStepResult:
-        seen.append(([r.request_id for r in new], aborts))
-        first_step_running.set()
-        release.wait(TIMEOUT_S)
-        return AttentionStepResult([], StepTimings(), 0, 0, 0, 0, 0)
-
-    params = SamplingParams(max_tokens=1)
-    loop = StepLoop(step, lambda: False)
-    try:
-        loop.submit([NewRequest("a", [1], params)], [])
-        assert first_step_running.wait(TIMEOUT_S)
-        loop.submit([NewRequest("b", [1], params)], [])
-        loop.submit([], ["b"])  # while "a"'s step runs: "b" is still queued
-        release.set()
-        results = []
-        while len(results) < 2:
-            results += loop.poll(TIMEOUT_S)
-    finally:
-        release.set()
-        loop.stop()
-    assert seen == [(["a"], []), ([], ["b"])]
 
 
 def test_a_request_the_cache_can_never_hold_does_not_spin_the_loop(tiny_model: Path) -> None:
@@ -439,10 +409,11 @@ def test_a_request_the_cache_can_never_hold_does_not_spin_the_loop(tiny_model: P
     node.start_loop()
     try:
         node.submit([NewRequest("big", list(range(1, 13)), SamplingParams(max_tokens=2))], [])
-        results = node.poll(TIMEOUT_S)
+        results = node.poll(TIMEOUT_S).results
         deadline = time.monotonic() + 0.3
         while time.monotonic() < deadline:
-            results += node.poll(0.05)
+            results += node.poll(0.05).results
+        results = [r for _, r in results]
         assert len(results) == 1 and results[0].tokens == 0 and results[0].waiting == 1
     finally:
         node.shutdown()
@@ -478,3 +449,80 @@ def test_the_kernels_give_the_reference_tokens_colocated_and_disaggregated(
         for got in runs:
             assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
             assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def _reports_until_done(
+    nodes: list[AttentionNode], requests: list[NewRequest]
+) -> tuple[dict[str, list[TokenOutput]], list[list[int]]]:
+    """Polls the attention nodes' loops until every request finished: the tokens of each
+    request, and the steps each node ran."""
+    out: dict[str, list[TokenOutput]] = {r.request_id: [] for r in requests}
+    steps: list[list[int]] = [[] for _ in nodes]
+    deadline = time.monotonic() + 120
+    while any(not t or t[-1].finish_reason is None for t in out.values()):
+        assert time.monotonic() < deadline, "requests did not finish"
+        for i, node in enumerate(nodes):
+            report = node.poll(0.05)
+            assert report.state.error is None, report.state.error
+            for step, result in report.results:
+                steps[i].append(step)
+                for token in result.outputs:
+                    out[token.request_id].append(token)
+    return out, steps
+
+
+def test_disaggregated_nodes_step_in_lockstep_on_their_own_loops(
+    tiny_model: Path, reference: ReferenceEngine
+) -> None:
+    """2 attention + 2 expert nodes, each on its own loop, no driver: work on one attention
+    node calls the idle one to every step, tokens equal the reference, and once all is done
+    every loop parks at the same step. Paused and halted there, the cluster goes on from it."""
+    config = load_config(tiny_model)
+    placement = ExpertPlacement.even(config.num_experts, 2)
+    attention = [
+        AttentionNode(AttentionNodeSettings(i, str(tiny_model), micro_batches=2), placement)
+        for i in range(2)
+    ]
+    experts = [
+        ExpertNode(ExpertNodeSettings(EXPERT_BASE + j, str(tiny_model), ids, micro_batches=2))
+        for j, ids in enumerate(placement.assignment)
+    ]
+    peers = [(e.settings.node_id, e.address()) for e in experts]
+    try:
+        with ThreadPoolExecutor(len(experts)) as pool:
+            waits = [pool.submit(e.wait_for_attention_nodes, [0, 1], TIMEOUT_S) for e in experts]
+            for a in attention:
+                a.connect(peers)
+            for w in waits:
+                w.result(TIMEOUT_S)
+        for node in [*experts, *attention]:
+            node.start_loop(1)
+        requests = _requests(reference)
+        attention[0].submit(requests[:3], [])
+        got, steps = _reports_until_done(attention, requests[:3])
+        assert steps[0] == steps[1] == list(range(1, len(steps[0]) + 1))  # the idle one too
+        _check(reference, requests[:3], got)
+        # idle: every loop parks at the same step, and no step runs until there is work
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            states = [n.poll(0.05).state for n in [*attention, *experts]]
+            if len({s.next_step for s in states}) == 1 and all(s.parked for s in states):
+                break
+            assert time.monotonic() < deadline, states
+        parked_at = states[0].next_step
+        assert [n.poll(0.2).results for n in attention] == [[], []]
+        # a boundary: paused, then halted at that step; the cluster goes on from it
+        for a in attention:
+            a.pause()
+        for node in [*attention, *experts]:
+            node.halt()
+        assert all(n.poll(TIMEOUT_S).state.halted for n in [*attention, *experts])
+        for node in [*experts, *attention]:
+            node.start_loop(parked_at)
+        attention[1].submit(requests[3:], [])  # now the other node has the work
+        got, steps = _reports_until_done(attention, requests[3:])
+        assert steps[0] == steps[1] and steps[1][0] == parked_at
+        _check(reference, requests[3:], got)
+    finally:
+        for node in [*attention, *experts]:
+            node.shutdown()

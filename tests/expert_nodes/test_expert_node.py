@@ -1,5 +1,5 @@
-"""An expert node sent malformed dispatch frames through a real transport: each ends that step
-with an error naming the peer, and the node goes on serving."""
+"""An expert node sent malformed dispatch or control frames through a real transport: each ends
+that step with an error naming the peer, and the node goes on serving."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
 from afd.models.config import load_config
 from afd.transport.endpoint import Transport, TransportError
+from afd.transport.step_control import control_frame
 from afd.transport.wire import RoundKey
 
 TIMEOUT_S = 30.0
@@ -26,6 +27,12 @@ def _step(node: ExpertNode, step: int, errors: list[BaseException]) -> threading
     thread = threading.Thread(target=run)
     thread.start()
     return thread
+
+
+def _open(attention: Transport, step: int) -> None:
+    """Opens `step` as an attention node of one micro-batch does, and takes the node's call."""
+    attention.send(1000, RoundKey.control(step), control_frame([2], False)).result(TIMEOUT_S)
+    assert attention.recv(1000, RoundKey.control(step), TIMEOUT_S) == []
 
 
 def test_malformed_dispatch_frames_are_rejected_naming_the_peer(tiny_model: Path) -> None:
@@ -49,6 +56,7 @@ def test_malformed_dispatch_frames_are_rejected_naming_the_peer(tiny_model: Path
         for step, frame in enumerate(bad_frames):
             errors: list[BaseException] = []
             thread = _step(node, step, errors)
+            _open(attention, step)
             attention.send(1000, RoundKey.exchange(step, layer, 0), frame).result(TIMEOUT_S)
             thread.join(TIMEOUT_S)
             assert len(errors) == 1 and isinstance(errors[0], TransportError), errors
@@ -57,6 +65,7 @@ def test_malformed_dispatch_frames_are_rejected_naming_the_peer(tiny_model: Path
         step = len(bad_frames)
         errors = []
         thread = _step(node, step, errors)
+        _open(attention, step)
         for moe_layer in config.moe_layers:
             key = RoundKey.exchange(step, moe_layer, 0)
             attention.send(1000, key, [x, ids, w]).result(TIMEOUT_S)
@@ -64,6 +73,12 @@ def test_malformed_dispatch_frames_are_rejected_naming_the_peer(tiny_model: Path
             assert y.shape == x.shape
         thread.join(TIMEOUT_S)
         assert errors == []
+        for bad in ([torch.tensor([2, 0, 1])], [torch.tensor([-1, 0])], [torch.tensor([1.0, 0])]):
+            step += 1
+            thread = _step(node, step, errors)
+            attention.send(1000, RoundKey.control(step), bad).result(TIMEOUT_S)
+            thread.join(TIMEOUT_S)
+            assert "bad control frame" in str(errors.pop()) and not errors
     finally:
         attention.close()
         node.shutdown()
