@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Protocol, TypeVar, overload
 
 import ray
@@ -642,16 +643,7 @@ class Cluster:
         unsettled = False  # the loop may still be stepping: polled until it is parked
         while True:
             with self._wake:
-                self._wake.wait_for(
-                    lambda settling=unsettled: (
-                        self._stopping
-                        or self._incoming[i]
-                        or self._aborts[i]
-                        or self._load[i] > 0
-                        or settling
-                    ),
-                    timeout=1.0,
-                )
+                self._wake.wait_for(partial(self._driver_called, i, unsettled), timeout=1.0)
                 if self._stopping and self._load[i] == 0:
                     return
                 new, self._incoming[i] = self._incoming[i], []
@@ -671,6 +663,12 @@ class Cluster:
                     self._healthy = True
             except Exception as err:
                 self._recover_colocated(i, err)
+
+    def _driver_called(self, i: int, unsettled: bool) -> bool:
+        """Whether colocated node i's driver has something to do."""
+        return bool(
+            self._stopping or self._incoming[i] or self._aborts[i] or self._load[i] or unsettled
+        )
 
     def _absorb(self, i: int, result: AttentionStepResult) -> None:
         for out in result.outputs:
