@@ -10,13 +10,17 @@ position 0 into the cache's scratch block and are dropped. The graph runs exactl
 code (`AttentionSideModel` with `PagedAttention` and the node's dispatcher): inputs are copied
 into the graph's static tensors, nothing else changes. Steps with prefill chunks run eagerly.
 
+The inputs go over in one asynchronous copy and the token ids may come from the device (the
+tokens the step before sampled, not yet read by the host), so a node can launch step n+1
+before it reads step n's tokens (`AttentionNode`'s decode-ahead). Without CUDA graphs (CPU)
+the same packed decode step runs eagerly (`capture=False`), so one path serves both.
+
 Shape legend: B = sequences, Bp = the batch bucket, M = blocks per sequence, V = vocab.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from afd.attention_nodes.pipeline import ping_pong
@@ -55,8 +59,12 @@ class DecodeGraphs:
         scratch_block: int,
         max_blocks: int,
         micro_batches: int = 1,
+        capture: bool = True,
     ) -> None:
+        """`capture` False: the same decode step, run eagerly from the same packed inputs
+        (where there are no CUDA graphs, for a node that decodes ahead)."""
         self.model, self.dispatcher = model, dispatcher
+        self.capture = capture
         self.micro_batches = micro_batches
         self.k_cache, self.v_cache = k_cache, v_cache
         self.block_size = k_cache.shape[2]
@@ -64,13 +72,15 @@ class DecodeGraphs:
         self.max_blocks = max_blocks
         self.device = k_cache.device
         self.graphs: dict[tuple[int, int], _Graph] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0
 
     def prepare(self, batch_sizes: list[int], context: int) -> None:
         """Captures now the graphs that decode steps of these batch sizes will need up to
         `context` tokens per sequence, so that no step pays for a capture later (a capture
         runs the forward three times)."""
+        if not self.capture:
+            return
         blocks = -(-context // self.block_size)
         for B in sorted({self.bucket(b) for b in batch_sizes}):
             for M in sorted({block_bucket(m, self.max_blocks) for m in range(1, blocks + 1)}):
@@ -93,35 +103,58 @@ class DecodeGraphs:
         self.graphs.clear()
 
     def run(
-        self, token_ids: list[int], positions: list[int], tables: list[list[int]]
+        self, token_ids: list[int] | torch.Tensor, positions: list[int], tables: list[list[int]]
     ) -> torch.Tensor:
         """Logits [B, V] of B sequences decoding one token each: `token_ids[b]` at
-        `positions[b]`, the sequence's blocks in `tables[b]` (already reserved)."""
-        B = len(token_ids)
+        `positions[b]`, the sequence's blocks in `tables[b]` (already reserved). Token ids on
+        the device (sampled by the step before, not read yet) are copied in on the device;
+        the rest of the inputs go over in one asynchronous copy, so the host never waits."""
+        B = len(positions)
         Bp = self.bucket(B)
         Mp = block_bucket(max(len(t) for t in tables), self.max_blocks)
-        g = self.graphs.get((Bp, Mp)) or self._capture(Bp, Mp)
+        device_ids = token_ids if isinstance(token_ids, torch.Tensor) else None
         inputs = pack_decode_inputs(
-            token_ids, positions, tables, self.block_size, self.scratch_block, Bp, Mp
+            [0] * B if device_ids is not None else list(token_ids),
+            positions,
+            tables,
+            self.block_size,
+            self.scratch_block,
+            Bp,
+            Mp,
         )
-        g.inputs_N.copy_(inputs)
+        if self.device.type == "cuda":
+            inputs = inputs.pin_memory()  # its block is not reused before the copy is done
+        if not self.capture:
+            inputs_N = inputs.to(self.device, non_blocking=True)
+            if device_ids is not None:
+                inputs_N[:B].copy_(device_ids)
+            batch, meta = decode_views(inputs_N, Bp, Mp)
+            return self._forward(batch, meta)[:B]
+        g = self.graphs.get((Bp, Mp)) or self._capture(Bp, Mp)
+        g.inputs_N.copy_(inputs, non_blocking=True)
+        if device_ids is not None:
+            g.inputs_N[:B].copy_(device_ids)
         g.graph.replay()
         self.replays += 1
         return g.logits_BV[:B]
+
+    def _forward(self, batch: TokenBatch, meta: PagedMetadata) -> torch.Tensor:
+        return decode_forward(
+            self.model,
+            self.dispatcher,
+            self.k_cache,
+            self.v_cache,
+            batch,
+            meta,
+            micro_batches=self.micro_batches,
+        )
 
     def _capture(self, Bp: int, Mp: int) -> _Graph:
         """Warms the shapes up on a side stream, then captures (padding rows only: harmless)."""
         empty = pack_decode_inputs([], [], [], self.block_size, self.scratch_block, Bp, Mp)
         inputs_N = empty.to(self.device)
         batch, meta = decode_views(inputs_N, Bp, Mp)
-        forward = partial(
-            decode_forward,
-            self.model,
-            self.dispatcher,
-            self.k_cache,
-            self.v_cache,
-            micro_batches=self.micro_batches,
-        )
+        forward = self._forward
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with self.dispatcher.capturing():

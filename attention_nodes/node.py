@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from afd.attention_nodes.decode_graphs import DecodeGraphs
@@ -34,7 +34,7 @@ from afd.models.messages import AttentionStepResult, NewRequest, StepTimings, To
 from afd.models.model import AttentionSideModel
 from afd.models.moe import Dispatcher, ExpertShard, LocalDispatcher
 from afd.models.request_state import RequestState, check_prompt
-from afd.models.sampling import sample_rows
+from afd.models.sampling import RowSampling, SampledRows, draw_rows, sample_rows
 from afd.models.step_loop import LoopReport, StepLoop
 from afd.models.step_trace import StepsToTrace, StepTrace
 from afd.models.tokenizer import Tokenizer
@@ -63,6 +63,7 @@ class AttentionNodeSettings:
     cuda_graphs: bool = True  # colocated on CUDA: decode-only steps replay CUDA graphs
     cuda_graph_context: int = 0  # >0: at start, capture every batch bucket up to this context
     lane: str = "host"  # "device": expert rows and sums through shared slots (peers of one host)
+    decode_ahead: bool = True  # colocated: launch decode step n+1 before reading step n's tokens
 
 
 def split_micro_batches(chunks: list[Chunk], m: int) -> list[list[Chunk]]:
@@ -122,15 +123,19 @@ class AttentionNode:
         else:
             self.transport = Transport(settings.node_id, settings.transport, settings.device)
         self._next_seq_id = 0
+        self._launched: _Launched | None = None  # a decode step launched ahead, tokens unread
+        self.steps_ahead = 0  # decode steps launched before the previous one's tokens were read
         self._expert_peers: frozenset[int] = frozenset()
         self._loop: StepLoop[AttentionStepResult] | None = None
 
     def _use_graphs(self, dispatcher: Dispatcher, micro_batches: int = 1) -> None:
         """Decode-only steps replay CUDA graphs: colocated, or over the device lane, whose
         exchange's kernels are captured with the rest of the step (the ping-pong pipeline of
-        `micro_batches` in one graph)."""
+        `micro_batches` in one graph). A colocated node that decodes ahead runs the same
+        decode step eagerly where there are no graphs (CPU), so that one path serves both."""
         s = self.settings
-        if self.device.type != "cuda" or not s.cuda_graphs:
+        graphs = self.device.type == "cuda" and s.cuda_graphs
+        if not graphs and not self._decodes_ahead:
             return
         self.graphs = DecodeGraphs(
             self.model,
@@ -140,9 +145,16 @@ class AttentionNode:
             self.cache.scratch_block,
             -(-self.config.max_position_embeddings // s.block_size),
             micro_batches,
+            capture=graphs,
         )
-        if s.cuda_graph_context:  # capture now, not in the first requests' steps
+        if s.cuda_graph_context and graphs:  # capture now, not in the first requests' steps
             self.graphs.prepare(list(range(1, s.max_running + 1)), s.cuda_graph_context)
+
+    @property
+    def _decodes_ahead(self) -> bool:
+        """Decode steps are launched before the previous one's tokens are read (colocated
+        only: a remote exchange reads its status on the host at the end of every step)."""
+        return self.settings.decode_ahead and self.placement is None
 
     def address(self) -> PeerAddress | None:
         """Where expert nodes' frames reach this node (None: colocated, no exchange)."""
@@ -307,10 +319,12 @@ class AttentionNode:
     def step(self, step_id: int, new: list[NewRequest], aborts: list[str]) -> AttentionStepResult:
         if self.pipeline is None:
             raise RuntimeError(f"attention node {self.settings.node_id}: step before connect")
-        for request_id in aborts:
-            self.scheduler.remove(request_id)
+        for request_id in aborts:  # freed blocks a launched step still writes: stream order
+            self.scheduler.remove(request_id)  # puts that write before any later use of them
         for r in new:
             self._admit(r)
+        if self._launched is not None:
+            return self._step_launched(step_id, go_on=not new and not aborts)
         chunks = self.scheduler.schedule()
         trace = StepTrace(self.device) if self._tracing.take(step_id) else None
         decode_only = chunks and all(c.num_tokens == 1 for c in chunks)
@@ -355,31 +369,118 @@ class AttentionNode:
 
     def _graph_step(self, step_id: int, chunks: list[Chunk]) -> AttentionStepResult:
         """A decode-only step: the whole forward replays a CUDA graph (colocated, or with
-        the device lane's exchange inside it)."""
-        assert self.graphs is not None and self.pipeline is not None
+        the device lane's exchange inside it). Decoding ahead, the next step is launched
+        before this one's tokens are read (`_launch_next`)."""
+        assert self.graphs is not None
         start = time.perf_counter()
-        dispatcher = self.pipeline.dispatcher
-        dispatcher.begin_step(
+        if not all(c.samples for c in chunks):  # a 1-token prefill chunk that does not sample
+            dispatcher = self._dispatcher()
+            self._begin(step_id, len(chunks))
+            logits_BV = self.graphs.run(
+                [c.seq.pending[0] for c in chunks],
+                [c.seq.num_computed for c in chunks],
+                [self.cache.tables[c.seq.seq_id] for c in chunks],
+            )
+            dispatcher.end_step(step_id)
+            sampled = [i for i, c in enumerate(chunks) if c.samples]
+            outputs = self._advance(chunks, logits_BV[sampled])
+            return self._result(outputs, len(chunks), start)
+        rows = [c.seq.state.sampling() for c in chunks]
+        launched = self._launch(
             step_id,
-            self.graphs.rows_per_micro_batch(len(chunks)),
-            graphed=True,
-            real_rows=self.graphs.real_rows_per_micro_batch(len(chunks)),
-        )
-        logits_BV = self.graphs.run(
+            chunks,
             [c.seq.pending[0] for c in chunks],
             [c.seq.num_computed for c in chunks],
-            [self.cache.tables[c.seq.seq_id] for c in chunks],
+            rows,
         )
-        dispatcher.end_step(step_id)
-        sampled = [i for i, c in enumerate(chunks) if c.samples]  # a 1-token prefill chunk may not
-        if len(sampled) < len(chunks):
-            logits_BV = logits_BV[sampled]
-        outputs = self._advance(chunks, logits_BV)
+        return self._finish(launched, step_id + 1, go_on=True, start=start)
+
+    def _step_launched(self, step_id: int, go_on: bool) -> AttentionStepResult:
+        """This call's step was launched by the last one: its tokens are read now, after the
+        next step is launched in turn (unless new work or aborts came: then the next step is
+        scheduled afresh)."""
+        launched, self._launched = self._launched, None
+        assert launched is not None
+        return self._finish(launched, step_id + 1, go_on, time.perf_counter())
+
+    def _finish(
+        self, launched: _Launched, next_step: int, go_on: bool, start: float
+    ) -> AttentionStepResult:
+        if go_on and self._decodes_ahead and not self._tracing.armed:
+            self._launched = self._launch_next(launched, next_step)
+            self.steps_ahead += self._launched is not None
+        tokens, logprobs = launched.sampled.result()
+        live = set(self.scheduler.running)  # a sequence finished or aborted since: not it
+        outputs = self._record(
+            [
+                (c, t, lp)
+                for c, t, lp in zip(launched.chunks, tokens, logprobs, strict=True)
+                if c.seq in live
+            ]
+        )
+        return self._result(outputs, len(launched.chunks), start)
+
+    def _launch_next(self, launched: _Launched, step_id: int) -> _Launched | None:
+        """The decode step after `launched`, launched now, its input tokens those `launched`
+        samples on the device: every running sequence one more token, except those that
+        certainly end with `launched`'s (length). A sequence that ends otherwise (a stop
+        token or string) computes one row for nothing. None when the next step is not such a
+        step (waiting sequences, a sequence not in `launched`) or its KV blocks are not free."""
+        chunks = launched.chunks
+        if self.scheduler.waiting or len(self.scheduler.running) != len(chunks):
+            return None
+        if not all(c.seq in set(self.scheduler.running) for c in chunks):
+            return None
+        keep = [i for i, c in enumerate(chunks) if not _ends_with_next_token(c.seq)]
+        if not keep:
+            return None
+        for i in keep:
+            seq = chunks[i].seq
+            if not self.cache.reserve(seq.seq_id, seq.num_computed + 2):
+                return None  # the scheduler will preempt, with the tokens read
+        nxt = [Chunk(chunks[i].seq, 1) for i in keep]
+        index = torch.tensor(keep, device=self.device)
+        rows = [_after(c.seq.state.sampling()) for c in nxt]
+        positions = [c.seq.num_computed + 1 for c in nxt]
+        return self._launch(step_id, nxt, launched.sampled.tokens_B[index], positions, rows)
+
+    def _launch(
+        self,
+        step_id: int,
+        chunks: list[Chunk],
+        token_ids: list[int] | torch.Tensor,
+        positions: list[int],
+        rows: list[RowSampling],
+    ) -> _Launched:
+        """Launches a decode step of one sampling token a chunk (`token_ids` on the host, or
+        on the device: sampled by the step before, not read yet) and its sampling."""
+        assert self.graphs is not None
+        self._begin(step_id, len(chunks))
+        logits_BV = self.graphs.run(
+            token_ids, positions, [self.cache.tables[c.seq.seq_id] for c in chunks]
+        )
+        self._dispatcher().end_step(step_id)
+        return _Launched(chunks, draw_rows(logits_BV, rows))
+
+    def _begin(self, step_id: int, batch: int) -> None:
+        assert self.graphs is not None
+        self._dispatcher().begin_step(
+            step_id,
+            self.graphs.rows_per_micro_batch(batch),
+            graphed=True,
+            real_rows=self.graphs.real_rows_per_micro_batch(batch),
+        )
+
+    def _dispatcher(self) -> Dispatcher:
+        assert self.pipeline is not None
+        return self.pipeline.dispatcher
+
+    def _result(self, outputs: list[TokenOutput], tokens: int, start: float) -> AttentionStepResult:
         total = time.perf_counter() - start
         return AttentionStepResult(
             outputs,
             StepTimings(total, total),
-            len(chunks),
+            tokens,
             len(self.scheduler.running),
             len(self.scheduler.waiting),
             self.cache.allocator.free,
@@ -397,12 +498,18 @@ class AttentionNode:
         once on the logits' device (each request's draws depend on its seed alone)."""
         sampling = [c for c in group if c.samples]
         for c in group:
-            c.seq.num_computed += c.num_tokens
+            if not c.samples:
+                c.seq.num_computed += c.num_tokens
         if not sampling:
             return []
         tokens, logprobs = sample_rows(logits_BV, [c.seq.state.sampling() for c in sampling])
+        return self._record(list(zip(sampling, tokens, logprobs, strict=True)))
+
+    def _record(self, sampled: list[tuple[Chunk, int, float]]) -> list[TokenOutput]:
+        """Each sampling chunk's sequence moves past its tokens and takes its sampled one."""
         outputs = []
-        for c, token_id, logprob in zip(sampling, tokens, logprobs, strict=True):
+        for c, token_id, logprob in sampled:
+            c.seq.num_computed += c.num_tokens
             token = c.seq.state.record(token_id, logprob)
             outputs.append(token)
             if token.finish_reason is not None:
@@ -416,6 +523,28 @@ class AttentionNode:
             self.transport.close()
         if self.lane is not None:
             self.lane.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Launched:
+    """A decode step on the device whose tokens the host has not read yet."""
+
+    chunks: list[Chunk]  # one sampling token each
+    sampled: SampledRows
+
+
+def _ends_with_next_token(seq: ScheduledSequence) -> bool:
+    """Whether the token being sampled for `seq` certainly ends it (max_tokens, context)."""
+    state = seq.state
+    return (
+        len(state.output_ids) + 1 >= state.params.max_tokens
+        or len(state.all_ids) + 1 >= state.context_limit
+    )
+
+
+def _after(rows: RowSampling) -> RowSampling:
+    """The sampling of the token after the one being sampled (its draw counter one on)."""
+    return replace(rows, counter=rows.counter + 1)
 
 
 def _sample_rows(group: list[Chunk], batch: TokenBatch) -> torch.Tensor:

@@ -15,8 +15,9 @@ m micro-batches), over the host lane (frames through the transport) or the devic
 in GPU memory shared by CUDA IPC; one GPU needs CUDA MPS; with m = 1 decode steps replay
 graphs that hold the exchange), what a disaggregated deployment runs on each node. Each row admits B requests of a
 `--prompt`-token random prompt, runs their prefill and `--warmup` decode steps, then times
-`--steps` decode steps by the host clock around `AttentionNode.step` (which returns after the
-logits reached the host). `hf` = transformers `generate` (greedy) on the same shape. The floor:
+`--steps` decode steps by the host clock around `AttentionNode.step` (which returns once a
+step's tokens reached the host; colocated, it has launched the next step first: decode-ahead,
+off in the `-sync` rows of `--sync-rows`). `hf` = transformers `generate` (greedy) on the same shape. The floor:
 bytes a step must read (attention-side weights, the LM head, the experts the batch is expected
 to touch, the KV cache) over the device-to-device copy rate measured in the same run;
 MBU = floor time / measured time.
@@ -176,6 +177,7 @@ def bench_afd(
     micro_batches: int = 0,
     quantization: str = "none",
     lane: str = "host",
+    ahead: bool = True,
 ) -> list[dict]:
     """Rows of the colocated engine; `sampling` (temperature, top-k, top-p) makes every
     request sample, seeded, instead of greedy; `micro_batches` > 0: the disaggregated engine
@@ -194,6 +196,7 @@ def bench_afd(
         device=args.device,
         cuda_graphs=graphs,
         quantization=quantization,
+        decode_ahead=ahead,
     )
     expert_proc = conn = None
     if micro_batches:
@@ -235,6 +238,8 @@ def bench_afd(
             name = f"afd-disagg-{lane}-m{micro_batches}" + ("-graph" if graphs else "")
         if quantization != "none":
             name += f"-{quantization}"
+        if not ahead:
+            name += "-sync"
         rows.append(_row(name, B, seconds, args.prompt + args.warmup + args.steps))
         if graphs and node.graphs is not None:
             rows[-1]["graph_replays"] = node.graphs.replays
@@ -447,6 +452,12 @@ def main() -> int:
         help="add rows whose requests sample (temperature 0.8, top-k 50, top-p 0.95, seeded)",
     )
     p.add_argument(
+        "--sync-rows",
+        action="store_true",
+        help="add rows of the colocated engine with decode-ahead off (`-sync`): each step's "
+        "tokens read before the next step is launched",
+    )
+    p.add_argument(
         "--disaggregated",
         type=lambda s: [int(m) for m in s.split(",")],
         default=[],
@@ -491,6 +502,9 @@ def main() -> int:
             rows += bench_hf(raw, args, getattr(torch, dtype))
             _free(args.device)
         rows += bench_afd(model_dir, args, dtype, graphs=args.device == "cuda")
+        _free(args.device)
+        if args.sync_rows:  # the same engine reading each step's tokens before the next
+            rows += bench_afd(model_dir, args, dtype, graphs=args.device == "cuda", ahead=False)
         _free(args.device)
         if args.sampled:
             rows += bench_afd(model_dir, args, dtype, args.device == "cuda", SAMPLED)

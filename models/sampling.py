@@ -85,7 +85,34 @@ class RowSampling:
     counter: int
 
 
+class SampledRows:
+    """Tokens [B] and logprobs [B] drawn on the logits' device, with their copy to the host
+    under way: `tokens_B` can feed the next step before the host has read them."""
+
+    def __init__(self, tokens_B: torch.Tensor, logprobs_B: torch.Tensor) -> None:
+        self.tokens_B = tokens_B
+        both = torch.stack([tokens_B.double(), logprobs_B.double()])
+        if both.is_cuda:  # pinned and asynchronous: the host waits only in `result`
+            self._host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            self._host.copy_(both, non_blocking=True)
+            self._copied: torch.cuda.Event | None = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host, self._copied = both, None
+
+    def result(self) -> tuple[list[int], list[float]]:
+        """The tokens and logprobs on the host (waits for the copy)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return [int(t) for t in self._host[0].tolist()], self._host[1].tolist()
+
+
 def sample_rows(logits_BV: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[float]]:
+    """`draw_rows`, read on the host."""
+    return draw_rows(logits_BV, rows).result()
+
+
+def draw_rows(logits_BV: torch.Tensor, rows: list[RowSampling]) -> SampledRows:
     """Every row's next token and its logprob under the model's own (unfiltered, T = 1)
     distribution, computed where the logits are; only 2·B numbers reach the host.
 
@@ -128,8 +155,7 @@ def sample_rows(logits_BV: torch.Tensor, rows: list[RowSampling]) -> tuple[list[
             vocab = torch.arange(V, device=device)[None, :]
             token_B[index] = (_filtered(scaled, rules) + gumbel_noise(keys, vocab)).argmax(-1)
     logprob_B = logits_BV.gather(1, token_B[:, None])[:, 0] - torch.logsumexp(logits_BV, -1)
-    host = torch.stack([token_B.double(), logprob_B.double()]).cpu()
-    return [int(t) for t in host[0].tolist()], host[1].tolist()
+    return SampledRows(token_B, logprob_B)
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,11 @@ class StepsToTrace:
             raise ValueError(f"steps to trace must be >= 0, got {count}")
         self._first, self._left = first, count
 
+    @property
+    def armed(self) -> bool:
+        """Whether some step is still to be traced."""
+        return self._left > 0
+
     def take(self, step: int) -> bool:
         """Whether step `step` (about to run) is traced; counts it off if so."""
         if self._left <= 0 or (self._first is not None and step < self._first):

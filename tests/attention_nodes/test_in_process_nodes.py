@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -526,3 +527,43 @@ def test_disaggregated_nodes_step_in_lockstep_on_their_own_loops(
     finally:
         for node in [*attention, *experts]:
             node.shutdown()
+
+
+def test_decoding_ahead_gives_the_tokens_of_stepping_one_at_a_time(
+    tiny_model: Path, reference: ReferenceEngine
+) -> None:
+    """A colocated node launches decode step n+1 before it reads step n's tokens. Sequences
+    that end on a stop token or string (unknown until read) waste one row, an abort or new
+    requests stop the run ahead: every request still gets exactly the tokens a node stepping
+    one at a time gives it (and the reference's, for those not aborted)."""
+    requests = _requests(reference)
+    first = reference.generate(requests[0].prompt_ids, requests[0].params).token_ids
+    stop_token = replace(requests[0].params, max_tokens=12, stop_token_ids=(first[2],))
+    text = reference.tokenizer.decode(first[:4])
+    stop_text = replace(
+        requests[0].params, max_tokens=12, stop=(text[-2:],) if len(text) > 2 else ()
+    )
+    requests += [
+        NewRequest("stop-token", requests[0].prompt_ids, stop_token),
+        NewRequest("stop-text", requests[0].prompt_ids, stop_text),
+        NewRequest("aborted", requests[1].prompt_ids, replace(requests[1].params, max_tokens=12)),
+    ]
+    script = {0: (requests[:2] + requests[5:], []), 3: (requests[2:5], []), 6: ([], ["aborted"])}
+    got = []
+    for ahead in (True, False):
+        node = AttentionNode(AttentionNodeSettings(0, str(tiny_model), decode_ahead=ahead), None)
+        out: dict[str, list[TokenOutput]] = {r.request_id: [] for r in requests}
+        for step in range(40):
+            new, aborts = script.get(step, ([], []))
+            for token in node.step(step, list(new), list(aborts)).outputs:
+                out[token.request_id].append(token)
+        assert not node.scheduler.running and not node.scheduler.waiting
+        assert (node.steps_ahead > 0) == ahead
+        got.append(out)
+    assert {k: [t.token_id for t in v] for k, v in got[0].items()} == {
+        k: [t.token_id for t in v] for k, v in got[1].items()
+    }
+    assert got[0]["stop-token"][-1].token_id == first[2]
+    assert got[0]["stop-token"][-1].finish_reason == "stop"
+    assert got[0]["aborted"] and got[0]["aborted"][-1].finish_reason is None
+    _check(reference, requests[:5], {r.request_id: got[0][r.request_id] for r in requests[:5]})
