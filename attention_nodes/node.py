@@ -439,10 +439,15 @@ class AttentionNode:
             if not self.cache.reserve(seq.seq_id, seq.num_computed + 2):
                 return None  # the scheduler will preempt, with the tokens read
         nxt = [Chunk(chunks[i].seq, 1) for i in keep]
-        index = torch.tensor(keep, device=self.device)
+        tokens_B = launched.sampled.tokens_B
+        if len(keep) < len(chunks):  # the index goes over without a wait for the stream
+            index = torch.tensor(keep)
+            if self.device.type == "cuda":
+                index = index.pin_memory()
+            tokens_B = tokens_B[index.to(self.device, non_blocking=True)]
         rows = [_after(c.seq.state.sampling()) for c in nxt]
         positions = [c.seq.num_computed + 1 for c in nxt]
-        return self._launch(step_id, nxt, launched.sampled.tokens_B[index], positions, rows)
+        return self._launch(step_id, nxt, tokens_B, positions, rows)
 
     def _launch(
         self,

@@ -37,6 +37,7 @@ def attention_node_settings(d: Deployment, index: int) -> AttentionNodeSettings:
         device=a.device,
         cuda_graphs=a.cuda_graphs,
         cuda_graph_context=a.cuda_graph_context,
+        decode_ahead=a.decode_ahead,
         lane=d.transport.lane if d.experts.nodes else "host",
     )
 
