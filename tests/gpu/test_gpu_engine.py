@@ -1,5 +1,6 @@
 """The served engine on a GPU, colocated, in-process (run on the GPU host; skipped elsewhere):
-decode steps replay CUDA graphs, and tokens equal the CPU reference's, a seeded sampled
+decode steps replay CUDA graphs, launched ahead of the previous step's tokens being read, and
+tokens equal the CPU reference's (and a node's stepping one at a time), a seeded sampled
 request's included."""
 
 from __future__ import annotations
@@ -44,11 +45,18 @@ def test_colocated_gpu_engine_replays_graphs_and_matches_the_cpu_reference(
     settings = AttentionNodeSettings(0, str(tiny_model), device="cuda", block_size=4)
     graphed = AttentionNode(settings, None)
     eager = AttentionNode(replace(settings, cuda_graphs=False), None)
-    got, got_eager = _serve(graphed, requests), _serve(eager, requests)
+    sync = AttentionNode(replace(settings, decode_ahead=False), None)  # no step launched ahead
+    got, got_eager, got_sync = (
+        _serve(graphed, requests),
+        _serve(eager, requests),
+        _serve(sync, requests),
+    )
+    assert graphed.steps_ahead > 0 and eager.steps_ahead > 0 and sync.steps_ahead == 0
     for r in requests:
         want = ref.generate(r.prompt_ids, r.params)
         ids = [t.token_id for t in got[r.request_id]]
         assert ids == want.token_ids == [t.token_id for t in got_eager[r.request_id]]
+        assert ids == [t.token_id for t in got_sync[r.request_id]]
         assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-3)
     assert graphed.graphs is not None and graphed.graphs.replays >= 15  # most decode steps
     assert len(graphed.graphs.graphs) >= 3  # several batch and block buckets
