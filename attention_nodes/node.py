@@ -522,7 +522,8 @@ class AttentionNode:
         return outputs
 
     def shutdown(self) -> None:
-        if self._loop is not None:
+        if self._loop is not None:  # a step in progress ends now, not at a dead peer's deadline
+            self.abort()
             self._loop.stop()
         if self.transport is not None:
             self.transport.close()

@@ -544,7 +544,8 @@ class ExpertNode:
         return frame
 
     def shutdown(self) -> None:
-        if self._loop is not None:
+        if self._loop is not None:  # a step in progress ends now, not at a dead peer's deadline
+            self.abort()
             self._loop.stop()
         self.transport.close()
         if self.lane is not None:

@@ -76,10 +76,18 @@ class StepLoop(Generic[Result]):
 
     # ---- the orchestrator's side -------------------------------------------------------------
     def run_from(self, step: int) -> None:
-        """Runs from `step` on: the first start, after a halt, or after a failed step."""
+        """Runs from `step` on: the first start, after a halt, or after a failed step. (A
+        loop that runs and is not halted is only let go on, paused no more, if `step` is the
+        one it is at.)"""
         with self._cond:
             if self._thread is not None and self._thread.is_alive() and not self._halted:
-                raise RuntimeError(f"{self._name}: run_from({step}) while the loop is running")
+                if step != self._next:
+                    raise RuntimeError(
+                        f"{self._name}: run_from({step}) while the loop runs at {self._next}"
+                    )
+                self._paused = self._halting = False
+                self._cond.notify_all()
+                return
             self._next, self._error = step, None
             self._paused = self._halting = self._halted = False
             self._stalled = False
@@ -163,13 +171,16 @@ class StepLoop(Generic[Result]):
                 if self._stopping:
                     return
                 ready, step = self._ready(), self._next
+                # decided on work of its own: no longer parked, in the same breath, so that an
+                # orchestrator seeing every node parked knows none is about to start a step
+                self._parked = not ready
             try:
                 if not ready:
                     assert self._join is not None
                     if not self._join(step, self._look_up):
                         continue  # work of its own, a halt or a stop: look again
                 with self._cond:
-                    self._parked = False
+                    self._parked = False  # called: the caller is not parked, so no halt now
                     new, aborts, self._new, self._aborts = self._new, self._aborts, [], []
                 result = self._step(step, new, aborts)
             except BaseException as err:

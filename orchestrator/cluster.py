@@ -549,7 +549,8 @@ class Cluster:
         )
 
     def _boundary(self) -> None:
-        """Stops every node at one step, does what is due (`_at_boundary`), lets them go on."""
+        """Stops every node at one step, does what is due (`_at_boundary`), lets them go on.
+        A halt that fails is a failure like a step's: recovery restarts every loop."""
         self._halt_cluster()
         try:
             self._at_boundary()
@@ -619,11 +620,15 @@ class Cluster:
         runs any more (their results taken), the cluster is recovered (`_recover`) and every
         node goes on from one step past any step a node reached."""
         log.warning("stopping every node: %s", _describe(errors))
-        for key in self._nodes():
-            if not (key[0] == "expert" and key[1] in self._down):
-                self._node(key).abort.remote()
+        aborts = {
+            key: self._node(key).abort.remote()
+            for key in self._nodes()
+            if not (key[0] == "expert" and key[1] in self._down)
+        }  # waited for: an abort that ran late would end the loops started after recovery
+        self._answers(aborts, self.deployment.transport.recovery_timeout_s)
         deadline = time.monotonic() + self.deployment.transport.round_timeout_s
-        reached = self._next_step
+        # past every step any node may have opened: frames of those are dropped on arrival
+        reached = max([self._next_step, self.step_id + 1, *(s + 1 for s in self._pending)])
         while time.monotonic() < deadline:
             states, more = self._poll_nodes(POLL_S)
             errors = {**more, **errors}
@@ -631,7 +636,7 @@ class Cluster:
             if all(not s.running or s.halted for s in states.values()):
                 break
         self._pending.clear()
-        self._recover(reached, errors)
+        self._recover(reached + 1, errors)
         self._run_cluster_from(self._next_step)
 
     # ---- colocated nodes: each steps on its own ---------------------------------------------
@@ -864,7 +869,11 @@ class Cluster:
             if ref is None:
                 self._revivals[j] = self.experts[j].pid.remote()
             elif ray.wait([ref], timeout=0)[0]:
-                ready = True
+                try:
+                    ray.get(ref)
+                    ready = True
+                except Exception:  # not back yet (restarting): ask again at a later look
+                    del self._revivals[j]
         return ready
 
     def _revive_experts(self) -> None:
@@ -879,6 +888,8 @@ class Cluster:
                 pid = ray.get(ref)
                 self._rewire_expert(j, timeout)
             except Exception as err:
+                for a in self.attention:  # a half-done rewiring connected some of them again
+                    a.expert_lost.remote(EXPERT_PEER_BASE + j)
                 if self._out_of_restarts():
                     log.error("expert-%d will not come back (replicas serve on): %s", j, err)
                     self._gone.add(j)

@@ -268,6 +268,7 @@ class Transport:
         self._wakeup.register(self._worker.epoll_file_descriptor, select.POLLIN)
         # `interrupt` writes here, so that a thread asleep in a wait re-checks what it waits for
         self._doorbell_r, self._doorbell_w = os.pipe()
+        self._doorbell_lock = threading.Lock()
         os.set_blocking(self._doorbell_r, False)
         os.set_blocking(self._doorbell_w, False)
         self._wakeup.register(self._doorbell_r, select.POLLIN)
@@ -429,15 +430,16 @@ class Transport:
                     found = any(match(*slot) for slot in self._mail)
                 return found or until()
 
-            self._progress_until(ready, time.monotonic() + timeout_s)
+            self._progress_until(ready, time.monotonic() + timeout_s, may_spin=False)
             return found
 
     def interrupt(self) -> None:
         """Wakes a wait asleep on UCX's descriptor, so that it checks its condition now.
         Thread-safe."""
-        if self._doorbell_w >= 0:
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._doorbell_w, b"x")
+        with self._doorbell_lock:  # never a descriptor `close` gave back
+            if self._doorbell_w >= 0:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.write(self._doorbell_w, b"x")
 
     def mark_lost(self, peer: int) -> None:
         """The orchestrator found the peer dead: waits on it end with PeerLost, and its unsent
@@ -511,18 +513,23 @@ class Transport:
             self._peers.clear()
             self._handshakes.clear()
             self._worker.progress()
-            if self._doorbell_w >= 0:
-                self._wakeup.unregister(self._doorbell_r)
-                os.close(self._doorbell_r)
-                os.close(self._doorbell_w)
-                self._doorbell_r = self._doorbell_w = -1
+            with self._doorbell_lock:
+                if self._doorbell_w >= 0:
+                    self._wakeup.unregister(self._doorbell_r)
+                    os.close(self._doorbell_r)
+                    os.close(self._doorbell_w)
+                    self._doorbell_r = self._doorbell_w = -1
 
     # ---- progress ----------------------------------------------------------------------
-    def _progress_until(self, done: Callable[[], bool], deadline: float) -> bool:
+    def _progress_until(
+        self, done: Callable[[], bool], deadline: float, may_spin: bool = True
+    ) -> bool:
+        """Progresses UCX until `done()` or the deadline. `may_spin` False: sleep on the
+        descriptor even in polling mode (an idle node's wait must not hold a core)."""
         start = time.monotonic()
         spin_until = start + self.settings.spin_us * 1e-6
         busy_until = start + _BUSY_SPIN_S
-        polling = self.settings.progress_mode == "polling"
+        polling = self.settings.progress_mode == "polling" and may_spin
         while True:
             self._worker.progress()
             self._service()
