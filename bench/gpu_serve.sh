@@ -2,16 +2,17 @@
 # The served path on one GPU, in one run: the engine in-process (bench/decode.py, graph rows)
 # and then `afd serve` (colocated, Ray) under bench/serve.py at concurrency 1, 16, 64 and 128
 # over gRPC, and 1 and 64 over OpenAI HTTP,
-# on the same model shape with dummy weights. Usage: bench/gpu_serve.sh OUT_DIR [LAYERS [QUANT]]
-# (QUANT: none or fp8, the deployment's model.quantization).
+# on the same model shape with dummy weights.
+# Usage: bench/gpu_serve.sh OUT_DIR [LAYERS [QUANT [DECODE_ARGS...]]]
+# (QUANT: none or fp8, the deployment's model.quantization; DECODE_ARGS go to bench/decode.py).
 set -euo pipefail
-out=${1:?output folder}; layers=${2:-48}; quant=${3:-none}
+out=${1:?output folder}; layers=${2:-48}; quant=${3:-none}; shift $(( $# < 3 ? $# : 3 ))
 mkdir -p "$out"
 model=$(mktemp -d)/qwen3-30b-a3b
 python3 -c "from afd.models.presets import write_preset; write_preset('qwen3-30b-a3b', '$model', $layers, 4096)"
 fp8=$([ "$quant" = fp8 ] && echo --fp8 || true)
 python3 bench/decode.py --layers "$layers" --batches 1,16,64,128 --skip-hf --skip-eager $fp8 \
-    --json-out "$out/in-process.json" | tail -8
+    --json-out "$out/in-process.json" "$@" | tail -12
 cat > "$out/deployment.yaml" <<EOF
 model: {path: $model, dtype: bfloat16, load_format: dummy, quantization: $quant}
 attention: {nodes: 1, num_gpus: 1, kv_blocks: 2048, block_size: 16, max_batch_tokens: 4096, max_running: 128}

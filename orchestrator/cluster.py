@@ -76,6 +76,9 @@ class StepRecord:
 
 
 POLL_S = 0.05  # how long a poll of a busy attention node waits for its next step's results
+# with no request left, polls until the loops park wait this little: the thread that polls is
+# the one that hands over the next request, which must not sit behind a long poll
+SETTLE_POLL_S = 0.005
 
 
 class _NodesFailed(Exception):
@@ -415,7 +418,7 @@ class Cluster:
                         new, self._incoming = self._incoming, [[] for _ in self.attention]
                         aborts, self._aborts = self._aborts, [[] for _ in self.attention]
                     self._hand_over(new, aborts)
-                    self._take_results(POLL_S)
+                    self._take_results(POLL_S if any(self._load) else SETTLE_POLL_S)
                     if self.placement is not None:
                         self._rebalance_look()
                     self._healthy = True
@@ -659,7 +662,8 @@ class Cluster:
                     ray.get(node.submit.remote(new, aborts), timeout=timeout)
                     busy = True
                 if busy:
-                    report = ray.get(node.poll.remote(0.1), timeout=timeout)
+                    wait = 2 * POLL_S if self._load[i] else SETTLE_POLL_S
+                    report = ray.get(node.poll.remote(wait), timeout=timeout)
                     unsettled = bool(report.results) or not report.state.parked
                     for _, result in report.results:
                         self._absorb(i, result)
