@@ -27,7 +27,7 @@ import torch
 from afd.attention_nodes.expert_routing import ExpertRouting
 from afd.models.expert_placement import ExpertPlacement
 from afd.models.moe import Dispatcher
-from afd.transport.device_lane import DeviceLane
+from afd.transport.device_lane import DeviceLane, StatusSnapshot
 from afd.transport.endpoint import Transport
 from afd.transport.step_control import control_frame, open_step, take_calls
 
@@ -53,9 +53,7 @@ class DeviceDispatcher(Dispatcher):
         # each micro-batch's rows that are sequences (the rest: padding), set every step
         micro_batches = lane.own.rows_MPCD.shape[0]
         self._real_M = torch.zeros(micro_batches, dtype=torch.int64, device=device)
-        self._real_pinned = torch.zeros(
-            micro_batches, dtype=torch.int64, pin_memory=device.type == "cuda"
-        )
+        self._status: dict[int, StatusSnapshot] = {}  # steps launched, their status to check
 
     def begin_step(
         self,
@@ -82,8 +80,11 @@ class DeviceDispatcher(Dispatcher):
             raise ValueError(
                 f"real rows {real} do not fit the micro-batches' {rows_per_micro_batch}"
             )
-        self._real_pinned[: len(real)] = torch.tensor(real, dtype=torch.int64)
-        self._real_M.copy_(self._real_pinned, non_blocking=True)  # read by dispatch, in order
+        real_M = torch.zeros(self._real_M.shape, dtype=torch.int64)
+        real_M[: len(real)] = torch.tensor(real, dtype=torch.int64)
+        if real_M.device != self._real_M.device:  # a fresh pinned block: a copy of the step
+            real_M = real_M.pin_memory()  # before may still be waiting for this memory
+        self._real_M.copy_(real_M, non_blocking=True)  # read by dispatch, in stream order
         frame = control_frame(rows_per_micro_batch, graphed)
         open_step(self.transport, self.expert_peers, step, frame)
 
@@ -119,8 +120,19 @@ class DeviceDispatcher(Dispatcher):
             return rows_MPCD[mb, 0, :T]
         return rows_MPCD[mb, :, :T].sum(dim=0)
 
+    def launched(self, step: int) -> None:
+        stale = [s for s in self._status if s < step - 2]  # of steps abandoned in a failure
+        for s in stale:
+            del self._status[s]
+        self._status[step] = self.lane.status_snapshot()
+
     def end_step(self, step: int) -> None:
-        self.lane.check(f"attention node, step {step}")
+        what = f"attention node, step {step}"
+        snapshot = self._status.pop(step, None)
+        if snapshot is None:
+            self.lane.check(what)
+        else:
+            snapshot.check(what)
         take_calls(self.transport, self.expert_peers, step, self.timeout_s)
 
     @contextmanager

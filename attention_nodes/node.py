@@ -125,6 +125,7 @@ class AttentionNode:
         self._next_seq_id = 0
         self._launched: _Launched | None = None  # a decode step launched ahead, tokens unread
         self.steps_ahead = 0  # decode steps launched before the previous one's tokens were read
+        self._holding = False  # paused for a boundary: no step launched ahead
         self._expert_peers: frozenset[int] = frozenset()
         self._loop: StepLoop[AttentionStepResult] | None = None
 
@@ -135,8 +136,8 @@ class AttentionNode:
         decode step eagerly where there are no graphs (CPU), so that one path serves both."""
         s = self.settings
         graphs = self.device.type == "cuda" and s.cuda_graphs
-        if not graphs and not self._decodes_ahead:
-            return
+        if not graphs and not (self._decodes_ahead and self.placement is None):
+            return  # (a lane step's waits block on the CPU: it cannot run ahead there)
         self.graphs = DecodeGraphs(
             self.model,
             self.cache.k_LNBBSGDh,
@@ -152,9 +153,11 @@ class AttentionNode:
 
     @property
     def _decodes_ahead(self) -> bool:
-        """Decode steps are launched before the previous one's tokens are read (colocated
-        only: a remote exchange reads its status on the host at the end of every step)."""
-        return self.settings.decode_ahead and self.placement is None
+        """Decode steps are launched before the previous one's tokens are read: colocated, or
+        over the device lane (whose step status is read asynchronously); the host lane moves
+        every frame on the host, so there is nothing to run ahead of."""
+        s = self.settings
+        return s.decode_ahead and (self.placement is None or s.lane == "device")
 
     def address(self) -> PeerAddress | None:
         """Where expert nodes' frames reach this node (None: colocated, no exchange)."""
@@ -262,6 +265,7 @@ class AttentionNode:
             self.transport.mark_lost(peer)
 
     def reset(self, next_step: int) -> None:
+        self._launched = None  # a step launched ahead of a failed one is abandoned with it
         if self.transport is not None:
             self.transport.reset(next_step)
         if self.lane is not None:
@@ -274,11 +278,12 @@ class AttentionNode:
         nothing to run; with expert nodes, it also wakes when one calls it to the next step
         (another attention node has work), so that all step in lockstep. Called again after
         a halt or a failed step, it goes on from `first_step`."""
+        self._holding = False
         if self._loop is None:
             self._loop = StepLoop(
                 f"afd-attention-{self.settings.node_id}",
                 self.step,
-                lambda: bool(self.scheduler.running or self.scheduler.waiting),
+                lambda: bool(self.scheduler.running or self.scheduler.waiting or self._launched),
                 lambda result: result.tokens == 0,
                 None if self.transport is None else self._await_call,
                 (lambda: None) if self.transport is None else self.transport.interrupt,
@@ -300,7 +305,9 @@ class AttentionNode:
         return self._running_loop().poll(timeout_s)
 
     def pause(self) -> None:
-        """Starts no step of its own from now on (still joins the others'): see StepLoop."""
+        """Starts no step of its own from now on (still joins the others'): see StepLoop. A
+        step launched ahead opens the next step on its own, so none is from now on."""
+        self._holding = True
         self._running_loop().pause()
 
     def halt(self) -> None:
@@ -406,10 +413,11 @@ class AttentionNode:
     def _finish(
         self, launched: _Launched, next_step: int, go_on: bool, start: float
     ) -> AttentionStepResult:
-        if go_on and self._decodes_ahead and not self._tracing.armed:
+        if go_on and self._decodes_ahead and not self._tracing.armed and not self._holding:
             self._launched = self._launch_next(launched, next_step)
             self.steps_ahead += self._launched is not None
         tokens, logprobs = launched.sampled.result()
+        self._dispatcher().end_step(launched.step_id)  # raises if its exchange failed
         live = set(self.scheduler.running)  # a sequence finished or aborted since: not it
         outputs = self._record(
             [
@@ -464,15 +472,15 @@ class AttentionNode:
         logits_BV = self.graphs.run(
             token_ids, positions, [self.cache.tables[c.seq.seq_id] for c in chunks]
         )
-        self._dispatcher().end_step(step_id)
-        return _Launched(chunks, draw_rows(logits_BV, rows))
+        self._dispatcher().launched(step_id)
+        return _Launched(step_id, chunks, draw_rows(logits_BV, rows))
 
     def _begin(self, step_id: int, batch: int) -> None:
         assert self.graphs is not None
         self._dispatcher().begin_step(
             step_id,
             self.graphs.rows_per_micro_batch(batch),
-            graphed=True,
+            graphed=self.graphs.capture,
             real_rows=self.graphs.real_rows_per_micro_batch(batch),
         )
 
@@ -535,6 +543,7 @@ class AttentionNode:
 class _Launched:
     """A decode step on the device whose tokens the host has not read yet."""
 
+    step_id: int
     chunks: list[Chunk]  # one sampling token each
     sampled: SampledRows
 

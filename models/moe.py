@@ -249,6 +249,11 @@ class Dispatcher(ABC):
         forward replays a CUDA graph (the device lane tells its expert nodes, once a step)."""
         return None
 
+    def launched(self, step: int) -> None:
+        """Every kernel of `step` is enqueued, its tokens not read yet (a node decoding ahead):
+        what `end_step` checks is taken now, without waiting for the device."""
+        return None
+
     def end_step(self, step: int) -> None:
         """The caller is through with `step` (remote experts with replicas wait for this)."""
         return None

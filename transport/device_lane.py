@@ -103,6 +103,27 @@ class DeviceLane:
     def check(self, what: str) -> None:
         lane_signals.check(self.own.control_2, what)
 
+    def status_snapshot(self) -> StatusSnapshot:
+        """The status word as the work enqueued so far leaves it, copied to the host without
+        waiting: a node that launches its next step before checking this one's."""
+        return StatusSnapshot(self.own.control_2)
+
     def close(self) -> None:
         self.peers = []
         region_memory.release(self.handle)
+
+
+class StatusSnapshot:
+    """A copy of a lane's status word in stream order, read on the host by `check`."""
+
+    def __init__(self, control_2: torch.Tensor) -> None:
+        self._host = torch.empty(2, dtype=control_2.dtype, pin_memory=control_2.is_cuda)
+        self._host.copy_(control_2, non_blocking=True)
+        self._done = torch.cuda.Event() if control_2.is_cuda else None
+        if self._done is not None:
+            self._done.record()
+
+    def check(self, what: str) -> None:
+        if self._done is not None:
+            self._done.synchronize()
+        lane_signals.check(self._host, what)

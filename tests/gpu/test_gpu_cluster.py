@@ -11,21 +11,30 @@ from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.orchestrator.cluster import Cluster
 from afd.orchestrator.config import Deployment, ModelSection
+from afd.transport.region_memory import mps_running
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize(
+    ("lane", "micro_batches"), [("host", 1), ("host", 2), ("device", 1), ("device", 2)]
+)
 def test_gpu_nodes_match_the_cpu_reference(
-    tiny_model: Path, ray_session, micro_batches: int
+    tiny_model: Path, ray_session, lane: str, micro_batches: int
 ) -> None:
+    """On the device lane (under MPS) the attention node's decode steps replay graphs that
+    hold the exchange, launched ahead of the previous step's tokens being read, each node on
+    its own loop: the tokens are still the reference's."""
     from dataclasses import replace
 
+    if lane == "device" and not mps_running():
+        pytest.skip("two processes on one GPU need CUDA MPS")
     d = Deployment(model=ModelSection(path=str(tiny_model))).with_shape(1, 1, micro_batches)
     d = replace(
         d,
         attention=replace(d.attention, num_gpus=0.5),
         experts=replace(d.experts, num_gpus=0.5),
+        transport=replace(d.transport, lane=lane),
     )
     ref = ReferenceEngine(tiny_model)
     prompts = ["Hello, world!", "The capital of France is", "one two three", "def add(a, b):"]
