@@ -64,6 +64,7 @@ class AttentionNodeSettings:
     cuda_graph_context: int = 0  # >0: at start, capture every batch bucket up to this context
     lane: str = "host"  # "device": expert rows and sums through shared slots (peers of one host)
     decode_ahead: bool = True  # colocated: launch decode step n+1 before reading step n's tokens
+    dispatch_fp8: bool = False  # host lane: rows go to expert nodes in E4M3 with their scales
 
 
 def split_micro_batches(chunks: list[Chunk], m: int) -> list[list[Chunk]]:
@@ -206,8 +207,9 @@ class AttentionNode:
             self._use_graphs(dispatcher, s.micro_batches)
         else:
             dispatcher = RemoteDispatcher(
-                self.transport, self.placement, peers, s.round_timeout_s, self.device
-            )
+                self.transport, self.placement, peers, s.round_timeout_s, self.device,
+                fp8_rows=s.dispatch_fp8,
+            )  # fmt: skip
         self.routing = dispatcher.routing
         self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)
         return None if self.lane is None else self.lane.handle

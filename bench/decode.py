@@ -129,6 +129,7 @@ def _start_disaggregated(
         micro_batches=micro_batches,
         device=settings.device,
         lane=lane,
+        dispatch_fp8=settings.dispatch_fp8,
     )
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
@@ -178,6 +179,7 @@ def bench_afd(
     quantization: str = "none",
     lane: str = "host",
     ahead: bool = True,
+    fp8_rows: bool = False,
 ) -> list[dict]:
     """Rows of the colocated engine; `sampling` (temperature, top-k, top-p) makes every
     request sample, seeded, instead of greedy; `micro_batches` > 0: the disaggregated engine
@@ -197,6 +199,7 @@ def bench_afd(
         cuda_graphs=graphs,
         quantization=quantization,
         decode_ahead=ahead,
+        dispatch_fp8=fp8_rows,
     )
     expert_proc = conn = None
     if micro_batches:
@@ -240,6 +243,8 @@ def bench_afd(
             name += f"-{quantization}"
         if not ahead:
             name += "-sync"
+        if fp8_rows:
+            name += "-fp8rows"
         rows.append(_row(name, B, seconds, args.prompt + args.warmup + args.steps))
         if graphs and node.graphs is not None:
             rows[-1]["graph_replays"] = node.graphs.replays
@@ -452,6 +457,12 @@ def main() -> int:
         help="add rows whose requests sample (temperature 0.8, top-k 50, top-p 0.95, seeded)",
     )
     p.add_argument(
+        "--fp8-dispatch",
+        action="store_true",
+        help="add host-lane disaggregated rows whose rows go to the expert node in fp8 "
+        "(`transport.dispatch_dtype: fp8`, `-fp8rows`)",
+    )
+    p.add_argument(
         "--sync-rows",
         action="store_true",
         help="add rows of the colocated engine with decode-ahead off (`-sync`): each step's "
@@ -520,6 +531,11 @@ def main() -> int:
                 graphs = lane == "device" and args.device == "cuda"  # m >= 2 in one graph too
                 rows += bench_afd(model_dir, args, dtype, graphs, micro_batches=m, lane=lane)
                 _free(args.device)
+                if lane == "host" and args.fp8_dispatch:  # the same rows dispatched in fp8
+                    rows += bench_afd(
+                        model_dir, args, dtype, graphs, micro_batches=m, lane=lane, fp8_rows=True
+                    )
+                    _free(args.device)
         if args.device == "cuda" and not args.skip_eager:
             rows += bench_afd(model_dir, args, dtype, graphs=False)
     itemsize = getattr(torch, dtype).itemsize

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from afd.models.checkpoint import open_checkpoint
 from afd.models.config import DTYPES, load_config
+from afd.models.fp8 import BLOCK, FP8, dequantize_rows
 from afd.models.messages import ExpertStepResult
 from afd.models.moe import ExpertShard, StackedExperts, load_layer_experts
 from afd.models.step_loop import LoopReport, StepLoop
@@ -55,6 +56,7 @@ class ExpertNodeSettings:
     layer_expert_ids: tuple[tuple[int, tuple[int, ...]], ...] = ()
     lane: str = "host"  # "device": rows and sums through slots in shared memory (one host)
     cuda_graphs: bool = True  # device lane on CUDA: decode steps replay a graph of the step
+    dispatch_fp8: bool = False  # host lane: rows come in E4M3 with their scales (fp8 dispatch)
 
 
 class ExpertNode:
@@ -506,8 +508,12 @@ class ExpertNode:
         sums; returns the compute time."""
         start = time.perf_counter()
         x_TD = torch.cat([f[0] for f in frames])
-        ids_TK = torch.cat([f[1] for f in frames]).long()
-        weights_TK = torch.cat([f[2] for f in frames]).to(x_TD.dtype)
+        ids_TK = torch.cat([f[-2] for f in frames]).long()
+        if self.settings.dispatch_fp8:  # E4M3 rows and their scales: back to the model's dtype
+            x_TD = dequantize_rows(
+                x_TD, torch.cat([f[1] for f in frames]), DTYPES[self.settings.dtype]
+            )
+        weights_TK = torch.cat([f[-1] for f in frames]).to(x_TD.dtype)
         if counts is not None:
             self._count(key.layer, ids_TK, counts)
         y_TD = self.shard.forward(key.layer, x_TD, ids_TK, weights_TK)
@@ -524,11 +530,13 @@ class ExpertNode:
 
     def _checked(self, peer: int, frame: list[torch.Tensor], local: int) -> list[torch.Tensor]:
         """A dispatch frame is x [n, D], local ids [n, K] within the layer's `local` experts
-        here, weights [n, K]."""
+        here, weights [n, K]; with fp8 dispatch x is E4M3 and its finite, positive scales
+        [n, ⌈D/128⌉] follow it."""
         c = self.config
-        ok = len(frame) == 3
+        fp8 = self.settings.dispatch_fp8
+        ok = len(frame) == (4 if fp8 else 3)
         if ok:
-            x, ids, w = frame
+            x, ids, w = frame[0], frame[-2], frame[-1]
             n = x.shape[0]
             ok = (
                 x.shape == (n, c.hidden_size)
@@ -536,6 +544,14 @@ class ExpertNode:
                 and not ids.is_floating_point()
                 and bool(((ids >= -1) & (ids < local)).all())
             )
+            if ok and fp8:
+                scale = frame[1]
+                ok = (
+                    x.dtype == FP8
+                    and scale.dtype == torch.float32
+                    and scale.shape == (n, -(-c.hidden_size // BLOCK))
+                    and bool((torch.isfinite(scale) & (scale > 0)).all())
+                )
         if not ok:
             shapes = [list(t.shape) for t in frame]
             raise TransportError(

@@ -101,6 +101,9 @@ class TransportSection(TransportSettings):
     # the exchange lane for rows and sums: "host" (frames over the transport, any machines) or
     # "device" (slots in shared GPU or host memory; every node on one host, MPS for one GPU)
     lane: str = "host"
+    # the rows sent to expert nodes: "model" (the model's dtype) or "fp8" (E4M3 with a scale per
+    # 128 features: half of bf16's bytes; the partial sums come back in the model's dtype)
+    dispatch_dtype: str = "model"
 
     def settings(self) -> TransportSettings:
         """The part a node's transport takes."""
@@ -293,6 +296,17 @@ def _check(d: Deployment, source: str) -> None:
             d.transport.lane == "host" or (d.experts.nodes >= 1 and d.experts.replicas == 1),
             "host with experts.nodes 0 (no exchange) or experts.replicas > 1 (failover within "
             "a step is the host lane's)",
+        ),
+        (
+            "transport.dispatch_dtype",
+            d.transport.dispatch_dtype in ("model", "fp8"),
+            "model or fp8",
+        ),
+        (
+            "transport.dispatch_dtype",
+            d.transport.dispatch_dtype == "model" or d.transport.lane == "host",
+            "model on the device lane (its slots hold rows in the model's dtype; fp8 dispatch "
+            "is the host lane's, which crosses hosts)",
         ),
         ("serve.grpc_port", 0 <= d.serve.grpc_port < 65536, "a port number (0: any free port)"),
         ("serve.http_port", 0 <= d.serve.http_port < 65536, "a port number (0: any free port)"),

@@ -39,6 +39,7 @@ def attention_node_settings(d: Deployment, index: int) -> AttentionNodeSettings:
         cuda_graph_context=a.cuda_graph_context,
         decode_ahead=a.decode_ahead,
         lane=d.transport.lane if d.experts.nodes else "host",
+        dispatch_fp8=d.transport.dispatch_dtype == "fp8",
     )
 
 
@@ -59,6 +60,7 @@ def expert_node_settings(
         device=d.experts.device,
         serve_failovers=serve_failovers,
         lane=d.transport.lane,
+        dispatch_fp8=d.transport.dispatch_dtype == "fp8",
     )
 
 

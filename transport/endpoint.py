@@ -173,7 +173,7 @@ def _wire_view(t: torch.Tensor):
     """The tensor's own memory as bytes: zero-copy, host or GPU (via __cuda_array_interface__)."""
     if t.is_cuda:
         return t.reshape(-1).view(torch.uint8)
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+    if t.dtype in (torch.bfloat16, torch.float8_e4m3fn):  # numpy has neither
         return t.reshape(-1).view(torch.uint8).numpy()
     return t.numpy().reshape(-1).view(np.uint8)
 

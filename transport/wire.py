@@ -51,6 +51,7 @@ DTYPE_CODES: dict[torch.dtype, int] = {
     torch.int32: 5,
     torch.int16: 6,
     torch.uint8: 7,
+    torch.float8_e4m3fn: 8,  # rows dispatched in fp8 (`transport.dispatch_dtype: fp8`)
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 

@@ -130,3 +130,45 @@ def test_a_rebalance_stages_new_experts_then_switches_layers_it_changes(tiny_mod
                 node.hold_experts(3, bad)
     finally:
         node.shutdown()
+
+
+def test_fp8_dispatch_frames_are_checked_and_answered(tiny_model: Path) -> None:
+    """With fp8 dispatch a frame is E4M3 rows, their scales, ids and weights: scales that are
+    not finite and positive, or rows in another dtype, fail the step naming the peer; a good
+    frame is answered in the model's dtype."""
+    from afd.models.fp8 import quantize_rows
+
+    config = load_config(tiny_model)
+    node = ExpertNode(ExpertNodeSettings(1000, str(tiny_model), (0, 1, 2), dispatch_fp8=True))
+    attention = Transport(4)
+    try:
+        waiting = threading.Thread(target=node.wait_for_attention_nodes, args=([4], TIMEOUT_S))
+        waiting.start()
+        attention.connect(1000, node.address())
+        waiting.join(TIMEOUT_S)
+        x, w = torch.randn(2, config.hidden_size), torch.rand(2, config.top_k)
+        ids = torch.tensor([[0, -1], [2, 1]], dtype=torch.int16)
+        q, scale = quantize_rows(x)
+        layer = config.moe_layers[0]
+        for step, frame in enumerate(
+            [[q, -scale, ids, w], [q, scale.half(), ids, w], [x, scale, ids, w], [q, ids, w]]
+        ):
+            errors: list[BaseException] = []
+            thread = _step(node, step, errors)
+            _open(attention, step)
+            attention.send(1000, RoundKey.exchange(step, layer, 0), frame).result(TIMEOUT_S)
+            thread.join(TIMEOUT_S)
+            assert "malformed dispatch frame from peer 4" in str(errors.pop()) and not errors
+        step = 4
+        thread = _step(node, step, errors)
+        _open(attention, step)
+        for moe_layer in config.moe_layers:
+            key = RoundKey.exchange(step, moe_layer, 0)
+            attention.send(1000, key, [q, scale, ids, w]).result(TIMEOUT_S)
+            (y,) = attention.recv(1000, key, TIMEOUT_S)
+            assert y.shape == x.shape and y.dtype == torch.float32
+        thread.join(TIMEOUT_S)
+        assert errors == []
+    finally:
+        attention.close()
+        node.shutdown()

@@ -38,6 +38,25 @@ def test_quantize_then_dequantize_is_within_e4m3_precision(shape: tuple[int, ...
     assert scale[..., 0, 0].max() == pytest.approx(3.0 / 448)  # the block holding 3.0
 
 
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_rows_for_fp8_dispatch_round_trip_within_e4m3_precision(rows: int) -> None:
+    """Activations quantized per row and group of 128 features (the exchange's fp8 dispatch):
+    a large value costs only its own group precision; a zero row stays zero."""
+    x = torch.randn(rows, 300, generator=torch.Generator().manual_seed(1))
+    if rows:
+        x[0, 5] = 40.0
+        x[-1] = 0.0 if rows > 1 else x[-1]
+    q, scale = fp8.quantize_rows(x)
+    assert q.dtype == fp8.FP8 and q.shape == x.shape and scale.shape == (rows, 3)
+    back = fp8.dequantize_rows(q, scale, torch.float32)
+    per_element = scale.repeat_interleave(128, -1)[:, :300]
+    bound = torch.maximum(x.abs() * 2**-4, per_element * 2**-9)
+    assert ((back - x).abs() <= bound).all()
+    if rows > 1:
+        assert scale[0, 0] == pytest.approx(40.0 / 448) and scale[0, 1] < 5.0 / 448
+        assert (back[-1] == 0).all()
+
+
 def test_scales_of_the_wrong_shape_are_named() -> None:
     q, scale = fp8.quantize(torch.randn(256, 256))
     with pytest.raises(ValueError, match=r"fp8 scales of shape \[2, 1\] do not fit"):

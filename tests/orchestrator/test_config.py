@@ -49,6 +49,14 @@ def test_shipped_tiny_cpu_config_loads() -> None:
             "field 'transport.lane' must be host with experts.nodes 0",
         ),
         (
+            "model: {path: m}\ntransport: {dispatch_dtype: int8}\n",
+            "field 'transport.dispatch_dtype' must be model or fp8",
+        ),
+        (
+            "model: {path: m}\nexperts: {nodes: 1}\ntransport: {lane: device, dispatch_dtype: fp8}\n",
+            "field 'transport.dispatch_dtype' must be model on the device lane",
+        ),
+        (
             "model: {path: m}\nexperts: {nodes: 2, rebalance: {threshold: 0.5}}\n",
             "field 'experts.rebalance.threshold' must be >= 1.0",
         ),
