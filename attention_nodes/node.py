@@ -289,6 +289,7 @@ class AttentionNode:
                 lambda result: result.tokens == 0,
                 None if self.transport is None else self._await_call,
                 (lambda: None) if self.transport is None else self.transport.interrupt,
+                lambda: self._launched is not None,  # paused, it still reads what it launched
             )
         self._loop.run_from(first_step)
 

@@ -31,7 +31,7 @@ from afd.models.messages import ExpertStepResult
 from afd.models.moe import ExpertShard, StackedExperts, load_layer_experts
 from afd.models.step_loop import LoopReport, StepLoop
 from afd.models.step_trace import StepsToTrace, StepTrace
-from afd.transport.device_lane import DeviceLane
+from afd.transport.device_lane import DeviceLane, HostCopy, StatusSnapshot
 from afd.transport.endpoint import PeerAddress, Transport, TransportError, TransportSettings
 from afd.transport.region_memory import RegionHandle
 from afd.transport.slots import SlotKind
@@ -57,6 +57,19 @@ class ExpertNodeSettings:
     lane: str = "host"  # "device": rows and sums through slots in shared memory (one host)
     cuda_graphs: bool = True  # device lane on CUDA: decode steps replay a graph of the step
     dispatch_fp8: bool = False  # host lane: rows come in E4M3 with their scales (fp8 dispatch)
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """A step whose work is done or enqueued, not yet closed (`ExpertNode._close`)."""
+
+    step: int
+    start: float
+    wait: float  # waiting for the control frames (and, host lane, the exchanges)
+    compute: float  # host lane: the experts' time
+    counts: HostCopy  # tokens per (MoE layer, local expert), on their way to the host
+    status: StatusSnapshot | None  # device lane: its status word, on its way to the host
+    trace: StepTrace | None
 
 
 class ExpertNode:
@@ -91,6 +104,7 @@ class ExpertNode:
         ) = None
         self._graph_pool: Any = None  # torch.cuda.graph_pool_handle(), once there are graphs
         self._loop: StepLoop[ExpertStepResult] | None = None
+        self._ahead: _Opened | None = None  # the next step, opened before this one closed
 
     def _widest_layer(self) -> int:
         return max((len(self.shard.ids_at(layer)) for layer in self.config.moe_layers), default=0)
@@ -258,6 +272,7 @@ class ExpertNode:
             self.lane.abort()
 
     def reset(self, next_step: int) -> None:
+        self._ahead = None  # a step opened ahead of a failed one is abandoned with it
         self.transport.reset(next_step)
         if self.lane is not None:
             self.lane.reset()
@@ -280,7 +295,7 @@ class ExpertNode:
             self._loop = StepLoop(
                 f"afd-expert-{self.settings.node_id}",
                 lambda step, new, aborts: self.run_step(step),
-                lambda: False,  # it has no work of its own: attention nodes open every step
+                lambda: self._ahead is not None,  # else none of its own: attention nodes open
                 lambda result: False,
                 self._await_opening,
                 self.transport.interrupt,
@@ -312,6 +327,31 @@ class ExpertNode:
             return self._run_step(step_id)
 
     def _run_step(self, step_id: int) -> ExpertStepResult:
+        """Opens the step (or takes the one opened ahead), opens the next one if every
+        attention node has already opened it (they decode ahead: `_opened_by_all`), then
+        closes this one: on the device lane the GPU goes from one step's graph to the next
+        without waiting for this node's host in between."""
+        opened = self._ahead if self._ahead is not None and self._ahead.step == step_id else None
+        self._ahead = None
+        if opened is None:
+            opened = self._open(step_id)
+        if self._runs_ahead and self._opened_by_all(step_id + 1):
+            self._ahead = self._open(step_id + 1)
+        return self._close(opened)
+
+    @property
+    def _runs_ahead(self) -> bool:
+        return self.lane is not None and self._graphs is not None and not self._tracing.armed
+
+    def _opened_by_all(self, step_id: int) -> bool:
+        key = RoundKey.control(step_id)
+        return all(self.transport.has_frame(p, key) for p in self.attention_peers)
+
+    def _open(self, step_id: int) -> _Opened:
+        """Calls the attention nodes to the step, takes their control frames and runs the
+        step: on the host lane all of it; on the device lane its kernels are enqueued (a
+        replayed graph for decode steps), with the status word and the counts on their way
+        to the host."""
         start = time.perf_counter()
         # tokens per (MoE layer, local expert) — as wide as the layer holding the most — plus a
         # column for slots held elsewhere; counted on the device, read once at the end
@@ -332,18 +372,27 @@ class ExpertNode:
             for p in self.attention_peers
         ]  # fmt: skip
         wait = time.perf_counter() - t0
+        compute, status = 0.0, None
         if self.lane is not None:
-            compute = 0.0
             self._lane_step(step_id, controls, counts)
+            status = self.lane.status_snapshot()
         else:
             compute, exchange_wait = self._host_step(step_id, counts)
             wait += exchange_wait
+        return _Opened(step_id, start, wait, compute, HostCopy(counts), status, trace)
+
+    def _close(self, opened: _Opened) -> ExpertStepResult:
+        """Waits for the step's end (replicas: every attention node's end-of-step marker),
+        checks its status and reads its counts."""
+        wait = opened.wait
         if self.settings.serve_failovers:
             t0 = time.perf_counter()
-            self._gather(RoundKey.end_of_step(step_id))
+            self._gather(RoundKey.end_of_step(opened.step))
             wait += time.perf_counter() - t0
         self.transport.flush(self.settings.round_timeout_s)
-        rows = counts.tolist()
+        if opened.status is not None:
+            opened.status.check(f"expert node {self.settings.node_id}, step {opened.step}")
+        rows = opened.counts.result().tolist()
         layer_tokens = [
             row[: len(self.shard.ids_at(layer))]
             for layer, row in zip(self.config.moe_layers, rows, strict=True)
@@ -353,11 +402,12 @@ class ExpertNode:
             for e, n in zip(self.shard.ids_at(layer), row, strict=True):
                 totals[e] = totals.get(e, 0) + n
         stats = self.transport.stats
+        trace = opened.trace
         return ExpertStepResult(
             totals,
-            compute,
+            opened.compute,
             wait,
-            time.perf_counter() - start,
+            time.perf_counter() - opened.start,
             stats.bytes_sent + stats.bytes_received,
             tuple(tuple(row) for row in layer_tokens),
             () if trace is None else tuple(trace.spans()),
@@ -390,7 +440,7 @@ class ExpertNode:
         """A step on the device lane, with the rows of every micro-batch from each attention
         node's control frame: every layer's wait, experts and write-backs on the GPU, a replayed
         CUDA graph when the attention nodes replay theirs (decode steps), else enqueued one by
-        one."""
+        one. Its status is checked when the step closes."""
         assert self.lane is not None
         rows_PM = tuple(rows for rows, _ in controls)
         self.lane.begin_step(step_id)
@@ -401,7 +451,6 @@ class ExpertNode:
             counts.copy_(graph_counts)
         else:
             self._lane_layers(rows_PM, counts)
-        self.lane.check(f"expert node {self.settings.node_id}, step {step_id}")
 
     def _lane_layers(self, rows_PM: tuple[tuple[int, ...], ...], counts: torch.Tensor) -> None:
         """Every MoE layer and micro-batch: wait for the attention nodes' rows, run the experts

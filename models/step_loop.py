@@ -60,9 +60,12 @@ class StepLoop(Generic[Result]):
         stalled: Callable[[Result], bool],
         join: Join | None = None,
         interrupt: Callable[[], None] = lambda: None,
+        finishing: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`finishing()`: the node has a step under way that it must finish even while
+        paused (a step launched ahead, already opened on its peers)."""
         self._name, self._step, self._has_work, self._stalled_by = name, step, has_work, stalled
-        self._join, self._interrupt = join, interrupt
+        self._join, self._interrupt, self._finishing = join, interrupt, finishing
         self._cond = threading.Condition()
         self._new: list[NewRequest] = []
         self._aborts: list[str] = []
@@ -150,7 +153,7 @@ class StepLoop(Generic[Result]):
         """Work to start a step on (read without the lock by the join's predicate: a change
         is always followed by `_interrupt`, which makes the join look again)."""
         if self._paused:
-            return False
+            return self._finishing()
         return bool(self._new or self._aborts) or (self._has_work() and not self._stalled)
 
     def _look_up(self) -> bool:

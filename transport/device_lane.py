@@ -113,17 +113,29 @@ class DeviceLane:
         region_memory.release(self.handle)
 
 
+class HostCopy:
+    """A device tensor copied to the host in stream order, without waiting (`result` waits)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        if not t.is_cuda:
+            self._host, self._done = t, None
+            return
+        self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self._host.copy_(t, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record()
+
+    def result(self) -> torch.Tensor:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host
+
+
 class StatusSnapshot:
     """A copy of a lane's status word in stream order, read on the host by `check`."""
 
     def __init__(self, control_2: torch.Tensor) -> None:
-        self._host = torch.empty(2, dtype=control_2.dtype, pin_memory=control_2.is_cuda)
-        self._host.copy_(control_2, non_blocking=True)
-        self._done = torch.cuda.Event() if control_2.is_cuda else None
-        if self._done is not None:
-            self._done.record()
+        self._copy = HostCopy(control_2.clone() if not control_2.is_cuda else control_2)
 
     def check(self, what: str) -> None:
-        if self._done is not None:
-            self._done.synchronize()
-        lane_signals.check(self._host, what)
+        lane_signals.check(self._copy.result(), what)

@@ -433,6 +433,13 @@ class Transport:
             self._progress_until(ready, time.monotonic() + timeout_s, may_spin=False)
             return found
 
+    def has_frame(self, peer: int, key: RoundKey) -> bool:
+        """Whether the frame is in the mailbox now (after one turn of progress)."""
+        with self._lock:
+            self._worker.progress()
+            self._service()
+            return (peer, key) in self._mail
+
     def interrupt(self) -> None:
         """Wakes a wait asleep on UCX's descriptor, so that it checks its condition now.
         Thread-safe."""

@@ -134,3 +134,34 @@ def test_an_idle_node_runs_the_steps_a_peer_calls_it_to_and_a_paused_one_starts_
         assert [s for s, _ in loop.poll(TIMEOUT_S).results] == [7]
     finally:
         loop.stop()
+
+
+def test_a_paused_node_still_finishes_the_step_it_launched_ahead() -> None:
+    """A node that launched a step ahead has opened it on its peers: paused, it still runs
+    the step that reads it (and is not parked meanwhile), then starts nothing more."""
+    launched = [True]
+    ran: list[int] = []
+
+    def step(step_id: int, new: list[NewRequest], aborts: list[str]) -> AttentionStepResult:
+        ran.append(step_id)
+        launched[0] = False  # read, and nothing launched after it: the node is paused
+        return _result()
+
+    calls = _Calls()
+    loop = StepLoop(
+        "test",
+        step,
+        lambda: False,  # no work of its own: unpaused, only a call would run a step
+        lambda r: False,
+        calls.join,
+        calls.interrupt,
+        finishing=lambda: launched[0],
+    )
+    loop.run_from(3)
+    loop.pause()  # now the launched step must be finished, with no call
+    try:
+        assert [s for s, _ in loop.poll(TIMEOUT_S).results] == [3]
+        assert loop.poll(0.1).results == [] and loop.state().parked
+        assert loop.state().next_step == 4 and ran == [3]
+    finally:
+        loop.stop()
