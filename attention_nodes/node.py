@@ -63,7 +63,7 @@ class AttentionNodeSettings:
     cuda_graphs: bool = True  # colocated on CUDA: decode-only steps replay CUDA graphs
     cuda_graph_context: int = 0  # >0: at start, capture every batch bucket up to this context
     lane: str = "host"  # "device": expert rows and sums through shared slots (peers of one host)
-    decode_ahead: bool = True  # colocated: launch decode step n+1 before reading step n's tokens
+    decode_ahead: bool = True  # colocated or device lane: launch step n+1 before reading n's tokens
     dispatch_fp8: bool = False  # host lane: rows go to expert nodes in E4M3 with their scales
 
 
@@ -411,6 +411,11 @@ class AttentionNode:
         scheduled afresh)."""
         launched, self._launched = self._launched, None
         assert launched is not None
+        if launched.step_id != step_id:
+            raise RuntimeError(
+                f"attention node {self.settings.node_id}: step {launched.step_id} was launched "
+                f"ahead, but step {step_id} was asked for"
+            )
         return self._finish(launched, step_id + 1, go_on, time.perf_counter())
 
     def _finish(
@@ -436,9 +441,12 @@ class AttentionNode:
         samples on the device: every running sequence one more token, except those that
         certainly end with `launched`'s (length). A sequence that ends otherwise (a stop
         token or string) computes one row for nothing. None when the next step is not such a
-        step (waiting sequences, a sequence not in `launched`) or its KV blocks are not free."""
-        chunks = launched.chunks
-        if self.scheduler.waiting or len(self.scheduler.running) != len(chunks):
+        step (waiting sequences it could admit, a sequence not in `launched`) or its KV blocks
+        are not free."""
+        chunks, scheduler = launched.chunks, self.scheduler
+        if scheduler.waiting and len(scheduler.running) < scheduler.max_running:
+            return None  # the next step admits some (with max_running reached, it cannot)
+        if len(scheduler.running) != len(chunks):
             return None
         if not all(c.seq in set(self.scheduler.running) for c in chunks):
             return None

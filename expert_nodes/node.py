@@ -67,7 +67,8 @@ class _Opened:
     start: float
     wait: float  # waiting for the control frames (and, host lane, the exchanges)
     compute: float  # host lane: the experts' time
-    counts: HostCopy  # tokens per (MoE layer, local expert), on their way to the host
+    counts: torch.Tensor  # tokens per (MoE layer, local expert)
+    counts_copy: HostCopy | None  # device lane: on their way to the host already
     status: StatusSnapshot | None  # device lane: its status word, on its way to the host
     trace: StepTrace | None
 
@@ -331,8 +332,12 @@ class ExpertNode:
         attention node has already opened it (they decode ahead: `_opened_by_all`), then
         closes this one: on the device lane the GPU goes from one step's graph to the next
         without waiting for this node's host in between."""
-        opened = self._ahead if self._ahead is not None and self._ahead.step == step_id else None
-        self._ahead = None
+        opened, self._ahead = self._ahead, None
+        if opened is not None and opened.step != step_id:
+            raise RuntimeError(
+                f"expert node {self.settings.node_id}: step {opened.step} was opened ahead, "
+                f"but step {step_id} was asked for"
+            )
         if opened is None:
             opened = self._open(step_id)
         if self._runs_ahead and self._opened_by_all(step_id + 1):
@@ -379,7 +384,8 @@ class ExpertNode:
         else:
             compute, exchange_wait = self._host_step(step_id, counts)
             wait += exchange_wait
-        return _Opened(step_id, start, wait, compute, HostCopy(counts), status, trace)
+        counts_copy = HostCopy(counts) if self.lane is not None else None  # lane: no failovers
+        return _Opened(step_id, start, wait, compute, counts, counts_copy, status, trace)
 
     def _close(self, opened: _Opened) -> ExpertStepResult:
         """Waits for the step's end (replicas: every attention node's end-of-step marker),
@@ -392,7 +398,9 @@ class ExpertNode:
         self.transport.flush(self.settings.round_timeout_s)
         if opened.status is not None:
             opened.status.check(f"expert node {self.settings.node_id}, step {opened.step}")
-        rows = opened.counts.result().tolist()
+        # the host lane's late failovers (gathered just above) count into the same tensor
+        counted = opened.counts if opened.counts_copy is None else opened.counts_copy.result()
+        rows = counted.tolist()
         layer_tokens = [
             row[: len(self.shard.ids_at(layer))]
             for layer, row in zip(self.config.moe_layers, rows, strict=True)
@@ -452,9 +460,13 @@ class ExpertNode:
         else:
             self._lane_layers(rows_PM, counts)
 
-    def _lane_layers(self, rows_PM: tuple[tuple[int, ...], ...], counts: torch.Tensor) -> None:
+    def _lane_layers(
+        self, rows_PM: tuple[tuple[int, ...], ...], counts: torch.Tensor, write_back: bool = True
+    ) -> None:
         """Every MoE layer and micro-batch: wait for the attention nodes' rows, run the experts
-        over them at once, write each node its sums and release its word."""
+        over them at once, write each node its sums and release its word. `write_back` False
+        (a capture's warm-up): the sums go to scratch memory, for an attention node may not
+        have read the sums of the step before yet (it runs ahead, and so may this node)."""
         assert self.lane is not None
         lane, timeout = self.lane, self.settings.round_timeout_s
         for layer in self.config.moe_layers:
@@ -471,7 +483,8 @@ class ExpertNode:
                 for p, ((slots, me), y_nD) in enumerate(
                     zip(lane.peers, torch.split(y_TD, rows_P), strict=True)
                 ):
-                    slots.rows_MPCD[mb, me, : y_nD.shape[0]].copy_(y_nD)
+                    sink = slots.rows_MPCD[mb, me, : y_nD.shape[0]]
+                    (sink if write_back else torch.empty_like(sink)).copy_(y_nD)
                     lane.release(p, layer, mb)
                 self._mark("experts", layer, mb, begin=False)
 
@@ -483,25 +496,25 @@ class ExpertNode:
         self, rows_PM: tuple[tuple[int, ...], ...], like: torch.Tensor
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The graph of a lane step for these rows. Its warm-up runs execute with the abort
-        word set: their waits end at once and they release nothing."""
+        word set: their waits end at once, they release nothing and write no peer's slot."""
         assert self.lane is not None and self._graphs is not None
         counts = torch.zeros_like(like)
 
-        def body() -> None:
+        def body(write_back: bool) -> None:
             counts.zero_()
-            self._lane_layers(rows_PM, counts)
+            self._lane_layers(rows_PM, counts, write_back)
 
         device = counts.device
         self.lane.quiet()
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            body()
-            body()
+            body(False)
+            body(False)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            body()
+            body(True)
         torch.cuda.synchronize(device)
         self.lane.reset()
         self._graphs[rows_PM] = graph, counts

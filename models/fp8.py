@@ -68,7 +68,9 @@ def quantize_rows(x_TD: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor,
     G = -(-D // group)
     padded = torch.nn.functional.pad(x_TD.float(), (0, G * group - D)).view(T, G, group)
     amax = padded.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
+    # a group holding inf or NaN keeps scale 1 (its values clamp): the frame stays valid and
+    # the numbers carry the fault, as they would in the model's dtype
+    scale = torch.where(torch.isfinite(amax) & (amax > 0), amax / FP8_MAX, 1.0)
     q = (padded / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(T, G * group)[:, :D]
     return q.contiguous(), scale.view(T, G)
 

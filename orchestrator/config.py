@@ -54,8 +54,8 @@ class AttentionSection(PoolSection):
     # captured at start for every batch bucket up to max_running and sequences up to this many
     # tokens (longer ones capture their graphs when they get there); 0: all on first use
     cuda_graph_context: int = 1024
-    # colocated: launch each decode step before reading the previous one's tokens, so the
-    # host's scheduling, detokenizing and streaming overlap the GPU's step
+    # colocated or on the device lane: launch each decode step before reading the previous
+    # one's tokens, so the host's scheduling, detokenizing and streaming overlap the GPU's step
     decode_ahead: bool = True
     kv_blocks: int = 256
     block_size: int = 16

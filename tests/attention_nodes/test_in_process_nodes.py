@@ -471,7 +471,15 @@ def _reports_until_done(
                 steps[i].append(step)
                 for token in result.outputs:
                     out[token.request_id].append(token)
-    return out, steps
+    while True:  # the others' last steps: until every loop is parked at the same step
+        reports = [node.poll(0.05) for node in nodes]
+        for i, report in enumerate(reports):
+            steps[i] += [step for step, _ in report.results]
+        states = [r.state for r in reports]
+        one_step = len({s.next_step for s in states}) == 1
+        if all(s.parked for s in states) and one_step and not any(r.results for r in reports):
+            return out, steps
+        assert time.monotonic() < deadline, "the loops did not park at one step"
 
 
 def test_disaggregated_nodes_step_in_lockstep_on_their_own_loops(

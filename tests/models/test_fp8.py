@@ -57,6 +57,15 @@ def test_rows_for_fp8_dispatch_round_trip_within_e4m3_precision(rows: int) -> No
         assert (back[-1] == 0).all()
 
 
+def test_a_row_holding_inf_or_nan_still_gets_finite_positive_scales() -> None:
+    """The frame stays valid for the expert node's checks; the bad numbers travel on."""
+    x = torch.ones(2, 256)
+    x[0, 3], x[1, 200] = float("inf"), float("nan")
+    q, scale = fp8.quantize_rows(x)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert scale[0, 1] == pytest.approx(1 / 448)  # the other group of the row: its own scale
+
+
 def test_scales_of_the_wrong_shape_are_named() -> None:
     q, scale = fp8.quantize(torch.randn(256, 256))
     with pytest.raises(ValueError, match=r"fp8 scales of shape \[2, 1\] do not fit"):
