@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from afd.attention_nodes.expert_routing import ExpertRouting
 from afd.models.expert_placement import ExpertPlacement
-from afd.models.fp8 import quantize_rows
+from afd.models.fp8 import pack_rows
 from afd.models.moe import Dispatcher
 from afd.transport.endpoint import PeerLost, PendingSend, Transport, TransportError
 from afd.transport.slots import LOCAL_ID_DTYPE
@@ -69,8 +69,8 @@ class RemoteDispatcher(Dispatcher):
         device: torch.device | str = "cpu",
         fp8_rows: bool = False,
     ) -> None:
-        """`fp8_rows`: rows go out in E4M3 with a scale per 128 features (`quantize_rows`),
-        half the bytes of bf16; the partial sums come back in the model's dtype."""
+        """`fp8_rows`: rows go out in E4M3 with a scale per 128 features (`pack_rows`), half
+        the bytes of bf16; the partial sums come back in the model's dtype."""
         super().__init__()
         self.fp8_rows = fp8_rows
         self.transport = transport
@@ -102,9 +102,8 @@ class RemoteDispatcher(Dispatcher):
         mask_nK = on_TK[rows_n]
         local_nK = torch.where(mask_nK, local_TK[rows_n], -1).to(LOCAL_ID_DTYPE)
         weights_nK = torch.where(mask_nK, weights_TK[rows_n], 0)
-        x_nD = x_TD[rows_n]
-        rows = list(quantize_rows(x_nD)) if self.fp8_rows else [x_nD]
-        send = self.transport.send(self.expert_peers[node], key, [*rows, local_nK, weights_nK])
+        x_nD = pack_rows(x_TD[rows_n]) if self.fp8_rows else x_TD[rows_n]
+        send = self.transport.send(self.expert_peers[node], key, [x_nD, local_nK, weights_nK])
         return Exchange(node, key, rows_n if rows_T is None else rows_T[rows_n], mask_nK, send)
 
     def dispatch(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from afd.models.checkpoint import open_checkpoint
 from afd.models.config import DTYPES, load_config
-from afd.models.fp8 import BLOCK, FP8, dequantize_rows
+from afd.models.fp8 import dequantize_rows, unpack_rows
 from afd.models.messages import ExpertStepResult
 from afd.models.moe import ExpertShard, StackedExperts, load_layer_experts
 from afd.models.step_loop import LoopReport, StepLoop
@@ -570,12 +570,8 @@ class ExpertNode:
         sums; returns the compute time."""
         start = time.perf_counter()
         x_TD = torch.cat([f[0] for f in frames])
-        ids_TK = torch.cat([f[-2] for f in frames]).long()
-        if self.settings.dispatch_fp8:  # E4M3 rows and their scales: back to the model's dtype
-            x_TD = dequantize_rows(
-                x_TD, torch.cat([f[1] for f in frames]), DTYPES[self.settings.dtype]
-            )
-        weights_TK = torch.cat([f[-1] for f in frames]).to(x_TD.dtype)
+        ids_TK = torch.cat([f[1] for f in frames]).long()
+        weights_TK = torch.cat([f[2] for f in frames]).to(x_TD.dtype)
         if counts is not None:
             self._count(key.layer, ids_TK, counts)
         y_TD = self.shard.forward(key.layer, x_TD, ids_TK, weights_TK)
@@ -592,13 +588,22 @@ class ExpertNode:
 
     def _checked(self, peer: int, frame: list[torch.Tensor], local: int) -> list[torch.Tensor]:
         """A dispatch frame is x [n, D], local ids [n, K] within the layer's `local` experts
-        here, weights [n, K]; with fp8 dispatch x is E4M3 and its finite, positive scales
-        [n, ⌈D/128⌉] follow it."""
+        here, weights [n, K]. With fp8 dispatch x comes packed (`pack_rows`: E4M3 rows and
+        their scales, which must be finite and positive) and leaves here in the model's dtype."""
         c = self.config
-        fp8 = self.settings.dispatch_fp8
-        ok = len(frame) == (4 if fp8 else 3)
+        ok = len(frame) == 3
+        if ok and self.settings.dispatch_fp8:
+            try:
+                q, scale = unpack_rows(frame[0], c.hidden_size)
+            except ValueError:
+                ok = False
+            else:
+                ok = bool((torch.isfinite(scale) & (scale > 0)).all())
+                if ok:
+                    x = dequantize_rows(q, scale, DTYPES[self.settings.dtype])
+                    frame = [x, frame[1], frame[2]]
         if ok:
-            x, ids, w = frame[0], frame[-2], frame[-1]
+            x, ids, w = frame
             n = x.shape[0]
             ok = (
                 x.shape == (n, c.hidden_size)
@@ -606,14 +611,6 @@ class ExpertNode:
                 and not ids.is_floating_point()
                 and bool(((ids >= -1) & (ids < local)).all())
             )
-            if ok and fp8:
-                scale = frame[1]
-                ok = (
-                    x.dtype == FP8
-                    and scale.dtype == torch.float32
-                    and scale.shape == (n, -(-c.hidden_size // BLOCK))
-                    and bool((torch.isfinite(scale) & (scale > 0)).all())
-                )
         if not ok:
             shapes = [list(t.shape) for t in frame]
             raise TransportError(

@@ -82,3 +82,26 @@ def dequantize_rows(
     T, D = q_TD.shape
     full = scale_TG.float().repeat_interleave(group, -1)[:, :D]
     return (q_TD.float() * full).to(dtype)
+
+
+def pack_rows(x_TD: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
+    """`quantize_rows` as one uint8 tensor [T, D + 4·⌈D/group⌉]: the E4M3 bytes, then the fp32
+    scales' bytes. One tensor, so an fp8 frame has as many messages as a frame in the model's
+    dtype (each tensor of a large frame is a message of its own)."""
+    q, scale = quantize_rows(x_TD, group)
+    return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=1)
+
+
+def unpack_rows(
+    packed: torch.Tensor, D: int, group: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [T, D] float8_e4m3fn, scales [T, ⌈D/group⌉] fp32) of `pack_rows`' tensor; ValueError
+    when it is not one for rows of D features."""
+    G = -(-D // group)
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != D + 4 * G:
+        raise ValueError(
+            f"packed fp8 rows must be uint8 [n, {D + 4 * G}], got {packed.dtype} "
+            f"{list(packed.shape)}"
+        )
+    q = packed[:, :D].contiguous().view(FP8)
+    return q, packed[:, D:].contiguous().view(torch.float32)

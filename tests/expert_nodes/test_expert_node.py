@@ -133,10 +133,10 @@ def test_a_rebalance_stages_new_experts_then_switches_layers_it_changes(tiny_mod
 
 
 def test_fp8_dispatch_frames_are_checked_and_answered(tiny_model: Path) -> None:
-    """With fp8 dispatch a frame is E4M3 rows, their scales, ids and weights: scales that are
-    not finite and positive, or rows in another dtype, fail the step naming the peer; a good
-    frame is answered in the model's dtype."""
-    from afd.models.fp8 import quantize_rows
+    """With fp8 dispatch a frame is the packed E4M3 rows and scales, ids and weights: scales
+    that are not finite and positive, a packing of the wrong width, or rows in another dtype
+    fail the step naming the peer; a good frame is answered in the model's dtype."""
+    from afd.models.fp8 import pack_rows
 
     config = load_config(tiny_model)
     node = ExpertNode(ExpertNodeSettings(1000, str(tiny_model), (0, 1, 2), dispatch_fp8=True))
@@ -148,10 +148,12 @@ def test_fp8_dispatch_frames_are_checked_and_answered(tiny_model: Path) -> None:
         waiting.join(TIMEOUT_S)
         x, w = torch.randn(2, config.hidden_size), torch.rand(2, config.top_k)
         ids = torch.tensor([[0, -1], [2, 1]], dtype=torch.int16)
-        q, scale = quantize_rows(x)
+        packed = pack_rows(x)
+        negative = packed.clone()
+        negative[:, config.hidden_size + 3] |= 0x80  # the first scale's sign bit (little-endian)
         layer = config.moe_layers[0]
         for step, frame in enumerate(
-            [[q, -scale, ids, w], [q, scale.half(), ids, w], [x, scale, ids, w], [q, ids, w]]
+            [[negative, ids, w], [packed[:, :-4], ids, w], [x, ids, w], [packed, ids]]
         ):
             errors: list[BaseException] = []
             thread = _step(node, step, errors)
@@ -164,7 +166,7 @@ def test_fp8_dispatch_frames_are_checked_and_answered(tiny_model: Path) -> None:
         _open(attention, step)
         for moe_layer in config.moe_layers:
             key = RoundKey.exchange(step, moe_layer, 0)
-            attention.send(1000, key, [q, scale, ids, w]).result(TIMEOUT_S)
+            attention.send(1000, key, [packed, ids, w]).result(TIMEOUT_S)
             (y,) = attention.recv(1000, key, TIMEOUT_S)
             assert y.shape == x.shape and y.dtype == torch.float32
         thread.join(TIMEOUT_S)

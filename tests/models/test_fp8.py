@@ -57,6 +57,18 @@ def test_rows_for_fp8_dispatch_round_trip_within_e4m3_precision(rows: int) -> No
         assert (back[-1] == 0).all()
 
 
+def test_packed_rows_are_the_quantized_rows_and_their_scales_in_one_tensor() -> None:
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(2))
+    packed = fp8.pack_rows(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 300 + 4 * 3)
+    q, scale = fp8.unpack_rows(packed, 300)
+    want_q, want_scale = fp8.quantize_rows(x)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(scale, want_scale)
+    with pytest.raises(ValueError, match=r"uint8 \[n, 312\]"):
+        fp8.unpack_rows(packed[:, :-1], 300)
+
+
 def test_a_row_holding_inf_or_nan_still_gets_finite_positive_scales() -> None:
     """The frame stays valid for the expert node's checks; the bad numbers travel on."""
     x = torch.ones(2, 256)
