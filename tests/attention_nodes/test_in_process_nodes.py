@@ -55,6 +55,16 @@ def _wire(attention: AttentionNode, experts: list[ExpertNode], lane: bool = Fals
             e.connect_lane([own])
 
 
+def _expert_nodes(
+    tiny_model: Path, placement: ExpertPlacement, **settings: int | bool
+) -> list[ExpertNode]:
+    """One expert node per node of the placement, with these settings."""
+    return [
+        ExpertNode(ExpertNodeSettings(EXPERT_BASE + j, str(tiny_model), ids, **settings))
+        for j, ids in enumerate(placement.assignment)
+    ]
+
+
 def _serve(
     attention: AttentionNode,
     experts: list[ExpertNode],
@@ -103,12 +113,7 @@ def test_ping_pong_gives_the_reference_tokens_for_every_m(
     attention = AttentionNode(
         AttentionNodeSettings(0, str(tiny_model), micro_batches=micro_batches), placement
     )
-    experts = [
-        ExpertNode(
-            ExpertNodeSettings(EXPERT_BASE + j, str(tiny_model), ids, micro_batches=micro_batches)
-        )
-        for j, ids in enumerate(placement.assignment)
-    ]
+    experts = _expert_nodes(tiny_model, placement, micro_batches=micro_batches)
     try:
         _wire(attention, experts)
         requests = _requests(reference)
@@ -494,10 +499,7 @@ def test_disaggregated_nodes_step_in_lockstep_on_their_own_loops(
         AttentionNode(AttentionNodeSettings(i, str(tiny_model), micro_batches=2), placement)
         for i in range(2)
     ]
-    experts = [
-        ExpertNode(ExpertNodeSettings(EXPERT_BASE + j, str(tiny_model), ids, micro_batches=2))
-        for j, ids in enumerate(placement.assignment)
-    ]
+    experts = _expert_nodes(tiny_model, placement, micro_batches=2)
     peers = [(e.settings.node_id, e.address()) for e in experts]
     try:
         with ThreadPoolExecutor(len(experts)) as pool:
@@ -602,12 +604,7 @@ def test_fp8_dispatch_sends_half_the_row_bytes_and_the_tokens_of_fp8_rounded_row
         attention = AttentionNode(
             AttentionNodeSettings(0, str(tiny_model), dispatch_fp8=fp8_rows), placement
         )
-        experts = [
-            ExpertNode(
-                ExpertNodeSettings(EXPERT_BASE + j, str(tiny_model), ids, dispatch_fp8=fp8_rows)
-            )
-            for j, ids in enumerate(placement.assignment)
-        ]
+        experts = _expert_nodes(tiny_model, placement, dispatch_fp8=fp8_rows)
         try:
             _wire(attention, experts)
             got[fp8_rows] = _serve(attention, experts, requests)

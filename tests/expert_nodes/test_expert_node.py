@@ -35,15 +35,47 @@ def _open(attention: Transport, step: int) -> None:
     assert attention.recv(1000, RoundKey.control(step), TIMEOUT_S) == []
 
 
+def _connected(node: ExpertNode) -> Transport:
+    """Attention node 4's transport, connected to `node` as the orchestrator wires them."""
+    attention = Transport(4)
+    waiting = threading.Thread(target=node.wait_for_attention_nodes, args=([4], TIMEOUT_S))
+    waiting.start()
+    attention.connect(1000, node.address())
+    waiting.join(TIMEOUT_S)
+    return attention
+
+
+def _rejected(node: ExpertNode, attention: Transport, step: int, frame: list) -> str:
+    """What ends `step` when its first exchange brings `frame`."""
+    errors: list[BaseException] = []
+    thread = _step(node, step, errors)
+    _open(attention, step)
+    layer = node.config.moe_layers[0]
+    attention.send(1000, RoundKey.exchange(step, layer, 0), frame).result(TIMEOUT_S)
+    thread.join(TIMEOUT_S)
+    assert len(errors) == 1 and isinstance(errors[0], TransportError), errors
+    return str(errors[0])
+
+
+def _answered(node: ExpertNode, attention: Transport, step: int, frame: list) -> torch.Tensor:
+    """Every MoE layer of `step` sends `frame`; the last layer's answer."""
+    errors: list[BaseException] = []
+    thread = _step(node, step, errors)
+    _open(attention, step)
+    for moe_layer in node.config.moe_layers:
+        key = RoundKey.exchange(step, moe_layer, 0)
+        attention.send(1000, key, frame).result(TIMEOUT_S)
+        (y,) = attention.recv(1000, key, TIMEOUT_S)
+    thread.join(TIMEOUT_S)
+    assert errors == []
+    return y
+
+
 def test_malformed_dispatch_frames_are_rejected_naming_the_peer(tiny_model: Path) -> None:
     config = load_config(tiny_model)
     node = ExpertNode(ExpertNodeSettings(1000, str(tiny_model), (0, 1, 2)))
-    attention = Transport(4)
+    attention = _connected(node)
     try:
-        waiting = threading.Thread(target=node.wait_for_attention_nodes, args=([4], TIMEOUT_S))
-        waiting.start()
-        attention.connect(1000, node.address())
-        waiting.join(TIMEOUT_S)
         x, w = torch.zeros(2, config.hidden_size), torch.zeros(2, config.top_k)
         ids = torch.tensor([[0, -1], [2, 1]], dtype=torch.int16)
         bad_frames = [
@@ -52,27 +84,12 @@ def test_malformed_dispatch_frames_are_rejected_naming_the_peer(tiny_model: Path
             [x, ids],  # a tensor missing
             [x, ids.float(), w],  # ids must be integers
         ]
-        layer = config.moe_layers[0]
         for step, frame in enumerate(bad_frames):
-            errors: list[BaseException] = []
-            thread = _step(node, step, errors)
-            _open(attention, step)
-            attention.send(1000, RoundKey.exchange(step, layer, 0), frame).result(TIMEOUT_S)
-            thread.join(TIMEOUT_S)
-            assert len(errors) == 1 and isinstance(errors[0], TransportError), errors
-            assert "malformed dispatch frame from peer 4" in str(errors[0])
+            assert "malformed dispatch frame from peer 4" in _rejected(node, attention, step, frame)
         # a well-formed frame is still answered with the partial sums of its two tokens
         step = len(bad_frames)
-        errors = []
-        thread = _step(node, step, errors)
-        _open(attention, step)
-        for moe_layer in config.moe_layers:
-            key = RoundKey.exchange(step, moe_layer, 0)
-            attention.send(1000, key, [x, ids, w]).result(TIMEOUT_S)
-            (y,) = attention.recv(1000, key, TIMEOUT_S)
-            assert y.shape == x.shape
-        thread.join(TIMEOUT_S)
-        assert errors == []
+        assert _answered(node, attention, step, [x, ids, w]).shape == x.shape
+        errors: list[BaseException] = []
         for bad in ([torch.tensor([2, 0, 1])], [torch.tensor([-1, 0])], [torch.tensor([1.0, 0])]):
             step += 1
             thread = _step(node, step, errors)
@@ -140,37 +157,19 @@ def test_fp8_dispatch_frames_are_checked_and_answered(tiny_model: Path) -> None:
 
     config = load_config(tiny_model)
     node = ExpertNode(ExpertNodeSettings(1000, str(tiny_model), (0, 1, 2), dispatch_fp8=True))
-    attention = Transport(4)
+    attention = _connected(node)
     try:
-        waiting = threading.Thread(target=node.wait_for_attention_nodes, args=([4], TIMEOUT_S))
-        waiting.start()
-        attention.connect(1000, node.address())
-        waiting.join(TIMEOUT_S)
         x, w = torch.randn(2, config.hidden_size), torch.rand(2, config.top_k)
         ids = torch.tensor([[0, -1], [2, 1]], dtype=torch.int16)
         packed = pack_rows(x)
         negative = packed.clone()
         negative[:, config.hidden_size + 3] |= 0x80  # the first scale's sign bit (little-endian)
-        layer = config.moe_layers[0]
         for step, frame in enumerate(
             [[negative, ids, w], [packed[:, :-4], ids, w], [x, ids, w], [packed, ids]]
         ):
-            errors: list[BaseException] = []
-            thread = _step(node, step, errors)
-            _open(attention, step)
-            attention.send(1000, RoundKey.exchange(step, layer, 0), frame).result(TIMEOUT_S)
-            thread.join(TIMEOUT_S)
-            assert "malformed dispatch frame from peer 4" in str(errors.pop()) and not errors
-        step = 4
-        thread = _step(node, step, errors)
-        _open(attention, step)
-        for moe_layer in config.moe_layers:
-            key = RoundKey.exchange(step, moe_layer, 0)
-            attention.send(1000, key, [packed, ids, w]).result(TIMEOUT_S)
-            (y,) = attention.recv(1000, key, TIMEOUT_S)
-            assert y.shape == x.shape and y.dtype == torch.float32
-        thread.join(TIMEOUT_S)
-        assert errors == []
+            assert "malformed dispatch frame from peer 4" in _rejected(node, attention, step, frame)
+        y = _answered(node, attention, 4, [packed, ids, w])
+        assert y.shape == x.shape and y.dtype == torch.float32
     finally:
         attention.close()
         node.shutdown()
