@@ -126,7 +126,6 @@ class AttentionNode:
         self._next_seq_id = 0
         self._launched: _Launched | None = None  # a decode step launched ahead, tokens unread
         self.steps_ahead = 0  # decode steps launched before the previous one's tokens were read
-        self._holding = False  # paused for a boundary: no step launched ahead
         self._expert_peers: frozenset[int] = frozenset()
         self._loop: StepLoop[AttentionStepResult] | None = None
 
@@ -280,7 +279,6 @@ class AttentionNode:
         nothing to run; with expert nodes, it also wakes when one calls it to the next step
         (another attention node has work), so that all step in lockstep. Called again after
         a halt or a failed step, it goes on from `first_step`."""
-        self._holding = False
         if self._loop is None:
             self._loop = StepLoop(
                 f"afd-attention-{self.settings.node_id}",
@@ -310,7 +308,6 @@ class AttentionNode:
     def pause(self) -> None:
         """Starts no step of its own from now on (still joins the others'): see StepLoop. A
         step launched ahead opens the next step on its own, so none is from now on."""
-        self._holding = True
         self._running_loop().pause()
 
     def halt(self) -> None:
@@ -421,7 +418,8 @@ class AttentionNode:
     def _finish(
         self, launched: _Launched, next_step: int, go_on: bool, start: float
     ) -> AttentionStepResult:
-        if go_on and self._decodes_ahead and not self._tracing.armed and not self._holding:
+        paused = self._loop is not None and self._loop.paused
+        if go_on and self._decodes_ahead and not self._tracing.armed and not paused:
             self._launched = self._launch_next(launched, next_step)
             self.steps_ahead += self._launched is not None
         tokens, logprobs = launched.sampled.result()
@@ -446,9 +444,8 @@ class AttentionNode:
         chunks, scheduler = launched.chunks, self.scheduler
         if scheduler.waiting and len(scheduler.running) < scheduler.max_running:
             return None  # the next step admits some (with max_running reached, it cannot)
-        if len(scheduler.running) != len(chunks):
-            return None
-        if not all(c.seq in set(self.scheduler.running) for c in chunks):
+        running = set(scheduler.running)
+        if len(running) != len(chunks) or any(c.seq not in running for c in chunks):
             return None
         keep = [i for i, c in enumerate(chunks) if not _ends_with_next_token(c.seq)]
         if not keep:

@@ -121,6 +121,11 @@ class StepLoop(Generic[Result]):
         with self._cond:
             return self._state()
 
+    @property
+    def paused(self) -> bool:
+        """Paused for a boundary (the node's step reads it: it launches nothing ahead then)."""
+        return self._paused
+
     def pause(self) -> None:
         """Starts no step of its own from now on; still answers calls."""
         with self._cond:
