@@ -396,19 +396,12 @@ class Transport:
         """The first frame in the mailbox that `match(peer, key)` accepts, whoever sent it: how an
         expert node serves a failover's frames while it waits for its regular ones."""
         with self._lock:
-            found: list[tuple[int, RoundKey]] = []
-            seen = -1
-
-            def scan() -> bool:
-                nonlocal seen
-                if seen != self.stats.frames_received:  # rescan only when mail came in
-                    seen = self.stats.frames_received
-                    found[:] = [slot for slot in self._mail if match(*slot)][:1]
-                return bool(found)
-
-            if not self._progress_until(scan, time.monotonic() + timeout_s):
+            first = self._first_match(match)
+            if not self._progress_until(lambda: first() is not None, time.monotonic() + timeout_s):
                 raise TransportError(f"node {self.node_id}: no awaited frame within {timeout_s}s")
-            peer, key = found[0]
+            found = first()
+            assert found is not None  # what the wait waited for
+            peer, key = found
             self._pending[peer] -= 1
             return peer, key, self._mail.pop((peer, key))
 
@@ -420,18 +413,27 @@ class Transport:
         `interrupt` wakes it) or `timeout_s` passed. How an idle node waits for a peer's step
         while staying ready for work of its own."""
         with self._lock:
-            found = False
-            seen = -1
+            first = self._first_match(match)
+            deadline = time.monotonic() + timeout_s
+            self._progress_until(lambda: first() is not None or until(), deadline, may_spin=False)
+            return first() is not None
 
-            def ready() -> bool:
-                nonlocal seen, found
-                if seen != self.stats.frames_received:  # rescan only when mail came in
-                    seen = self.stats.frames_received
-                    found = any(match(*slot) for slot in self._mail)
-                return found or until()
+    def _first_match(
+        self, match: Callable[[int, RoundKey], bool]
+    ) -> Callable[[], tuple[int, RoundKey] | None]:
+        """The first mailbox slot `match` accepts, as a check that scans the mailbox again only
+        when mail came in (a wait calls it on every turn of progress). Call under the lock."""
+        found: tuple[int, RoundKey] | None = None
+        seen = -1
 
-            self._progress_until(ready, time.monotonic() + timeout_s, may_spin=False)
+        def first() -> tuple[int, RoundKey] | None:
+            nonlocal seen, found
+            if seen != self.stats.frames_received:
+                seen = self.stats.frames_received
+                found = next((slot for slot in self._mail if match(*slot)), None)
             return found
+
+        return first
 
     def has_frame(self, peer: int, key: RoundKey) -> bool:
         """Whether the frame is in the mailbox now (after one turn of progress)."""
