@@ -1,4 +1,4 @@
-"""M2N dispatch and N2M combine through the device lane: no host code per layer.
+"""M2N dispatch and N2M combine through a slot lane (device or proxy): no host code per layer.
 
 Dispatch writes a micro-batch's rows, their local expert ids (-1 for the top-k slots another
 node serves) and weights straight into each expert node's dispatch slot for this node, then
@@ -27,8 +27,8 @@ import torch
 from afd.attention_nodes.expert_routing import ExpertRouting
 from afd.models.expert_placement import ExpertPlacement
 from afd.models.moe import Dispatcher
-from afd.transport.device_lane import DeviceLane, StatusSnapshot
 from afd.transport.endpoint import Transport
+from afd.transport.slot_lane import SlotLane, StatusSnapshot
 from afd.transport.step_control import control_frame, open_step, take_calls
 
 
@@ -36,7 +36,7 @@ class DeviceDispatcher(Dispatcher):
     def __init__(
         self,
         transport: Transport,
-        lane: DeviceLane,
+        lane: SlotLane,
         expert_peers: list[int],
         placement: ExpertPlacement,
         timeout_s: float,
@@ -72,7 +72,7 @@ class DeviceDispatcher(Dispatcher):
                 f"a micro-batch of {max(rows_per_micro_batch)} rows exceeds the device lane's slots "
                 f"({self.capacity} rows: the attention node's max_batch_tokens)"
             )
-        self.lane.begin_step(step)
+        self.lane.begin_step(step, [list(rows_per_micro_batch)] * len(self.expert_peers))
         real = rows_per_micro_batch if real_rows is None else real_rows
         if len(real) != len(rows_per_micro_batch) or not all(
             0 <= r <= n for r, n in zip(real, rows_per_micro_batch, strict=True)

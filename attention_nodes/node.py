@@ -40,7 +40,8 @@ from afd.models.step_trace import StepsToTrace, StepTrace
 from afd.models.tokenizer import Tokenizer
 from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
-from afd.transport.region_memory import RegionHandle
+from afd.transport.lanes import SLOT_LANES, LaneHandle, open_lane
+from afd.transport.proxy_lane import ProxyLane
 from afd.transport.slots import SlotKind
 from afd.transport.step_control import is_call
 
@@ -62,7 +63,9 @@ class AttentionNodeSettings:
     device: str = "cpu"  # "cuda": the GPU Ray gave this actor
     cuda_graphs: bool = True  # colocated on CUDA: decode-only steps replay CUDA graphs
     cuda_graph_context: int = 0  # >0: at start, capture every batch bucket up to this context
-    lane: str = "host"  # "device": expert rows and sums through shared slots (peers of one host)
+    # "device": expert rows and sums through shared slots (peers of one host); "proxy": the
+    # same slots, moved between hosts by a proxy thread on each node
+    lane: str = "host"
     decode_ahead: bool = True  # colocated or device lane: launch step n+1 before reading n's tokens
     dispatch_fp8: bool = False  # host lane: rows go to expert nodes in E4M3 with their scales
 
@@ -104,7 +107,7 @@ class AttentionNode:
         )
         self.scheduler = Scheduler(self.cache, settings.max_batch_tokens, settings.max_running)
         self.transport: Transport | None = None
-        self.lane: DeviceLane | None = None  # the device lane's slots, once connected
+        self.lane: DeviceLane | ProxyLane | None = None  # a slot lane's slots, once connected
         self.pipeline: PingPongPipeline | None = None
         self.routing: ExpertRouting | None = None  # the remote dispatcher's, once connected
         self.graphs: DecodeGraphs | None = None  # colocated on CUDA: decode steps replay graphs
@@ -130,7 +133,7 @@ class AttentionNode:
         self._loop: StepLoop[AttentionStepResult] | None = None
 
     def _use_graphs(self, dispatcher: Dispatcher, micro_batches: int = 1) -> None:
-        """Decode-only steps replay CUDA graphs: colocated, or over the device lane, whose
+        """Decode-only steps replay CUDA graphs: colocated, or over a slot lane, whose
         exchange's kernels are captured with the rest of the step (the ping-pong pipeline of
         `micro_batches` in one graph). A colocated node that decodes ahead runs the same
         decode step eagerly where there are no graphs (CPU), so that one path serves both."""
@@ -154,10 +157,10 @@ class AttentionNode:
     @property
     def _decodes_ahead(self) -> bool:
         """Decode steps are launched before the previous one's tokens are read: colocated, or
-        over the device lane (whose step status is read asynchronously); the host lane moves
+        over a slot lane (whose step status is read asynchronously); the host lane moves
         every frame on the host, so there is nothing to run ahead of."""
         s = self.settings
-        return s.decode_ahead and (self.placement is None or s.lane == "device")
+        return s.decode_ahead and (self.placement is None or s.lane in SLOT_LANES)
 
     def address(self) -> PeerAddress | None:
         """Where expert nodes' frames reach this node (None: colocated, no exchange)."""
@@ -169,11 +172,12 @@ class AttentionNode:
     def connect(
         self,
         expert_peers: list[tuple[int, PeerAddress]],
-        lane_regions: list[RegionHandle] | None = None,
-    ) -> RegionHandle | None:
+        lane_regions: list[LaneHandle] | None = None,
+    ) -> LaneHandle | None:
         """Opens one endpoint to every expert node, in expert-node order (colocated: none). On
-        the device lane, also maps the expert nodes' dispatch slots (`lane_regions`, same
-        order) and returns the handle of this node's combine slots, for the expert nodes."""
+        a slot lane (device, proxy), also reaches the expert nodes' dispatch slots
+        (`lane_regions`, same order) and returns the handle of this node's combine slots, for
+        the expert nodes."""
         if self.transport is None or self.placement is None:
             return None
         for peer, address in expert_peers:
@@ -181,13 +185,14 @@ class AttentionNode:
         peers, s = [p for p, _ in expert_peers], self.settings
         self._expert_peers = frozenset(peers)
         dispatcher: DeviceDispatcher | RemoteDispatcher
-        if s.lane == "device":
+        if s.lane in SLOT_LANES:
             if lane_regions is None or len(lane_regions) != len(peers):
-                raise ValueError("the device lane needs every expert node's slots")
+                raise ValueError(f"the {s.lane} lane needs every expert node's slots")
             if self.lane is not None:
                 self.lane.close()
             c = self.config
-            self.lane = DeviceLane.allocate(
+            self.lane = open_lane(
+                s.lane,
                 SlotKind.COMBINE,
                 s.node_id,
                 peers,
@@ -196,8 +201,11 @@ class AttentionNode:
                 c.hidden_size,
                 c.top_k,
                 c.num_layers,
+                max(c.moe_layers),
                 DTYPES[s.dtype],
                 self.device,
+                s.transport,
+                s.round_timeout_s,
             )
             self.lane.connect(lane_regions, s.node_id)
             dispatcher = DeviceDispatcher(
@@ -213,21 +221,23 @@ class AttentionNode:
         self.pipeline = PingPongPipeline(self.model, self.cache, dispatcher)
         return None if self.lane is None else self.lane.handle
 
-    def lane_region(self) -> RegionHandle | None:
+    def lane_region(self) -> LaneHandle | None:
         """The handle of this node's combine slots (None: the host lane)."""
         return None if self.lane is None else self.lane.handle
 
     def reconnect(
-        self, peer: int, address: PeerAddress, lane_region: RegionHandle | None = None
+        self, peer: int, address: PeerAddress, lane_region: LaneHandle | None = None
     ) -> None:
-        """Connects to a restarted expert node under its old id (on the device lane, to its
-        new slots too)."""
+        """Connects to a restarted expert node under its old id (on a slot lane, to its new
+        slots too)."""
         assert self.transport is not None, "a colocated node has no expert peers"
         self.transport.forget_peer(peer)
         self.transport.connect(peer, address)
         if self.lane is not None:
             if lane_region is None:
-                raise ValueError("the device lane needs the restarted expert node's slots")
+                raise ValueError(
+                    f"the {self.settings.lane} lane needs the restarted expert node's slots"
+                )
             self.lane.reconnect(lane_region, self.settings.node_id)
             if self.graphs is not None:
                 self.graphs.clear()
@@ -270,7 +280,7 @@ class AttentionNode:
         if self.transport is not None:
             self.transport.reset(next_step)
         if self.lane is not None:
-            self.lane.reset()
+            self.lane.reset(next_step)
 
     # ---- the node's own loop ---------------------------------------------------------------
     def start_loop(self, first_step: int = 0) -> None:

@@ -2,9 +2,10 @@
 
 For each (step, layer, micro-batch) it waits for a frame from every attention node (possibly
 empty), runs its experts once over all their tokens together (this aggregation is the point
-of disaggregation), and sends each attention node back its partial sums. On the device lane
-the rows arrive in its slots and the sums go straight into the attention nodes' slots; only the
-step's control round (the rows of each micro-batch) comes through the transport.
+of disaggregation), and sends each attention node back its partial sums. On a slot lane the
+rows arrive in its slots and the sums go into the attention nodes' slots (on the device lane
+straight there, on the proxy lane through this node's proxy); only the step's control round
+(the rows of each micro-batch) comes through the transport.
 
 With expert replicas it also answers failover frames (tokens an attention node sends again
 because the expert node it first sent them to died) whenever they come, and ends its step only
@@ -31,9 +32,11 @@ from afd.models.messages import ExpertStepResult
 from afd.models.moe import ExpertShard, StackedExperts, load_layer_experts
 from afd.models.step_loop import LoopReport, StepLoop
 from afd.models.step_trace import StepsToTrace, StepTrace
-from afd.transport.device_lane import DeviceLane, HostCopy, StatusSnapshot
+from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import PeerAddress, Transport, TransportError, TransportSettings
-from afd.transport.region_memory import RegionHandle
+from afd.transport.lanes import SLOT_LANES, LaneHandle, open_lane
+from afd.transport.proxy_lane import ProxyLane
+from afd.transport.slot_lane import HostCopy, StatusSnapshot
 from afd.transport.slots import SlotKind
 from afd.transport.step_control import call_step, is_opening, read_control_frame
 from afd.transport.wire import FrameKind, RoundKey
@@ -54,8 +57,10 @@ class ExpertNodeSettings:
     serve_failovers: bool = False  # expert replicas: answer failover frames, await step markers
     # (MoE layer, expert ids) for layers whose placement differs from `expert_ids`
     layer_expert_ids: tuple[tuple[int, tuple[int, ...]], ...] = ()
-    lane: str = "host"  # "device": rows and sums through slots in shared memory (one host)
-    cuda_graphs: bool = True  # device lane on CUDA: decode steps replay a graph of the step
+    # "device": rows and sums through slots in shared memory (one host); "proxy": the same
+    # slots, moved between hosts by a proxy thread on each node
+    lane: str = "host"
+    cuda_graphs: bool = True  # a slot lane on CUDA: decode steps replay a graph of the step
     dispatch_fp8: bool = False  # host lane: rows come in E4M3 with their scales (fp8 dispatch)
 
 
@@ -68,8 +73,8 @@ class _Opened:
     wait: float  # waiting for the control frames (and, host lane, the exchanges)
     compute: float  # host lane: the experts' time
     counts: torch.Tensor  # tokens per (MoE layer, local expert)
-    counts_copy: HostCopy | None  # device lane: on their way to the host already
-    status: StatusSnapshot | None  # device lane: its status word, on its way to the host
+    counts_copy: HostCopy | None  # slot lane: on their way to the host already
+    status: StatusSnapshot | None  # slot lane: its status word, on its way to the host
     trace: StepTrace | None
 
 
@@ -98,7 +103,7 @@ class ExpertNode:
         self._tracing = StepsToTrace()
         self._trace: StepTrace | None = None  # the step in progress's, when it is traced
         self._step_lock = threading.Lock()  # a step and a placement switch never overlap
-        self.lane: DeviceLane | None = None  # the device lane, once `open_lane` made its slots
+        self.lane: DeviceLane | ProxyLane | None = None  # a slot lane, once `open_lane` made it
         # lane steps as CUDA graphs, by the rows of each (attention node, micro-batch)
         self._graphs: (
             dict[tuple[tuple[int, ...], ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None
@@ -205,25 +210,30 @@ class ExpertNode:
     def loaded_tensor_names(self) -> list[str]:
         return list(self.checkpoint.names_read)
 
-    def open_lane(self, attention_peers: list[int], capacity: int) -> RegionHandle:
-        """Makes this node's dispatch slots (device lane): one per (micro-batch, attention
-        node), `capacity` rows each. Attention nodes map them through the handle."""
-        if self.settings.lane != "device":
-            raise RuntimeError(f"expert node {self.settings.node_id} runs the host lane")
+    def open_lane(self, attention_peers: list[int], capacity: int) -> LaneHandle:
+        """Makes this node's dispatch slots (a slot lane): one per (micro-batch, attention
+        node), `capacity` rows each. Attention nodes reach them through the handle."""
+        s = self.settings
+        if s.lane not in SLOT_LANES:
+            raise RuntimeError(f"expert node {s.node_id} runs the host lane")
         if self.lane is not None:
             self.lane.close()
         c = self.config
-        self.lane = DeviceLane.allocate(
+        self.lane = open_lane(
+            s.lane,
             SlotKind.DISPATCH,
-            self.settings.node_id,
+            s.node_id,
             attention_peers,
-            self.settings.micro_batches,
+            s.micro_batches,
             capacity,
             c.hidden_size,
             c.top_k,
             c.num_layers,
-            DTYPES[self.settings.dtype],
-            torch.device(self.settings.device),
+            max(c.moe_layers),
+            DTYPES[s.dtype],
+            torch.device(s.device),
+            s.transport,
+            s.round_timeout_s,
         )
         if self.lane.own.device.type == "cuda" and self.settings.cuda_graphs:
             self._graphs, self._graph_pool = {}, torch.cuda.graph_pool_handle()
@@ -238,9 +248,11 @@ class ExpertNode:
         and is tried again): they connect again, under the same ids."""
         for peer in peers:
             self.transport.forget_peer(peer)
+            if isinstance(self.lane, ProxyLane):
+                self.lane.forget(peer)
 
-    def connect_lane(self, attention_regions: list[RegionHandle]) -> None:
-        """Maps every attention node's combine slots (device lane), in attention-peer order."""
+    def connect_lane(self, attention_regions: list[LaneHandle]) -> None:
+        """Reaches every attention node's combine slots (a slot lane), in attention-peer order."""
         if self.lane is None:
             raise RuntimeError(
                 f"expert node {self.settings.node_id}: connect_lane before open_lane"
@@ -250,16 +262,19 @@ class ExpertNode:
             self._graphs.clear()
 
     def accept_attention_node(self, peer: int, timeout_s: float) -> None:
-        """Takes back a restarted attention node under its old id."""
+        """Takes back a restarted attention node under its old id (its proxy too, whose slots
+        `reconnect_lane` then waits for)."""
         self.transport.forget_peer(peer)
+        if isinstance(self.lane, ProxyLane):
+            self.lane.forget(peer)
         self.transport.wait_for_peers([peer], timeout_s)
 
-    def lane_region(self) -> RegionHandle | None:
+    def lane_region(self) -> LaneHandle | None:
         """The handle of this node's dispatch slots (None: the host lane)."""
         return None if self.lane is None else self.lane.handle
 
-    def reconnect_lane(self, attention_region: RegionHandle) -> None:
-        """Maps a restarted attention node's new combine slots (device lane)."""
+    def reconnect_lane(self, attention_region: LaneHandle) -> None:
+        """Reaches a restarted attention node's new combine slots (a slot lane)."""
         if self.lane is None:
             raise RuntimeError(f"expert node {self.settings.node_id} runs the host lane")
         self.lane.reconnect(attention_region, self.settings.node_id)
@@ -276,7 +291,7 @@ class ExpertNode:
         self._ahead = None  # a step opened ahead of a failed one is abandoned with it
         self.transport.reset(next_step)
         if self.lane is not None:
-            self.lane.reset()
+            self.lane.reset(next_step)
 
     def pid(self) -> int:
         return os.getpid()
@@ -330,7 +345,7 @@ class ExpertNode:
     def _run_step(self, step_id: int) -> ExpertStepResult:
         """Opens the step (or takes the one opened ahead), opens the next one if every
         attention node has already opened it (they decode ahead: `_opened_by_all`), then
-        closes this one: on the device lane the GPU goes from one step's graph to the next
+        closes this one: on a slot lane the GPU goes from one step's graph to the next
         without waiting for this node's host in between."""
         opened, self._ahead = self._ahead, None
         if opened is not None and opened.step != step_id:
@@ -354,7 +369,7 @@ class ExpertNode:
 
     def _open(self, step_id: int) -> _Opened:
         """Calls the attention nodes to the step, takes their control frames and runs the
-        step: on the host lane all of it; on the device lane its kernels are enqueued (a
+        step: on the host lane all of it; on a slot lane its kernels are enqueued (a
         replayed graph for decode steps), with the status word and the counts on their way
         to the host."""
         start = time.perf_counter()
@@ -445,13 +460,13 @@ class ExpertNode:
         controls: list[tuple[tuple[int, ...], bool]],
         counts: torch.Tensor,
     ) -> None:
-        """A step on the device lane, with the rows of every micro-batch from each attention
+        """A step on a slot lane, with the rows of every micro-batch from each attention
         node's control frame: every layer's wait, experts and write-backs on the GPU, a replayed
         CUDA graph when the attention nodes replay theirs (decode steps), else enqueued one by
         one. Its status is checked when the step closes."""
         assert self.lane is not None
         rows_PM = tuple(rows for rows, _ in controls)
-        self.lane.begin_step(step_id)
+        self.lane.begin_step(step_id, [list(rows_M) for rows_M in rows_PM])
         replay = all(graphed for _, graphed in controls) and self._trace is None
         if self._graphs is not None and replay:
             graph, graph_counts = self._graphs.get(rows_PM) or self._capture(rows_PM, counts)
@@ -522,7 +537,7 @@ class ExpertNode:
 
     def _control_frame(self, peer: int, frame: list[torch.Tensor]) -> tuple[tuple[int, ...], bool]:
         """A control frame: the rows of each micro-batch this step (within the slots, on the
-        device lane), and whether the attention node replays a graph (then so may we)."""
+        slot lane), and whether the attention node replays a graph (then so may we)."""
         capacity = None if self.lane is None else self.lane.own.layout.capacity
         what = f"expert node {self.settings.node_id}, peer {peer}"
         return read_control_frame(frame, self.settings.micro_batches, capacity, what)

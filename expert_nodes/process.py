@@ -2,7 +2,7 @@
 benches and the GPU tests run beside an in-process attention node (no Ray needed).
 
 The parent receives (address, dispatch-slot handle or None), sends the attention node ids,
-then, on the device lane, the attention nodes' combine-slot handles, then the step to start at
+then, on a slot lane, the attention nodes' combine-slot handles, then the step to start at
 (a node started after a failure joins a running sequence). The node's own loop then runs that
 step and every next one an attention node opens, as in a served cluster, until the parent
 terminates it (or a step fails: the process then exits with the error). It takes ("trace",
@@ -15,6 +15,7 @@ from __future__ import annotations
 from multiprocessing.connection import Connection
 
 from afd.expert_nodes.node import ExpertNode, ExpertNodeSettings
+from afd.transport.lanes import SLOT_LANES
 
 WIRE_TIMEOUT_S = 120.0
 POLL_S = 0.05  # how long a look for finished steps waits
@@ -26,7 +27,7 @@ def serve(
     """`capacity`: rows per dispatch slot (the attention nodes' max_batch_tokens)."""
     node = ExpertNode(settings)
     peers = list(range(attention_peers))
-    handle = node.open_lane(peers, capacity) if settings.lane == "device" else None
+    handle = node.open_lane(peers, capacity) if settings.lane in SLOT_LANES else None
     conn.send((node.address(), handle))
     node.wait_for_attention_nodes(conn.recv(), WIRE_TIMEOUT_S)
     if handle is not None:

@@ -56,6 +56,7 @@ from afd.orchestrator.pool_placement import (
 )
 from afd.orchestrator.rebalancer import RebalancePlan, Rebalancer
 from afd.transport.endpoint import PeerAddress
+from afd.transport.lanes import SLOT_LANES
 from ray._private.state import state as ray_state
 
 log = logging.getLogger(__name__)
@@ -326,19 +327,20 @@ class Cluster:
         ray.get([a.address.remote() for a in self.attention], timeout=timeout)
         attention_ids = list(range(len(self.attention)))
         regions = None
-        if self._device_lane:  # the expert nodes' dispatch slots, sized for every attention node
+        if self._slot_lane:  # the expert nodes' dispatch slots, sized for every attention node
             capacity = self.deployment.attention.max_batch_tokens
             calls = [e.open_lane.remote(attention_ids, capacity) for e in self.experts]
             regions = ray.get(calls, timeout=timeout)
         waits = [e.wait_for_attention_nodes.remote(attention_ids, timeout) for e in self.experts]
         own = ray.get([a.connect.remote(peers, regions) for a in self.attention], timeout=timeout)
         ray.get(waits, timeout=timeout)
-        if self._device_lane:  # and the attention nodes' combine slots
+        if self._slot_lane:  # and the attention nodes' combine slots
             ray.get([e.connect_lane.remote(own) for e in self.experts], timeout=timeout)
 
     @property
-    def _device_lane(self) -> bool:
-        return self.deployment.transport.lane == "device" and bool(self.experts)
+    def _slot_lane(self) -> bool:
+        """Rows and sums go through slots (device or proxy lane): every node has a handle."""
+        return self.deployment.transport.lane in SLOT_LANES and bool(self.experts)
 
     # ---- requests ---------------------------------------------------------------------
     @overload
@@ -980,7 +982,7 @@ class Cluster:
         # is taken) the hellos they send again
         ray.get(self.experts[j].forget_attention_nodes.remote(attention_ids), timeout=timeout)
         region = None
-        if self._device_lane:
+        if self._slot_lane:
             capacity = self.deployment.attention.max_batch_tokens
             region = ray.get(
                 self.experts[j].open_lane.remote(attention_ids, capacity), timeout=timeout
@@ -991,7 +993,7 @@ class Cluster:
             timeout=timeout,
         )
         ray.get(wait, timeout=timeout)
-        if self._device_lane:
+        if self._slot_lane:
             own = ray.get([a.lane_region.remote() for a in self.attention], timeout=timeout)
             ray.get(self.experts[j].connect_lane.remote(own), timeout=timeout)
         if self.placement_version:  # it restarted with the placement it was first given
@@ -1006,7 +1008,7 @@ class Cluster:
         """Connects a restarted attention node (new slots too) to every expert node."""
         waits = [e.accept_attention_node.remote(i, timeout) for e in self.experts]
         regions = None
-        if self._device_lane:
+        if self._slot_lane:
             regions = ray.get([e.lane_region.remote() for e in self.experts], timeout=timeout)
         own = ray.get(
             self.attention[i].connect.remote(self._expert_peers(), regions), timeout=timeout

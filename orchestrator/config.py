@@ -54,7 +54,7 @@ class AttentionSection(PoolSection):
     # captured at start for every batch bucket up to max_running and sequences up to this many
     # tokens (longer ones capture their graphs when they get there); 0: all on first use
     cuda_graph_context: int = 1024
-    # colocated or on the device lane: launch each decode step before reading the previous
+    # colocated or on a slot lane: launch each decode step before reading the previous
     # one's tokens, so the host's scheduling, detokenizing and streaming overlap the GPU's step
     decode_ahead: bool = True
     kv_blocks: int = 256
@@ -98,8 +98,9 @@ class TransportSection(TransportSettings):
 
     round_timeout_s: float = 30.0
     recovery_timeout_s: float = 120.0  # a dead node must be back (restarted, loaded) by then
-    # the exchange lane for rows and sums: "host" (frames over the transport, any machines) or
-    # "device" (slots in shared GPU or host memory; every node on one host, MPS for one GPU)
+    # the exchange lane for rows and sums: "host" (frames over the transport, any machines),
+    # "device" (slots in shared GPU or host memory; every node on one host, MPS for one GPU) or
+    # "proxy" (the same slots, moved over the network by a proxy thread per node: any machines)
     lane: str = "host"
     # the rows sent to expert nodes: "model" (the model's dtype) or "fp8" (E4M3 with a scale per
     # 128 features: half of bf16's bytes; the partial sums come back in the model's dtype)
@@ -290,7 +291,11 @@ def _check(d: Deployment, source: str) -> None:
             "blocking or polling",
         ),
         ("transport.spin_us", d.transport.spin_us >= 0, ">= 0"),
-        ("transport.lane", d.transport.lane in ("host", "device"), "host or device"),
+        (
+            "transport.lane",
+            d.transport.lane in ("host", "device", "proxy"),
+            "host, device or proxy",
+        ),
         (
             "transport.lane",
             d.transport.lane == "host" or (d.experts.nodes >= 1 and d.experts.replicas == 1),
@@ -305,8 +310,8 @@ def _check(d: Deployment, source: str) -> None:
         (
             "transport.dispatch_dtype",
             d.transport.dispatch_dtype == "model" or d.transport.lane == "host",
-            "model on the device lane (its slots hold rows in the model's dtype; fp8 dispatch "
-            "is the host lane's, which crosses hosts)",
+            "model on the device and proxy lanes (their slots hold rows in the model's dtype; "
+            "fp8 dispatch is the host lane's)",
         ),
         ("serve.grpc_port", 0 <= d.serve.grpc_port < 65536, "a port number (0: any free port)"),
         ("serve.http_port", 0 <= d.serve.http_port < 65536, "a port number (0: any free port)"),

@@ -245,9 +245,16 @@ class PendingSend:
 
 class Transport:
     def __init__(
-        self, node_id: int, settings: TransportSettings | None = None, device: str = "cpu"
+        self,
+        node_id: int,
+        settings: TransportSettings | None = None,
+        device: str = "cpu",
+        pin_received: bool = False,
     ) -> None:
+        """`pin_received`: frames received into host memory (`device` cpu) land in pinned
+        memory, for a caller that copies them on to a GPU itself (the proxy lane)."""
         self.node_id = node_id
+        self._pin_received = pin_received
         self.settings = settings or TransportSettings()
         if self.settings.progress_mode not in ("blocking", "polling"):
             raise TransportError(
@@ -399,11 +406,9 @@ class Transport:
             first = self._first_match(match)
             if not self._progress_until(lambda: first() is not None, time.monotonic() + timeout_s):
                 raise TransportError(f"node {self.node_id}: no awaited frame within {timeout_s}s")
-            found = first()
-            assert found is not None  # what the wait waited for
-            peer, key = found
-            self._pending[peer] -= 1
-            return peer, key, self._mail.pop((peer, key))
+            taken = self.take_any(match)
+            assert taken is not None  # what the wait waited for
+            return taken
 
     def await_frame(
         self, match: Callable[[int, RoundKey], bool], timeout_s: float, until: Callable[[], bool]
@@ -434,6 +439,17 @@ class Transport:
             return found
 
         return first
+
+    def take_any(
+        self, match: Callable[[int, RoundKey], bool]
+    ) -> tuple[int, RoundKey, list[torch.Tensor]] | None:
+        """The first frame in the mailbox that `match` accepts, without waiting (None: none)."""
+        with self._lock:
+            found = self._first_match(match)()
+            if found is None:
+                return None
+            self._pending[found[0]] -= 1
+            return found[0], found[1], self._mail.pop(found)
 
     def has_frame(self, peer: int, key: RoundKey) -> bool:
         """Whether the frame is in the mailbox now (after one turn of progress)."""
@@ -625,7 +641,7 @@ class Transport:
             if header.inline:
                 # GPU nodes stage through pinned memory: a copy from pageable memory took
                 # ~180 µs per 8 KiB frame on the H100 host (bench/NOTES.md), from pinned a few
-                pinned = self.device.type != "cpu"
+                pinned = self.device.type != "cpu" or self._pin_received
                 tensors = [
                     torch.empty(m.shape, dtype=m.dtype, pin_memory=pinned) for m in header.tensors
                 ]
@@ -633,7 +649,7 @@ class Transport:
                 for t in tensors:
                     _wire_view(t)[:] = p.header_buf[offset : offset + t.nbytes]
                     offset += t.nbytes
-                if pinned:
+                if self.device.type != "cpu":
                     tensors = [t.to(self.device, non_blocking=True) for t in tensors]
                 self._deliver(p, header, tensors)
                 # the next receive is posted on the next pass, after the caller has had this
@@ -642,8 +658,10 @@ class Transport:
                 return
             p.header = header
             # received straight into memory where the node computes
+            pin = self._pin_received and self.device.type == "cpu"
             p.payload = [
-                torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in header.tensors
+                torch.empty(m.shape, dtype=m.dtype, device=self.device, pin_memory=pin)
+                for m in header.tensors
             ]
             tag = self._ucx.UCXXTag(p.recv_tag | _PAYLOAD_CHANNEL)
             p.payload_reqs = [

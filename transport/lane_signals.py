@@ -16,6 +16,7 @@ host over shared memory, and a failed wait raises at once.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from afd.transport.endpoint import TransportError
@@ -75,8 +76,10 @@ class LaneTimeout(TransportError):
 def release(
     word_1: torch.Tensor, step_1: torch.Tensor, num_layers: int, layer: int, control_2: torch.Tensor
 ) -> None:
-    """Publishes round (step, layer) in a peer's word, unless our abort word is set."""
-    if word_1.is_cuda:
+    """Publishes round (step, layer) in a peer's word, unless our abort word is set. The step
+    counter's device says where this runs: a GPU kernel may write a word in pinned host memory
+    (the proxy lane's)."""
+    if step_1.is_cuda:
         _release_kernel[(1,)](word_1, step_1, num_layers, layer, control_2)
         return
     if int(control_2[0]) == 0:
@@ -91,8 +94,9 @@ def wait(
     control_2: torch.Tensor,
     timeout_s: float,
 ) -> None:
-    """Until every word in `words_P` reached round (step, layer); see the module docstring."""
-    if words_P.is_cuda:
+    """Until every word in `words_P` reached round (step, layer); see the module docstring.
+    On the GPU when the step counter is there, wherever the words are."""
+    if step_1.is_cuda:
         block = max(16, triton.next_power_of_2(words_P.numel()))
         _wait_kernel[(1,)](
             words_P,
@@ -146,11 +150,16 @@ class AbortSwitch:
             self.control_2[0:1].copy_(self._one, non_blocking=True)
 
 
-def check(control_2: torch.Tensor, what: str) -> None:
-    """Raises if a wait of the step just run ended without its data (one host read)."""
+def check(
+    control_2: torch.Tensor, what: str, failure: Callable[[], str | None] | None = None
+) -> None:
+    """Raises if a wait of the step just run ended without its data (one host read);
+    `failure()`: what the lane knows went wrong besides, added to the message."""
     status = int(control_2[1])
     if status != WaitStatus.OK:
-        raise LaneTimeout(f"{what}: {_explain(WaitStatus(status), None, None, None)}")
+        known = None if failure is None else failure()
+        cause = "" if known is None else f" ({known})"
+        raise LaneTimeout(f"{what}: {_explain(WaitStatus(status), None, None, None)}{cause}")
 
 
 def _explain(

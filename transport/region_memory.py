@@ -41,11 +41,16 @@ class RegionHandle:
     shared: tuple[Any, ...]  # CPU: (fd,); CUDA: torch's IPC rebuild function and arguments
 
     def writer_index(self, node_id: int) -> int:
-        if node_id not in self.writers:
-            raise RegionError(
-                f"node {node_id} is not a writer of node {self.owner}'s region (writers {list(self.writers)})"
-            )
-        return self.writers.index(node_id)
+        return writer_index(self.owner, self.writers, node_id)
+
+
+def writer_index(owner: int, writers: tuple[int, ...], node_id: int) -> int:
+    """Where node `node_id` writes in node `owner`'s region (a lane handle's writer order)."""
+    if node_id not in writers:
+        raise RegionError(
+            f"node {node_id} is not a writer of node {owner}'s region (writers {list(writers)})"
+        )
+    return writers.index(node_id)
 
 
 _own: dict[str, torch.Tensor] = {}  # this process's regions by key: a peer in-process maps these

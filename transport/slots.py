@@ -110,7 +110,11 @@ class SlotLayout:
 class SlotRegion:
     """Typed views of one region's bytes (the owner's memory, or a peer's mapping of it)."""
 
-    def __init__(self, layout: SlotLayout, memory_N: torch.Tensor) -> None:
+    def __init__(
+        self, layout: SlotLayout, memory_N: torch.Tensor, words_MP: torch.Tensor | None = None
+    ) -> None:
+        """`words_MP`: the sequence words somewhere else than in `memory_N` (the proxy lane
+        keeps them in pinned host memory, where both its proxy thread and the GPU see them)."""
         if memory_N.dtype != torch.uint8 or memory_N.numel() < layout.nbytes:
             raise ValueError(
                 f"slot region needs {layout.nbytes} bytes of uint8, got {memory_N.numel()} of {memory_N.dtype}"
@@ -119,7 +123,11 @@ class SlotRegion:
         views = {}
         for name, (at, n, dtype, shape) in layout.offsets().items():
             views[name] = memory_N[at : at + n].view(dtype).view(shape)
-        self.words_MP: torch.Tensor = views["words"]
+        if words_MP is not None and words_MP.shape != views["words"].shape:
+            raise ValueError(
+                f"slot words: shape {tuple(words_MP.shape)}, layout wants {tuple(views['words'].shape)}"
+            )
+        self.words_MP: torch.Tensor = views["words"] if words_MP is None else words_MP
         self.control_2: torch.Tensor = views["control"]  # abort word, status word
         self.rows_MPCD: torch.Tensor = views["rows"]
         self.local_ids_MPCK: torch.Tensor | None = views.get("local_ids")

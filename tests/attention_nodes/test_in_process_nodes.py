@@ -30,7 +30,9 @@ from afd.models.messages import ExpertStepResult, NewRequest, TokenOutput
 from afd.models.moe import ExpertShard, LocalDispatcher
 from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
+from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import Transport, TransportError
+from afd.transport.proxy_lane import ProxyLane
 from afd.transport.wire import FrameKind
 
 from tests.conftest import ARCHS
@@ -128,20 +130,24 @@ def test_ping_pong_gives_the_reference_tokens_for_every_m(
         assert [t.logprob for t in tokens] == pytest.approx(want.logprobs, abs=1e-5)
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2, 3])
-def test_the_device_lane_gives_the_reference_tokens(
-    tiny_model: Path, reference: ReferenceEngine, micro_batches: int
+@pytest.mark.parametrize(
+    ("lane", "micro_batches"),
+    [("device", 1), ("device", 2), ("device", 3), ("proxy", 1), ("proxy", 3)],
+)
+def test_a_slot_lane_gives_the_reference_tokens(
+    tiny_model: Path, reference: ReferenceEngine, lane: str, micro_batches: int
 ) -> None:
-    """Rows and sums through shared slots (host memory on CPU), the control frames through
-    the transport: the same tokens as the reference, and each expert node counts its own."""
+    """Rows and sums through slots (host memory on CPU: shared on the device lane, copied by
+    the nodes' proxies over UCX on the proxy lane), the control frames through the transport:
+    the same tokens as the reference, and each expert node counts its own."""
     config = load_config(tiny_model)
     placement = ExpertPlacement.even(config.num_experts, 2)
-    settings = AttentionNodeSettings(0, str(tiny_model), micro_batches=micro_batches, lane="device")
+    settings = AttentionNodeSettings(0, str(tiny_model), micro_batches=micro_batches, lane=lane)
     attention = AttentionNode(settings, placement)
     experts = [
         ExpertNode(
             ExpertNodeSettings(
-                EXPERT_BASE + j, str(tiny_model), ids, micro_batches=micro_batches, lane="device"
+                EXPERT_BASE + j, str(tiny_model), ids, micro_batches=micro_batches, lane=lane
             )
         )
         for j, ids in enumerate(placement.assignment)
@@ -151,6 +157,7 @@ def test_the_device_lane_gives_the_reference_tokens(
         _wire(attention, experts, lane=True)
         assert attention.pipeline is not None
         assert isinstance(attention.pipeline.dispatcher, DeviceDispatcher)
+        assert isinstance(attention.lane, ProxyLane if lane == "proxy" else DeviceLane)
         requests = _requests(reference)
         got = _serve(attention, experts, requests, results)
     finally:
@@ -163,17 +170,18 @@ def test_the_device_lane_gives_the_reference_tokens(
     assert counted == 2 * _slots(requests)
 
 
-def test_a_device_lane_step_without_its_expert_node_ends_at_the_deadline(
-    tiny_model: Path, reference: ReferenceEngine
+@pytest.mark.parametrize("lane", ["device", "proxy"])
+def test_a_slot_lane_step_without_its_expert_node_ends_at_the_deadline(
+    tiny_model: Path, reference: ReferenceEngine, lane: str
 ) -> None:
     """An expert node that never runs its step: the attention node's first wait ends at its
     deadline with an error naming the step; after a reset, the next step runs."""
     config = load_config(tiny_model)
     placement = ExpertPlacement.even(config.num_experts, 1)
-    settings = AttentionNodeSettings(0, str(tiny_model), lane="device", round_timeout_s=0.2)
+    settings = AttentionNodeSettings(0, str(tiny_model), lane=lane, round_timeout_s=0.2)
     attention = AttentionNode(settings, placement)
     expert = ExpertNode(
-        ExpertNodeSettings(EXPERT_BASE, str(tiny_model), placement.assignment[0], lane="device")
+        ExpertNodeSettings(EXPERT_BASE, str(tiny_model), placement.assignment[0], lane=lane)
     )
     try:
         _wire(attention, [expert], lane=True)

@@ -1,0 +1,394 @@
+"""The proxy lane: the device lane's slots between peers on other hosts, moved by a thread.
+
+The kernels see the lane they see on the device lane (`SlotLane`): dispatch and combine write a
+peer's slot and release its word, waits spin on this node's own words. What differs is where
+the peer's slot lies: here it is an *outbox* in this process, one per peer, whose sequence words
+sit in pinned host memory. A proxy thread per node watches those words. When a round is released
+(by a GPU kernel, or on CPU by the host) it copies the round's rows out of the outbox (on the GPU:
+into pinned memory, on a stream of its own), sends them to the peer's proxy as one frame, and
+that proxy copies them into its node's region and stores the round's number in the region's
+word, again in pinned host memory, which the node's waiting kernel reads. No host code of the
+node runs per layer, and a CUDA graph of the whole step captures the node's side.
+
+One frame per (peer, micro-batch, layer): rows, local expert ids and weights (dispatch) or
+partial sums (combine), only the rows the step uses (`begin_step` says how many). Frames go as
+UCX tag messages over the proxy's own transport (a worker and endpoints of its own: the node's
+transport belongs to the node's thread). UCX RMA is not used.
+
+Waking: a release on the CPU rings the proxy's bell. A GPU kernel cannot ring it, so while a
+step it was told of still has rounds to send, the proxy looks at the outbox words every few
+microseconds, napping in between so that the node's own thread gets the GIL; otherwise it
+sleeps on its transport until a frame comes, a step begins or a release rings.
+
+Connections: the attention node's proxy connects to each expert node's proxy (whose address is
+in the expert node's handle); the expert node's proxy accepts them, as the node transports do.
+
+Faults: a frame that is malformed, or from a node that is not a writer of this region, is
+dropped and recorded; the wait for its round then ends at its deadline and `check` names what
+was wrong. A peer that died: sends to it fail, and waits end at their deadline or at the node's
+abort, as on the device lane. `reset(next_step)` drops frames of abandoned steps, now and when
+they arrive late.
+
+Shape legend: P = peers, M = micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from afd.transport.device_lane import check_peer_layout
+from afd.transport.endpoint import PeerAddress, PendingSend, Transport, TransportSettings
+from afd.transport.region_memory import RegionError, writer_index
+from afd.transport.slot_lane import SlotLane
+from afd.transport.slots import SlotKind, SlotLayout, SlotRegion, sequence
+from afd.transport.wire import FrameKind, RoundKey
+
+log = logging.getLogger(__name__)
+
+IDLE_S = 0.05  # how long an idle proxy sleeps on its transport between looks
+NAP_S = 5e-6  # between looks at the outbox words while the GPU may release a round
+_PR_SET_TIMERSLACK = 29  # prctl: how late the kernel may wake a sleeping thread, in ns
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyHandle:
+    """What a peer needs to reach a node's proxy-lane region: picklable, any host."""
+
+    layout: SlotLayout
+    owner: int  # node id of the region's owner
+    writers: tuple[int, ...]  # node ids of the peers that write into it, in slot order
+    address: PeerAddress  # the owner's proxy
+
+    def writer_index(self, node_id: int) -> int:
+        return writer_index(self.owner, self.writers, node_id)
+
+
+class ProxyLane(SlotLane):
+    def __init__(
+        self,
+        own: SlotRegion,
+        handle_writers: tuple[int, ...],
+        node_id: int,
+        num_layers: int,
+        last_layer: int,
+        settings: TransportSettings,
+        timeout_s: float,
+    ) -> None:
+        """`last_layer`: the last layer with an exchange (a step's sends end there);
+        `timeout_s`: how long connecting waits for peers, and a step for its sends."""
+        super().__init__(own, num_layers)
+        self.node_id, self.last_layer, self.timeout_s = node_id, last_layer, timeout_s
+        self._writers = handle_writers
+        self._gpu = own.device.type == "cuda"
+        self.transport = Transport(node_id, settings, "cpu", pin_received=self._gpu)
+        self.handle = ProxyHandle(own.layout, node_id, handle_writers, self.transport.address)
+        self._stream = torch.cuda.Stream(own.device) if self._gpu else None
+        self._lock = threading.Lock()  # the peers, their outboxes and the steps to send
+        self._out_words_PM = torch.zeros(0, own.layout.micro_batches, dtype=torch.int64)
+        self._sent_PM = np.zeros((0, own.layout.micro_batches), np.int64)
+        self._staged: dict[tuple[int, int], tuple[list[torch.Tensor], PendingSend | None]] = {}
+        # step -> (rows per (peer, micro-batch), (peer, micro-batch) pairs whose last layer is
+        # still to send, when the step began)
+        self._steps: dict[int, tuple[list[list[int]], set[tuple[int, int]], float]] = {}
+        self._failure: str | None = None
+        self.frames_sent = self.frames_delivered = 0
+        self._bell = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._serve, name=f"afd-proxy-{node_id}", daemon=True
+        )
+        self._thread.start()
+
+    @classmethod
+    def allocate(
+        cls,
+        kind: SlotKind,
+        node_id: int,
+        writers: list[int],
+        micro_batches: int,
+        capacity: int,
+        hidden: int,
+        top_k: int,
+        num_layers: int,
+        last_layer: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        settings: TransportSettings,
+        timeout_s: float,
+    ) -> ProxyLane:
+        """Our region, for slots of `kind` written by the nodes `writers` (in that order), and
+        the proxy that fills it."""
+        layout = SlotLayout(kind, micro_batches, len(writers), capacity, hidden, top_k, dtype)
+        own = _region(layout, device)
+        return cls(own, tuple(writers), node_id, num_layers, last_layer, settings, timeout_s)
+
+    # ---- wiring --------------------------------------------------------------------------
+    def connect(self, handles: Sequence[object], node_id: int) -> None:
+        """An outbox per peer, in peer order, and a connection to every peer's proxy: made by
+        an attention node, awaited by an expert node (replacing earlier ones)."""
+        peer_handles = [_proxy_handle(h, node_id) for h in handles]
+        for h in peer_handles:
+            check_peer_layout(self.own.layout, h.layout, h.owner, node_id)
+            h.writer_index(node_id)  # we must be one of its writers
+        M = self.own.layout.micro_batches
+        words_PM = torch.zeros(len(peer_handles), M, dtype=torch.int64, pin_memory=self._gpu)
+        outboxes = [
+            (_region(_outbox_layout(h.layout), self.own.device, words_PM[p].view(M, 1)), 0)
+            for p, h in enumerate(peer_handles)
+        ]
+        with self._lock:
+            self.peers, self.peer_ids = outboxes, [h.owner for h in peer_handles]
+            self._out_words_PM, self._sent_PM = words_PM, np.zeros((len(peer_handles), M), np.int64)
+            self._staged.clear()
+        for h in peer_handles:
+            self._join(h)
+
+    def reconnect(self, new: object, node_id: int) -> None:
+        """Joins a restarted peer's new proxy in place of its old one (same outbox)."""
+        handle = _proxy_handle(new, node_id)
+        if handle.owner not in self.peer_ids:
+            raise RegionError(f"node {handle.owner} is not a peer of node {node_id}")
+        check_peer_layout(self.own.layout, handle.layout, handle.owner, node_id)
+        self._join(handle)
+
+    def forget(self, peer: int) -> None:
+        """Drops a dead peer's connection, so that its restarted proxy may connect again."""
+        self.transport.forget_peer(peer)
+
+    def _join(self, h: ProxyHandle) -> None:
+        if self.own.layout.kind == SlotKind.COMBINE:  # an attention node: it connects
+            self.transport.forget_peer(h.owner)
+            self.transport.connect(h.owner, h.address)
+        else:
+            self.transport.wait_for_peers([h.owner], self.timeout_s)
+
+    # ---- the node's side -----------------------------------------------------------------
+    def begin_step(self, step: int, rows_PM: list[list[int]] | None = None) -> None:
+        if rows_PM is None or len(rows_PM) != len(self.peers):
+            raise ValueError(
+                f"the proxy lane needs the rows for each of its {len(self.peers)} peers"
+            )
+        M = self.own.layout.micro_batches
+        for rows_M in rows_PM:
+            if len(rows_M) > M or any(not 0 <= n <= self.own.layout.capacity for n in rows_M):
+                raise ValueError(
+                    f"rows {rows_PM} do not fit {M} slots of {self.own.layout.capacity}"
+                )
+        super().begin_step(step)
+        pending = {(p, mb) for p in range(len(rows_PM)) for mb in range(M)}
+        rows = [list(r) + [0] * (M - len(r)) for r in rows_PM]
+        with self._lock:
+            self._steps[step] = (rows, pending, time.monotonic())
+        self._ring()
+
+    def release(self, peer: int, layer: int, micro_batch: int) -> None:
+        super().release(peer, layer, micro_batch)
+        if not self._gpu:
+            self._ring()
+
+    def reset(self, next_step: int | None = None) -> None:
+        super().reset(next_step)
+        if next_step is None:
+            return
+        with self._lock:
+            self._steps.clear()
+            self._failure = None
+        self.transport.reset(next_step)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._ring()
+        self._thread.join(timeout=self.timeout_s)
+        self.transport.close()
+        self.peers = []
+
+    def _failure_note(self) -> str | None:
+        return None if self._failure is None else f"the proxy: {self._failure}"
+
+    def _ring(self) -> None:
+        self._bell.set()
+        self.transport.interrupt()
+
+    # ---- the proxy thread ----------------------------------------------------------------
+    def _serve(self) -> None:
+        _fine_naps()
+        if self._stream is not None:
+            torch.cuda.set_device(self.own.device)
+        with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+            while not self._stop.is_set():
+                self._bell.clear()
+                try:
+                    if self._send_released() + self._deliver_arrived():
+                        continue
+                    if self._gpu and self._sends_due():
+                        self.transport.progress(0.0)  # one turn: frames in, sends out
+                        time.sleep(NAP_S)
+                    else:
+                        self.transport.await_frame(
+                            _any_frame, IDLE_S, lambda: self._bell.is_set() or self._stop.is_set()
+                        )
+                except Exception as err:  # the proxy must outlive what went wrong
+                    self._fail(f"{type(err).__name__}: {err}")
+                    self._stop.wait(IDLE_S)
+
+    def _sends_due(self) -> bool:
+        """A step begun still has rounds to send (given up after the round deadline)."""
+        with self._lock:
+            now = time.monotonic()
+            for step in [s for s, (_, _, t) in self._steps.items() if now - t > self.timeout_s]:
+                del self._steps[step]
+            return bool(self._steps)
+
+    def _send_released(self) -> int:
+        with self._lock:
+            ready = np.argwhere(self._out_words_PM.numpy() > self._sent_PM)
+            for p, mb in ready:
+                seq = int(self._out_words_PM[p, mb])
+                self._sent_PM[p, mb] = seq  # a round that cannot go is not tried again
+                self._send(int(p), int(mb), seq)
+            return len(ready)
+
+    def _send(self, p: int, mb: int, seq: int) -> None:
+        step, layer = divmod(seq - 1, self.num_layers)
+        entry = self._steps.get(step)
+        if entry is None:
+            raise RuntimeError(f"round {seq} released for step {step}, which did not begin")
+        rows_PM, pending, _ = entry
+        outbox, _ = self.peers[p]
+        n = rows_PM[p][mb]
+        arrays = [outbox.rows_MPCD[mb, 0, :n]]
+        if outbox.local_ids_MPCK is not None and outbox.weights_MPCK is not None:
+            arrays += [outbox.local_ids_MPCK[mb, 0, :n], outbox.weights_MPCK[mb, 0, :n]]
+        if self._gpu:
+            arrays = self._stage(p, mb, arrays)
+        handle = self.transport.send(self.peer_ids[p], RoundKey.exchange(step, layer, mb), arrays)
+        if self._gpu:
+            self._staged[(p, mb)] = (self._staged[(p, mb)][0], handle)
+        self.frames_sent += 1
+        if layer == self.last_layer:
+            pending.discard((p, mb))
+            if not pending:
+                del self._steps[step]
+
+    def _stage(self, p: int, mb: int, arrays: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The round's rows copied to pinned memory, ours until the send completes (the next
+        round of this slot comes after the peer answered this one: it is done by then)."""
+        staged, last = self._staged.get((p, mb), ([], None))
+        if last is not None:
+            last.result(self.timeout_s)
+        if not staged:
+            outbox, _ = self.peers[p]
+            full = [outbox.rows_MPCD[mb, 0]]
+            if outbox.local_ids_MPCK is not None and outbox.weights_MPCK is not None:
+                full += [outbox.local_ids_MPCK[mb, 0], outbox.weights_MPCK[mb, 0]]
+            staged = [torch.empty(a.shape, dtype=a.dtype, pin_memory=True) for a in full]
+        out = [s[: a.shape[0]] for s, a in zip(staged, arrays, strict=True)]
+        for dst, src in zip(out, arrays, strict=True):
+            dst.copy_(src, non_blocking=True)
+        assert self._stream is not None
+        self._stream.synchronize()
+        self._staged[(p, mb)] = (staged, None)
+        return out
+
+    def _deliver_arrived(self) -> int:
+        delivered = 0
+        while (frame := self.transport.take_any(_any_frame)) is not None:
+            peer, key, tensors = frame
+            try:
+                self._deliver(peer, key, tensors)
+                delivered += 1
+            except ValueError as err:
+                self._fail(f"a frame from node {peer} for {tuple(key)} was dropped: {err}")
+        return delivered
+
+    def _deliver(self, peer: int, key: RoundKey, tensors: list[torch.Tensor]) -> None:
+        """Copies a peer's round into our region and stores its word (after the bytes)."""
+        region, layout = self.own, self.own.layout
+        if peer not in self._writers:
+            raise ValueError(f"node {peer} does not write into node {self.node_id}'s slots")
+        if key.kind != FrameKind.EXCHANGE:
+            raise ValueError(f"kind {key.kind.name} on the proxy lane")
+        if not (0 <= key.micro_batch < layout.micro_batches and 0 <= key.layer < self.num_layers):
+            raise ValueError(f"micro-batch {key.micro_batch} or layer {key.layer} out of range")
+        w = self._writers.index(peer)
+        sinks = [region.rows_MPCD[key.micro_batch, w]]
+        if region.local_ids_MPCK is not None and region.weights_MPCK is not None:
+            sinks += [
+                region.local_ids_MPCK[key.micro_batch, w],
+                region.weights_MPCK[key.micro_batch, w],
+            ]
+        _check_frame(tensors, sinks)
+        for sink, t in zip(sinks, tensors, strict=True):
+            sink[: t.shape[0]].copy_(t, non_blocking=True)
+        if self._stream is not None:
+            self._stream.synchronize()  # the bytes are in before the word says so
+        seq = sequence(key.step, key.layer, self.num_layers)
+        word = region.words_MP[key.micro_batch, w]
+        if seq > int(word):
+            word.fill_(seq)
+        self.frames_delivered += 1
+
+    def _fail(self, what: str) -> None:
+        log.warning("node %d: proxy lane: %s", self.node_id, what)
+        self._failure = what
+
+
+def _proxy_handle(handle: object, node_id: int) -> ProxyHandle:
+    if not isinstance(handle, ProxyHandle):
+        raise RegionError(
+            f"node {node_id} runs the proxy lane, a peer gave a {type(handle).__name__}: "
+            "every node of a deployment must run the same lane"
+        )
+    return handle
+
+
+def _any_frame(peer: int, key: RoundKey) -> bool:
+    return True
+
+
+def _check_frame(tensors: list[torch.Tensor], sinks: list[torch.Tensor]) -> None:
+    if len(tensors) != len(sinks):
+        raise ValueError(f"{len(tensors)} tensors, the slot takes {len(sinks)}")
+    rows = tensors[0].shape[0] if tensors[0].dim() else -1
+    for t, sink in zip(tensors, sinks, strict=True):
+        if t.dtype != sink.dtype or t.dim() != 2 or t.shape[1] != sink.shape[1]:
+            raise ValueError(
+                f"a {t.dtype} tensor of shape {tuple(t.shape)} for slots of "
+                f"[rows, {sink.shape[1]}] {sink.dtype}"
+            )
+        if t.shape[0] != rows or rows > sink.shape[0]:
+            raise ValueError(f"{t.shape[0]} rows for a slot of {sink.shape[0]}")
+
+
+def _outbox_layout(peer: SlotLayout) -> SlotLayout:
+    """A peer's slots as this node writes them: its layout with one writer, us."""
+    return SlotLayout(
+        peer.kind, peer.micro_batches, 1, peer.capacity, peer.hidden, peer.top_k, peer.dtype
+    )
+
+
+def _region(
+    layout: SlotLayout, device: torch.device, words_MP: torch.Tensor | None = None
+) -> SlotRegion:
+    """Slots in this process: the bytes on `device`, the words in host memory (pinned on a
+    GPU node, where kernels and the proxy thread both read and write them)."""
+    if words_MP is None:
+        shape = (layout.micro_batches, layout.peers)
+        words_MP = torch.zeros(shape, dtype=torch.int64, pin_memory=device.type == "cuda")
+    memory_N = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
+    return SlotRegion(layout, memory_N, words_MP)
+
+
+def _fine_naps() -> None:
+    """Lets this thread's short sleeps end on time (Linux slacks them by 50 µs by default)."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: naps run long, no harm
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)
