@@ -11,9 +11,10 @@ afd rows drive a colocated `AttentionNode` in-process (`experts.nodes: 0`, what 
 config.json, paged KV, continuous batching, CUDA graphs for decode steps (`afd-graph`) or not
 (`afd-eager`), sampling on the device, detokenization on the host. `afd-disagg-m<m>` rows: the
 same attention node with its experts in an `ExpertNode` in a second process (the real nodes,
-m micro-batches), over the host lane (frames through the transport) or the device lane (slots
-in GPU memory shared by CUDA IPC; one GPU needs CUDA MPS; with m = 1 decode steps replay
-graphs that hold the exchange), what a disaggregated deployment runs on each node. Each row admits B requests of a
+m micro-batches), over the host lane (frames through the transport), the device lane (slots
+in GPU memory shared by CUDA IPC; one GPU needs CUDA MPS) or the proxy lane (the same slots,
+moved between the nodes' proxy threads over UCX, as across hosts); on the slot lanes decode
+steps replay graphs that hold the exchange. What a disaggregated deployment runs on each node. Each row admits B requests of a
 `--prompt`-token random prompt, runs their prefill and `--warmup` decode steps, then times
 `--steps` decode steps by the host clock around `AttentionNode.step` (which returns once a
 step's tokens reached the host; colocated, it has launched the next step first: decode-ahead,
@@ -115,7 +116,7 @@ def _start_disaggregated(
     settings: AttentionNodeSettings, micro_batches: int, lane: str
 ) -> tuple[AttentionNode, BaseProcess, Connection]:
     """1 attention node here + 1 expert process holding every expert, wired over the
-    transport: rows and sums through the device lane's slots, or the host lane's frames."""
+    transport: rows and sums through a slot lane's slots, or the host lane's frames."""
     config = load_config(settings.model_dir)
     placement = ExpertPlacement.even(config.num_experts, 1)
     settings = replace(settings, micro_batches=micro_batches, lane=lane)
@@ -480,7 +481,7 @@ def main() -> int:
         type=lambda s: s.split(","),
         default=["host"],
         metavar="LANE,...",
-        help="exchange lanes of the disaggregated rows: host, device (one GPU needs CUDA MPS)",
+        help="exchange lanes of the disaggregated rows: host, device, proxy (one GPU: run CUDA MPS)",
     )
     p.add_argument(
         "--fp8",
@@ -528,7 +529,8 @@ def main() -> int:
             _free(args.device)
         for lane in args.lanes:
             for m in args.disaggregated:
-                graphs = lane == "device" and args.device == "cuda"  # m >= 2 in one graph too
+                # a slot lane's step is one graph (m >= 2 too)
+                graphs = lane in ("device", "proxy") and args.device == "cuda"
                 rows += bench_afd(model_dir, args, dtype, graphs, micro_batches=m, lane=lane)
                 _free(args.device)
                 if lane == "host" and args.fp8_dispatch:  # the same rows dispatched in fp8

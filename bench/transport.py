@@ -1,9 +1,10 @@
 """Round-trip time (8 KiB) and one-way bandwidth (8 MiB, 64 MiB) between two processes for the
-afd transport, gRPC (Python) and a Ray actor call, measured in one run; on CUDA also the device
-lane's round trip (8 KiB, 256 KiB, 8 MiB; eager and in a CUDA graph; two processes on one GPU
-need CUDA MPS).
+afd transport, gRPC (Python) and a Ray actor call, measured in one run; and the slot lanes'
+round trips (8 KiB, 256 KiB, 8 MiB): the device lane's on CUDA (eager and in a CUDA graph; two
+processes on one GPU need CUDA MPS), the proxy lane's over loopback (on CUDA also in a graph).
 
     python bench/transport.py [--json] [--device cpu|cuda] [--iters N] [--only afd|grpc|ray|lane]
+        [--lanes device,proxy]
 
 RTT: ping-pong of one message, median over `iters` after warm-up. Bandwidth: `reps` messages
 sent back to back, then one small acknowledgement; bytes over the whole time, the median of
@@ -223,29 +224,41 @@ def bench_ray(iters: int, reps: int, trials: int, device: str = "cpu") -> list[d
     return rows
 
 
-# ---- afd device lane -------------------------------------------------------------------------
+# ---- afd slot lanes (device, proxy) -----------------------------------------------------------
 LANE_SIZES = (8 << 10, 256 << 10, 8 << 20)
 LANE_HIDDEN = 2048  # bf16 rows of 4 KiB, the Qwen3-30B-A3B hidden size
 LANE_ROUNDS = 50  # rounds per step: a step's sequence numbers are step * rounds + round + 1
+LARGE_ROWS = LANE_SIZES[-1] // (2 * LANE_HIDDEN)
 
 
-def _lane_plan(iters: int) -> list[tuple[str, int, int, int]]:
-    """(mode, rows, first step, steps) of every phase, the same in both processes."""
-    plan, step = [], 0
+def _lane_plan(iters: int, device: str) -> list[tuple[str, int, int, int]]:
+    """(mode, rows, first step, steps) of every phase, the same in both processes (from step
+    1: step 0 compiles the kernels)."""
+    plan, step = [], 1
     steps = max(2, iters // LANE_ROUNDS)
-    for mode in ("eager", "graph"):
+    for mode in ("eager", "graph") if device == "cuda" else ("eager",):
         for size in LANE_SIZES:
             plan.append((mode, size // (2 * LANE_HIDDEN), step, steps + 1))  # +1: warm-up
             step += steps + 1
     return plan
 
 
-def _lane_rounds(lane: object, rows: int, source: torch.Tensor, first: bool) -> None:
+def _open_lane(lane_name: str, first: bool, device: str) -> Any:
+    """The first process's end (combine slots, node 0) or the echo's (dispatch slots, node 1)."""
+    from afd.transport.endpoint import TransportSettings
+    from afd.transport.lanes import open_lane
+    from afd.transport.slots import SlotKind
+
+    kind, me, peer = (SlotKind.COMBINE, 0, 1) if first else (SlotKind.DISPATCH, 1, 0)
+    return open_lane(
+        lane_name, kind, me, [peer], 1, LARGE_ROWS, LANE_HIDDEN, 1, LANE_ROUNDS, LANE_ROUNDS - 1,
+        torch.bfloat16, torch.device(device), TransportSettings(), 60.0,
+    )  # fmt: skip
+
+
+def _lane_rounds(lane: Any, rows: int, source: torch.Tensor, first: bool) -> None:
     """One step of ping-pong rounds: the first process sends then waits, the echo waits then
     sends back what it got."""
-    from afd.transport.device_lane import DeviceLane
-
-    assert isinstance(lane, DeviceLane)
     (peer, me) = lane.peers[0]
     for r in range(LANE_ROUNDS):
         if not first:
@@ -256,74 +269,72 @@ def _lane_rounds(lane: object, rows: int, source: torch.Tensor, first: bool) -> 
             lane.wait(r, 0, timeout_s=10)
 
 
-def _lane_phases(lane: object, plan: list, source: torch.Tensor, first: bool) -> list[float]:
-    """Runs every phase; seconds per round of each (timed on the first process)."""
-    from afd.transport.device_lane import DeviceLane
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
-    assert isinstance(lane, DeviceLane)
+
+def _lane_phases(lane: Any, plan: list, source: torch.Tensor, first: bool) -> list[float]:
+    """Runs every phase; seconds per round of each (timed on the first process)."""
+    device = source.device.type
     out = []
     for mode, rows, step, steps in plan:
         run = partial(_lane_rounds, lane, rows, source, first)
         graph = None
         if mode == "graph":
             graph = torch.cuda.CUDAGraph()
+            lane.quiet()  # the capture runs nothing, but a lane must not look at its warm-up
             with torch.cuda.graph(graph):
                 run()
+            torch.cuda.synchronize()
+            lane.reset()
         start = 0.0
         for s in range(step, step + steps):
             if s == step + 1:  # after the warm-up step
-                torch.cuda.synchronize()
+                _sync(device)
                 start = time.perf_counter()
-            lane.begin_step(s)
+            lane.begin_step(s, [[rows]])
             run() if graph is None else graph.replay()
-        torch.cuda.synchronize()
+        _sync(device)
         lane.check(f"{mode} {rows} rows")
         out.append((time.perf_counter() - start) / ((steps - 1) * LANE_ROUNDS))
     return out
 
 
-def _lane_echo(handle: Any, plan: list, conn: Any) -> None:
-    from afd.transport.device_lane import DeviceLane
-    from afd.transport.slots import SlotKind
-
-    lane = DeviceLane.allocate(
-        SlotKind.DISPATCH, 1, [0], 1, LARGE_ROWS, LANE_HIDDEN, 1, LANE_ROUNDS,
-        torch.bfloat16, torch.device("cuda"),
-    )  # fmt: skip
+def _lane_echo(lane_name: str, device: str, handle: Any, plan: list, conn: Any) -> None:
+    lane = _open_lane(lane_name, False, device)
     conn.send(lane.handle)
     lane.connect([handle], 1)
-    _lane_rounds(lane, 1, lane.own.rows_MPCD[0, 0], False)  # compiles the kernels: not timed
+    lane.begin_step(0, [[1]])  # compiles the kernels: not timed
+    _lane_rounds(lane, 1, lane.own.rows_MPCD[0, 0], False)
     _lane_phases(lane, plan, lane.own.rows_MPCD[0, 0], False)
+    lane.close()
 
 
-LARGE_ROWS = LANE_SIZES[-1] // (2 * LANE_HIDDEN)
-
-
-def bench_device_lane(iters: int) -> list[dict]:
-    """Round trips through the device lane between two processes on this GPU (MPS needed):
-    each side copies the payload into the other's slot and releases its word; eager (a kernel
-    launch per copy, release and wait) and inside a CUDA graph (one replay per step)."""
-    from afd.transport.device_lane import DeviceLane
-    from afd.transport.slots import SlotKind
-
-    lane = DeviceLane.allocate(
-        SlotKind.COMBINE, 0, [1], 1, LARGE_ROWS, LANE_HIDDEN, 1, LANE_ROUNDS,
-        torch.bfloat16, torch.device("cuda"),
-    )  # fmt: skip
-    plan = _lane_plan(iters)
+def bench_slot_lane(lane_name: str, device: str, iters: int) -> list[dict]:
+    """Round trips through a slot lane between two processes: each side writes the payload
+    into the other's slot (device lane: its memory, on this GPU, MPS needed; proxy lane: its
+    outbox, which the proxy threads move over UCX) and releases its word; eager, and on CUDA
+    inside a CUDA graph (one replay per step)."""
+    lane = _open_lane(lane_name, True, device)
+    plan = _lane_plan(iters, device)
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    echo = ctx.Process(target=_lane_echo, args=(lane.handle, plan, there), daemon=True)
+    echo = ctx.Process(
+        target=_lane_echo, args=(lane_name, device, lane.handle, plan, there), daemon=True
+    )
     echo.start()
     lane.connect([here.recv()], 0)
-    payload = torch.randn(LARGE_ROWS, LANE_HIDDEN, device="cuda").to(torch.bfloat16)
+    payload = torch.randn(LARGE_ROWS, LANE_HIDDEN, device=device).to(torch.bfloat16)
+    lane.begin_step(0, [[1]])
     _lane_rounds(lane, 1, payload, True)
     seconds = _lane_phases(lane, plan, payload, True)
     echo.join(60)
     got = lane.own.rows_MPCD[0, 0, : plan[-1][1]]
     assert torch.equal(got, payload[: plan[-1][1]]), "the echo came back different"
+    lane.close()
     return [
-        _row(f"lane-{mode}", rows * 2 * LANE_HIDDEN, rtt_s=s)
+        _row(f"{lane_name}-{mode}", rows * 2 * LANE_HIDDEN, rtt_s=s)
         for (mode, rows, _, _), s in zip(plan, seconds, strict=True)
     ]
 
@@ -345,6 +356,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=16)
     parser.add_argument("--trials", type=int, default=TRIALS)
     parser.add_argument("--only", choices=["afd", "grpc", "ray", "lane"], action="append")
+    parser.add_argument(
+        "--lanes",
+        type=lambda s: s.split(","),
+        default=None,
+        help="slot lanes of the lane rows: device, proxy (default: both on CUDA, proxy on CPU)",
+    )
     parser.add_argument("--progress-mode", default="blocking", choices=["blocking", "polling"])
     parser.add_argument("--spin-us", type=float, default=200.0)
     args = parser.parse_args()
@@ -359,7 +376,10 @@ def main() -> None:
     if "ray" in only:
         rows += bench_ray(args.iters, args.reps, args.trials, args.device)
     if "lane" in only:
-        rows += bench_device_lane(args.iters)
+        for lane_name in args.lanes or (
+            ["device", "proxy"] if args.device == "cuda" else ["proxy"]
+        ):
+            rows += bench_slot_lane(lane_name, args.device, args.iters)
     if args.json:
         print(json.dumps({"device": args.device, "rows": rows}))
         return

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 IDLE_S = 0.05  # how long an idle proxy sleeps on its transport between looks
 NAP_S = 5e-6  # between looks at the outbox words while the GPU may release a round
+CLOSE_FLUSH_S = 5.0  # how long closing waits for the last sends
 _PR_SET_TIMERSLACK = 29  # prctl: how late the kernel may wake a sleeping thread, in ns
 
 
@@ -201,13 +202,21 @@ class ProxyLane(SlotLane):
             return
         with self._lock:
             self._steps.clear()
+            self._staged.clear()  # fresh staging: UCX may still hold sends of the old steps
             self._failure = None
         self.transport.reset(next_step)
 
     def close(self) -> None:
+        """Stops the proxy once what was released went out (a node that ends right after its
+        last release must not take that round with it)."""
         self._stop.set()
         self._ring()
         self._thread.join(timeout=self.timeout_s)
+        try:
+            self._send_released()
+            self.transport.flush(min(self.timeout_s, CLOSE_FLUSH_S))
+        except Exception as err:  # a peer that is gone takes nothing more
+            log.info("node %d: proxy lane closed with sends undone: %s", self.node_id, err)
         self.transport.close()
         self.peers = []
 
@@ -283,7 +292,7 @@ class ProxyLane(SlotLane):
         """The round's rows copied to pinned memory, ours until the send completes (the next
         round of this slot comes after the peer answered this one: it is done by then)."""
         staged, last = self._staged.get((p, mb), ([], None))
-        if last is not None:
+        if last is not None and not last.done():
             last.result(self.timeout_s)
         if not staged:
             outbox, _ = self.peers[p]

@@ -17,17 +17,18 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 
 @pytest.mark.parametrize(
-    ("lane", "micro_batches"), [("host", 1), ("host", 2), ("device", 1), ("device", 2)]
+    ("lane", "micro_batches"),
+    [("host", 1), ("host", 2), ("device", 1), ("device", 2), ("proxy", 1), ("proxy", 2)],
 )
 def test_gpu_nodes_match_the_cpu_reference(
     tiny_model: Path, ray_session, lane: str, micro_batches: int
 ) -> None:
-    """On the device lane (under MPS) the attention node's decode steps replay graphs that
-    hold the exchange, launched ahead of the previous step's tokens being read, each node on
+    """On the device and proxy lanes (under MPS) the attention node's decode steps replay
+    graphs that hold the exchange, launched ahead of the previous step's tokens being read, each node on
     its own loop: the tokens are still the reference's."""
     from dataclasses import replace
 
-    if lane == "device" and not mps_running():
+    if lane != "host" and not mps_running():
         pytest.skip("two processes on one GPU need CUDA MPS")
     d = Deployment(model=ModelSection(path=str(tiny_model))).with_shape(1, 1, micro_batches)
     d = replace(

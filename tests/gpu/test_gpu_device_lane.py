@@ -1,6 +1,7 @@
-"""The device lane on a GPU (run on the GPU host; skipped elsewhere): the wait and release
-kernels, their deadline and abort, inside a CUDA graph; and an attention node here with its
-expert node in another process (under CUDA MPS) giving the colocated engine's tokens."""
+"""The slot lanes on a GPU (run on the GPU host; skipped elsewhere): the wait and release
+kernels, their deadline and abort, inside a CUDA graph, on device words and on the proxy
+lane's pinned host words; and an attention node here with its expert node in another process
+(under CUDA MPS), over the device and the proxy lane, giving the colocated engine's tokens."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from afd.models.reference import ReferenceEngine
 from afd.models.sampling import SamplingParams
 from afd.transport import lane_signals
 from afd.transport.device_lane import DeviceLane
-from afd.transport.endpoint import TransportError
+from afd.transport.endpoint import TransportError, TransportSettings
 from afd.transport.lane_signals import LaneTimeout
+from afd.transport.lanes import open_lane
+from afd.transport.proxy_lane import ProxyLane
 from afd.transport.region_memory import mps_running
 from afd.transport.slots import SlotKind, WaitStatus, sequence
 
@@ -102,11 +105,75 @@ def test_a_graph_of_releases_and_waits_follows_the_step_counter() -> None:
     lane.close()
 
 
+def test_the_proxy_lane_moves_a_graphed_steps_rounds_through_pinned_words() -> None:
+    """A GPU node's proxy lane against a host peer in this process: the kernels release the
+    outbox's pinned words and wait on the region's, the proxies copy and send the rows; eager,
+    then as a replayed CUDA graph for later steps."""
+    args = (1, 4, 8, 2, LAYERS, LAYERS - 1, torch.bfloat16)
+    gpu = open_lane("proxy", SlotKind.COMBINE, 0, [1000], *args, torch.device("cuda"),
+                    TransportSettings(), 10.0)  # fmt: skip
+    host = open_lane("proxy", SlotKind.DISPATCH, 1000, [0], *args, torch.device("cpu"),
+                     TransportSettings(), 10.0)  # fmt: skip
+    assert isinstance(gpu, ProxyLane) and isinstance(host, ProxyLane)
+    joined = threading.Thread(target=host.connect, args=([gpu.handle], 1000))
+    joined.start()
+    gpu.connect([host.handle], 0)
+    joined.join(30)
+    assert gpu.own.words_MP.is_pinned() and gpu.peers[0][0].words_MP.is_pinned()
+    source = torch.randn(3, 8, device="cuda").to(torch.bfloat16)
+
+    def rounds() -> None:
+        outbox, me = gpu.peers[0]
+        for layer in range(LAYERS):
+            outbox.rows_MPCD[0, me, :3].copy_(source * (layer + 1))
+            gpu.release(0, layer, 0)
+            gpu.wait(layer, 0, timeout_s=5)
+
+    def echo(step: int) -> None:  # the host peer: each round's rows back, plus one
+        host.begin_step(step, [[3]])
+        back, me = host.peers[0]
+        for layer in range(LAYERS):
+            host.wait(layer, 0, 10.0)
+            back.rows_MPCD[0, me, :3] = host.own.rows_MPCD[0, 0, :3] + 1
+            host.release(0, layer, 0)
+
+    def step(s: int, graph: torch.cuda.CUDAGraph | None) -> None:
+        peer = threading.Thread(target=echo, args=(s,))
+        peer.start()
+        gpu.begin_step(s, [[3]])
+        rounds() if graph is None else graph.replay()
+        torch.cuda.synchronize()
+        peer.join(30)
+        gpu.check(f"step {s}")
+        want = (source * LAYERS).cpu() + 1
+        assert torch.equal(gpu.own.rows_MPCD[0, 0, :3].cpu(), want)
+
+    try:
+        step(1, None)  # compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        gpu.quiet()
+        with torch.cuda.graph(graph):
+            rounds()
+        torch.cuda.synchronize()
+        gpu.reset()
+        for s in (5, 6, 9):
+            step(s, graph)
+        assert gpu.frames_sent == host.frames_delivered == 4 * LAYERS
+    finally:
+        gpu.close()
+        host.close()
+
+
 @pytest.mark.skipif(not mps_running(), reason="two processes on one GPU need CUDA MPS")
-@pytest.mark.parametrize("micro_batches", [1, 2, 3])
-def test_an_expert_process_over_the_device_lane_gives_the_colocated_tokens(
-    tiny_model: Path, micro_batches: int
+@pytest.mark.parametrize(
+    ("lane", "micro_batches"),
+    [("device", 1), ("device", 2), ("device", 3), ("proxy", 1), ("proxy", 2), ("proxy", 3)],
+)
+def test_an_expert_process_over_a_slot_lane_gives_the_colocated_tokens(
+    tiny_model: Path, lane: str, micro_batches: int
 ) -> None:
+    """The device lane (slots shared by CUDA IPC) and the proxy lane (slots moved by the
+    processes' proxy threads over UCX): the colocated engine's tokens, for m = 1, 2, 3."""
     ref = ReferenceEngine(tiny_model)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     requests = [NewRequest(f"r{i}", ref.tokenizer.encode(t), params) for i, t in enumerate(PROMPTS)]
@@ -116,10 +183,10 @@ def test_an_expert_process_over_the_device_lane_gives_the_colocated_tokens(
     colocated.shutdown()
 
     placement = ExpertPlacement.even(load_config(tiny_model).num_experts, 1)
-    settings = replace(settings, micro_batches=micro_batches, lane="device")
+    settings = replace(settings, micro_batches=micro_batches, lane=lane)
     expert = ExpertNodeSettings(
         1000, str(tiny_model), placement.assignment[0], micro_batches=micro_batches,
-        device="cuda", lane="device",
+        device="cuda", lane=lane,
     )  # fmt: skip
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
@@ -151,10 +218,10 @@ def test_an_expert_process_over_the_device_lane_gives_the_colocated_tokens(
 
 
 def _start_expert(ctx, settings: AttentionNodeSettings, placement: ExpertPlacement):
-    """An expert process for node 0, over the device lane; returns (process, pipe, address,
+    """An expert process for node 0, over the node's lane; returns (process, pipe, address,
     slots)."""
     expert = ExpertNodeSettings(
-        1000, settings.model_dir, placement.assignment[0], device="cuda", lane="device",
+        1000, settings.model_dir, placement.assignment[0], device="cuda", lane=settings.lane,
         round_timeout_s=settings.round_timeout_s,
     )  # fmt: skip
     here, there = ctx.Pipe()
@@ -167,9 +234,12 @@ def _start_expert(ctx, settings: AttentionNodeSettings, placement: ExpertPlaceme
 
 
 @pytest.mark.skipif(not mps_running(), reason="two processes on one GPU need CUDA MPS")
-@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
+@pytest.mark.parametrize(
+    ("lane", "signal_name"),
+    [("device", "SIGKILL"), ("device", "SIGSTOP"), ("proxy", "SIGKILL"), ("proxy", "SIGSTOP")],
+)
 def test_a_killed_or_stopped_expert_process_fails_the_step_at_its_deadline_and_loses_nothing(
-    tiny_model: Path, signal_name: str
+    tiny_model: Path, lane: str, signal_name: str
 ) -> None:
     """The step in progress ends at the round deadline with an error (nothing hangs, nothing
     of it is applied); a new expert process is wired in, its slots mapped again, and every
@@ -183,7 +253,7 @@ def test_a_killed_or_stopped_expert_process_fails_the_step_at_its_deadline_and_l
     colocated.shutdown()
 
     placement = ExpertPlacement.even(load_config(tiny_model).num_experts, 1)
-    settings = replace(base, lane="device", round_timeout_s=2.0)
+    settings = replace(base, lane=lane, round_timeout_s=2.0)
     ctx = multiprocessing.get_context("spawn")
     children = []
     try:

@@ -97,21 +97,26 @@ def test_cluster_matches_reference(
         assert got[-1].finish_reason == want.finish_reason == "length"
 
 
-@pytest.mark.parametrize(("attention_nodes", "expert_nodes", "micro_batches"), [(2, 2, 2)])
-def test_a_device_lane_cluster_matches_reference(
+@pytest.mark.parametrize(
+    ("lane", "attention_nodes", "expert_nodes", "micro_batches"),
+    [("device", 2, 2, 2), ("proxy", 2, 2, 2)],
+)
+def test_a_slot_lane_cluster_matches_reference(
+    lane: str,
     attention_nodes: int,
     expert_nodes: int,
     micro_batches: int,
     tiny_models: dict[str, Path],
     ray_session,
 ) -> None:
-    """Rows and sums through shared slots between the actors (host memory on CPU)."""
+    """Rows and sums through slots between the actors (host memory on CPU): shared on the
+    device lane, moved by each actor's proxy thread over UCX on the proxy lane."""
     engine = ReferenceEngine(tiny_models["qwen3_moe"])
     requests = _requests(engine)
     deployment = Deployment(model=ModelSection(path=str(tiny_models["qwen3_moe"]))).with_shape(
         attention_nodes, expert_nodes, micro_batches
     )
-    deployment = replace(deployment, transport=replace(deployment.transport, lane="device"))
+    deployment = replace(deployment, transport=replace(deployment.transport, lane=lane))
     cluster = Cluster(deployment)
     try:
         assert ray.get(cluster.attention[0].lane_region.remote()) is not None

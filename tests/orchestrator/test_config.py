@@ -38,7 +38,7 @@ def test_shipped_tiny_cpu_config_loads() -> None:
         ),
         (
             "model: {path: m}\ntransport: {lane: fast}\n",
-            "field 'transport.lane' must be host or device",
+            "field 'transport.lane' must be host, device or proxy",
         ),
         (
             "model: {path: m}\nexperts: {nodes: 2, replicas: 2}\ntransport: {lane: device}\n",
@@ -49,12 +49,20 @@ def test_shipped_tiny_cpu_config_loads() -> None:
             "field 'transport.lane' must be host with experts.nodes 0",
         ),
         (
+            "model: {path: m}\nexperts: {nodes: 2, replicas: 2}\ntransport: {lane: proxy}\n",
+            "field 'transport.lane' must be host with experts.nodes 0",
+        ),
+        (
             "model: {path: m}\ntransport: {dispatch_dtype: int8}\n",
             "field 'transport.dispatch_dtype' must be model or fp8",
         ),
         (
             "model: {path: m}\nexperts: {nodes: 1}\ntransport: {lane: device, dispatch_dtype: fp8}\n",
-            "field 'transport.dispatch_dtype' must be model on the device lane",
+            "field 'transport.dispatch_dtype' must be model on the device and proxy lanes",
+        ),
+        (
+            "model: {path: m}\nexperts: {nodes: 1}\ntransport: {lane: proxy, dispatch_dtype: fp8}\n",
+            "field 'transport.dispatch_dtype' must be model on the device and proxy lanes",
         ),
         (
             "model: {path: m}\nexperts: {nodes: 2, rebalance: {threshold: 0.5}}\n",

@@ -88,13 +88,16 @@ def test_with_expert_replicas_a_killed_expert_node_fails_no_round(
         ("attention", 0, "host"),
         ("experts", 2, "device"),
         ("attention", 2, "device"),
+        ("experts", 2, "proxy"),
+        ("attention", 2, "proxy"),
     ],
 )
 def test_a_killed_node_costs_no_request_and_no_token(
     pool: str, expert_nodes: int, lane: str, tiny_model: Path, ray_session
 ) -> None:
     """Expert nodes 0: colocated nodes, each with every expert; a dead one's requests
-    re-prefill on the other. Device lane: the restarted node's new slots are mapped again."""
+    re-prefill on the other. Device and proxy lanes: the restarted node's new slots are reached
+    again."""
     ref = ReferenceEngine(tiny_model)
     requests = _requests(ref)
     want = [ref.generate(ids, params).token_ids for ids, params in requests]

@@ -22,3 +22,18 @@ def test_bench_prints_one_json_object_with_the_three_rows() -> None:
         ("afd", 64 << 20),
     ]
     assert rows[0]["rtt_us"] > 0 and all(r["bandwidth_GBps"] > 0 for r in rows[1:])
+
+
+def test_bench_proxy_lane_rows_round_trip_through_two_processes() -> None:
+    """The proxy lane's rows on the host: the echo process sends back what it got (the bench
+    checks it), one row per payload size."""
+    argv = [sys.executable, str(BENCH), "--json", "--only", "lane", "--lanes", "proxy"]
+    argv += ["--iters", "100"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = json.loads(out.strip().splitlines()[-1])["rows"]
+    assert [(r["transport"], r["size_bytes"]) for r in rows] == [
+        ("proxy-eager", 8 << 10),
+        ("proxy-eager", 256 << 10),
+        ("proxy-eager", 8 << 20),
+    ]
+    assert all(r["rtt_us"] > 0 for r in rows)
