@@ -103,15 +103,18 @@ class DeviceDispatcher(Dispatcher):
         for j, (remote, me) in enumerate(self.lane.peers):
             assert remote.local_ids_MPCK is not None and remote.weights_MPCK is not None
             on_TK = (node_TK == j) & real_T1
-            remote.rows_MPCD[micro_batch, me, :T].copy_(x_TD)
-            remote.local_ids_MPCK[micro_batch, me, :T].copy_(torch.where(on_TK, local_TK, -1))
-            remote.weights_MPCK[micro_batch, me, :T].copy_(torch.where(on_TK, weights_TK, 0))
+            # (non-blocking: on the proxy lane the slot is pinned host memory)
+            remote.rows_MPCD[micro_batch, me, :T].copy_(x_TD, non_blocking=True)
+            ids_TK = torch.where(on_TK, local_TK, -1).to(remote.local_ids_MPCK.dtype)
+            remote.local_ids_MPCK[micro_batch, me, :T].copy_(ids_TK, non_blocking=True)
+            kept_TK = torch.where(on_TK, weights_TK, 0).to(remote.weights_MPCK.dtype)
+            remote.weights_MPCK[micro_batch, me, :T].copy_(kept_TK, non_blocking=True)
             self.lane.release(j, layer, micro_batch)
         return layer, micro_batch, T
 
     def combine(self, plan: tuple[int, int, int], like_TD: torch.Tensor) -> torch.Tensor:
         layer, mb, T = plan
-        self.lane.wait(layer, mb, self.timeout_s)
+        self.lane.wait(layer, mb, self.timeout_s, [T] * len(self.expert_peers))
         self.rounds += 1
         rows_MPCD = self.lane.own.rows_MPCD
         if rows_MPCD.shape[1] == 1:

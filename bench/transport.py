@@ -262,11 +262,11 @@ def _lane_rounds(lane: Any, rows: int, source: torch.Tensor, first: bool) -> Non
     (peer, me) = lane.peers[0]
     for r in range(LANE_ROUNDS):
         if not first:
-            lane.wait(r, 0, timeout_s=10)
+            lane.wait(r, 0, 10.0, [rows])
         peer.rows_MPCD[0, me, :rows].copy_(source[:rows])
         lane.release(0, r, 0)
         if first:
-            lane.wait(r, 0, timeout_s=10)
+            lane.wait(r, 0, 10.0, [rows])
 
 
 def _sync(device: str) -> None:

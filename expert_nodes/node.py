@@ -488,7 +488,7 @@ class ExpertNode:
             for mb in range(self.settings.micro_batches):
                 rows_P = [rows_M[mb] for rows_M in rows_PM]
                 self._mark("wait", layer, mb, begin=True)
-                lane.wait(layer, mb, timeout)
+                lane.wait(layer, mb, timeout, rows_P)
                 self._mark("wait", layer, mb, begin=False)
                 self._mark("experts", layer, mb, begin=True)
                 x_TD, ids_TK, weights_TK = lane.own.micro_batch_rows(mb, rows_P)
@@ -499,7 +499,9 @@ class ExpertNode:
                     zip(lane.peers, torch.split(y_TD, rows_P), strict=True)
                 ):
                     sink = slots.rows_MPCD[mb, me, : y_nD.shape[0]]
-                    (sink if write_back else torch.empty_like(sink)).copy_(y_nD)
+                    if not write_back:  # scratch, where the sums are (the GPU)
+                        sink = torch.empty_like(y_nD)
+                    sink.copy_(y_nD, non_blocking=True)  # (proxy lane: into pinned memory)
                     lane.release(p, layer, mb)
                 self._mark("experts", layer, mb, begin=False)
 
@@ -528,7 +530,10 @@ class ExpertNode:
             body(False)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread-local: on the proxy lane this node's proxy thread copies and synchronizes its
+        # own stream meanwhile (the attention nodes' rows keep coming), which a global capture
+        # would refuse
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             body(True)
         torch.cuda.synchronize(device)
         self.lane.reset()

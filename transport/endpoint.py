@@ -245,16 +245,9 @@ class PendingSend:
 
 class Transport:
     def __init__(
-        self,
-        node_id: int,
-        settings: TransportSettings | None = None,
-        device: str = "cpu",
-        pin_received: bool = False,
+        self, node_id: int, settings: TransportSettings | None = None, device: str = "cpu"
     ) -> None:
-        """`pin_received`: frames received into host memory (`device` cpu) land in pinned
-        memory, for a caller that copies them on to a GPU itself (the proxy lane)."""
         self.node_id = node_id
-        self._pin_received = pin_received
         self.settings = settings or TransportSettings()
         if self.settings.progress_mode not in ("blocking", "polling"):
             raise TransportError(
@@ -641,7 +634,7 @@ class Transport:
             if header.inline:
                 # GPU nodes stage through pinned memory: a copy from pageable memory took
                 # ~180 µs per 8 KiB frame on the H100 host (bench/NOTES.md), from pinned a few
-                pinned = self.device.type != "cpu" or self._pin_received
+                pinned = self.device.type != "cpu"
                 tensors = [
                     torch.empty(m.shape, dtype=m.dtype, pin_memory=pinned) for m in header.tensors
                 ]
@@ -649,7 +642,7 @@ class Transport:
                 for t in tensors:
                     _wire_view(t)[:] = p.header_buf[offset : offset + t.nbytes]
                     offset += t.nbytes
-                if self.device.type != "cpu":
+                if pinned:
                     tensors = [t.to(self.device, non_blocking=True) for t in tensors]
                 self._deliver(p, header, tensors)
                 # the next receive is posted on the next pass, after the caller has had this
@@ -658,10 +651,8 @@ class Transport:
                 return
             p.header = header
             # received straight into memory where the node computes
-            pin = self._pin_received and self.device.type == "cpu"
             p.payload = [
-                torch.empty(m.shape, dtype=m.dtype, device=self.device, pin_memory=pin)
-                for m in header.tensors
+                torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in header.tensors
             ]
             tag = self._ucx.UCXXTag(p.recv_tag | _PAYLOAD_CHANNEL)
             p.payload_reqs = [

@@ -1,14 +1,18 @@
 """The proxy lane: the device lane's slots between peers on other hosts, moved by a thread.
 
 The kernels see the lane they see on the device lane (`SlotLane`): dispatch and combine write a
-peer's slot and release its word, waits spin on this node's own words. What differs is where
-the peer's slot lies: here it is an *outbox* in this process, one per peer, whose sequence words
-sit in pinned host memory. A proxy thread per node watches those words. When a round is released
-(by a GPU kernel, or on CPU by the host) it copies the round's rows out of the outbox (on the GPU:
-into pinned memory, on a stream of its own), sends them to the peer's proxy as one frame, and
-that proxy copies them into its node's region and stores the round's number in the region's
-word, again in pinned host memory, which the node's waiting kernel reads. No host code of the
-node runs per layer, and a CUDA graph of the whole step captures the node's side.
+peer's slot and release its word, waits spin on this node's words. What differs is where the
+slots lie. The peer's slot is an *outbox* in this process, one per peer, all of it in host memory
+(pinned on a GPU node: the node's stream copies the rows there, then its release kernel writes
+the word). A proxy thread per node watches the outbox words; when a round is released it sends
+the round's rows to the peer's proxy as one frame, and that proxy copies them into its node's
+*inbox*, also in pinned host memory, then stores the round's number in the inbox word. The
+node's wait kernel spins on that word, and then its stream copies the rows that came into the
+node's own region on the GPU (`wait` knows how many). No host code of the node runs per layer,
+a CUDA graph of the whole step captures the node's side, and the proxy thread makes no CUDA
+call at all: a copy it enqueued could wait behind the node's queue of work, which waits for the
+proxy (bench/NOTES.md: that deadlock is how the first version failed on the H100). On a CPU
+node the inbox is the region itself.
 
 One frame per (peer, micro-batch, layer): rows, local expert ids and weights (dispatch) or
 partial sums (combine), only the rows the step uses (`begin_step` says how many). Frames go as
@@ -40,13 +44,13 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from afd.transport import lane_signals
 from afd.transport.device_lane import check_peer_layout
-from afd.transport.endpoint import PeerAddress, PendingSend, Transport, TransportSettings
+from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
 from afd.transport.region_memory import RegionError, writer_index
 from afd.transport.slot_lane import SlotLane
 from afd.transport.slots import SlotKind, SlotLayout, SlotRegion, sequence
@@ -90,13 +94,15 @@ class ProxyLane(SlotLane):
         self.node_id, self.last_layer, self.timeout_s = node_id, last_layer, timeout_s
         self._writers = handle_writers
         self._gpu = own.device.type == "cuda"
-        self.transport = Transport(node_id, settings, "cpu", pin_received=self._gpu)
+        self._polls = self._gpu  # a GPU kernel's release rings no bell: the proxy looks
+        self.transport = Transport(node_id, settings, "cpu")
         self.handle = ProxyHandle(own.layout, node_id, handle_writers, self.transport.address)
-        self._stream = torch.cuda.Stream(own.device) if self._gpu else None
         self._lock = threading.Lock()  # the peers, their outboxes and the steps to send
         self._out_words_PM = torch.zeros(0, own.layout.micro_batches, dtype=torch.int64)
         self._sent_PM = np.zeros((0, own.layout.micro_batches), np.int64)
-        self._staged: dict[tuple[int, int], tuple[list[torch.Tensor], PendingSend | None]] = {}
+        # where our peers' rounds land: pinned host memory on a GPU node, else our region
+        self.inbox = _host_region(own.layout, self._gpu) if self._gpu else own
+        self._delivered_MP = np.zeros((own.layout.micro_batches, len(handle_writers)), np.int64)
         # step -> (rows per (peer, micro-batch), (peer, micro-batch) pairs whose last layer is
         # still to send, when the step began)
         self._steps: dict[int, tuple[list[list[int]], set[tuple[int, int]], float]] = {}
@@ -129,7 +135,7 @@ class ProxyLane(SlotLane):
         """Our region, for slots of `kind` written by the nodes `writers` (in that order), and
         the proxy that fills it."""
         layout = SlotLayout(kind, micro_batches, len(writers), capacity, hidden, top_k, dtype)
-        own = _region(layout, device)
+        own = SlotRegion(layout, torch.zeros(layout.nbytes, dtype=torch.uint8, device=device))
         return cls(own, tuple(writers), node_id, num_layers, last_layer, settings, timeout_s)
 
     # ---- wiring --------------------------------------------------------------------------
@@ -143,13 +149,12 @@ class ProxyLane(SlotLane):
         M = self.own.layout.micro_batches
         words_PM = torch.zeros(len(peer_handles), M, dtype=torch.int64, pin_memory=self._gpu)
         outboxes = [
-            (_region(_outbox_layout(h.layout), self.own.device, words_PM[p].view(M, 1)), 0)
+            (_host_region(_outbox_layout(h.layout), self._gpu, words_PM[p].view(M, 1)), 0)
             for p, h in enumerate(peer_handles)
         ]
         with self._lock:
             self.peers, self.peer_ids = outboxes, [h.owner for h in peer_handles]
             self._out_words_PM, self._sent_PM = words_PM, np.zeros((len(peer_handles), M), np.int64)
-            self._staged.clear()
         for h in peer_handles:
             self._join(h)
 
@@ -191,9 +196,36 @@ class ProxyLane(SlotLane):
             self._steps[step] = (rows, pending, time.monotonic())
         self._ring()
 
+    def wait(
+        self, layer: int, micro_batch: int, timeout_s: float, rows_P: list[int] | None = None
+    ) -> None:
+        """Until every peer's round is in our inbox; on a GPU node then copies each peer's
+        `rows_P` rows into our region, in stream order (a graph replays the same sizes)."""
+        lane_signals.wait(
+            self.inbox.words_MP[micro_batch],
+            self.step_1,
+            self.num_layers,
+            layer,
+            self.own.control_2,
+            timeout_s,
+        )
+        if self.inbox is self.own:
+            return
+        if rows_P is None or len(rows_P) != len(self._writers):
+            raise ValueError(
+                f"the proxy lane needs the rows of each of {len(self._writers)} writers"
+            )
+        for w, n in enumerate(rows_P):
+            for sink, source in zip(
+                _slot_arrays(self.own, micro_batch, w),
+                _slot_arrays(self.inbox, micro_batch, w),
+                strict=True,
+            ):
+                sink[:n].copy_(source[:n], non_blocking=True)
+
     def release(self, peer: int, layer: int, micro_batch: int) -> None:
         super().release(peer, layer, micro_batch)
-        if not self._gpu:
+        if not self._polls:
             self._ring()
 
     def reset(self, next_step: int | None = None) -> None:
@@ -202,7 +234,6 @@ class ProxyLane(SlotLane):
             return
         with self._lock:
             self._steps.clear()
-            self._staged.clear()  # fresh staging: UCX may still hold sends of the old steps
             self._failure = None
         self.transport.reset(next_step)
 
@@ -221,7 +252,8 @@ class ProxyLane(SlotLane):
         self.peers = []
 
     def _failure_note(self) -> str | None:
-        return None if self._failure is None else f"the proxy: {self._failure}"
+        moved = f"the proxy sent {self.frames_sent} frames and delivered {self.frames_delivered}"
+        return moved if self._failure is None else f"{moved}; {self._failure}"
 
     def _ring(self) -> None:
         self._bell.set()
@@ -230,24 +262,21 @@ class ProxyLane(SlotLane):
     # ---- the proxy thread ----------------------------------------------------------------
     def _serve(self) -> None:
         _fine_naps()
-        if self._stream is not None:
-            torch.cuda.set_device(self.own.device)
-        with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-            while not self._stop.is_set():
-                self._bell.clear()
-                try:
-                    if self._send_released() + self._deliver_arrived():
-                        continue
-                    if self._gpu and self._sends_due():
-                        self.transport.progress(0.0)  # one turn: frames in, sends out
-                        time.sleep(NAP_S)
-                    else:
-                        self.transport.await_frame(
-                            _any_frame, IDLE_S, lambda: self._bell.is_set() or self._stop.is_set()
-                        )
-                except Exception as err:  # the proxy must outlive what went wrong
-                    self._fail(f"{type(err).__name__}: {err}")
-                    self._stop.wait(IDLE_S)
+        while not self._stop.is_set():
+            self._bell.clear()
+            try:
+                if self._send_released() + self._deliver_arrived():
+                    continue
+                if self._polls and self._sends_due():
+                    self.transport.progress(0.0)  # one turn: frames in, sends out
+                    time.sleep(NAP_S)
+                else:
+                    self.transport.await_frame(
+                        _any_frame, IDLE_S, lambda: self._bell.is_set() or self._stop.is_set()
+                    )
+            except Exception as err:  # the proxy must outlive what went wrong
+                self._fail(f"{type(err).__name__}: {err}")
+                self._stop.wait(IDLE_S)
 
     def _sends_due(self) -> bool:
         """A step begun still has rounds to send (given up after the round deadline)."""
@@ -274,39 +303,14 @@ class ProxyLane(SlotLane):
         rows_PM, pending, _ = entry
         outbox, _ = self.peers[p]
         n = rows_PM[p][mb]
-        arrays = [outbox.rows_MPCD[mb, 0, :n]]
-        if outbox.local_ids_MPCK is not None and outbox.weights_MPCK is not None:
-            arrays += [outbox.local_ids_MPCK[mb, 0, :n], outbox.weights_MPCK[mb, 0, :n]]
-        if self._gpu:
-            arrays = self._stage(p, mb, arrays)
-        handle = self.transport.send(self.peer_ids[p], RoundKey.exchange(step, layer, mb), arrays)
-        if self._gpu:
-            self._staged[(p, mb)] = (self._staged[(p, mb)][0], handle)
+        # the outbox is ours until the peer answers this round: UCX may read it until then
+        arrays = [a[:n] for a in _slot_arrays(outbox, mb, 0)]
+        self.transport.send(self.peer_ids[p], RoundKey.exchange(step, layer, mb), arrays)
         self.frames_sent += 1
         if layer == self.last_layer:
             pending.discard((p, mb))
             if not pending:
                 del self._steps[step]
-
-    def _stage(self, p: int, mb: int, arrays: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The round's rows copied to pinned memory, ours until the send completes (the next
-        round of this slot comes after the peer answered this one: it is done by then)."""
-        staged, last = self._staged.get((p, mb), ([], None))
-        if last is not None and not last.done():
-            last.result(self.timeout_s)
-        if not staged:
-            outbox, _ = self.peers[p]
-            full = [outbox.rows_MPCD[mb, 0]]
-            if outbox.local_ids_MPCK is not None and outbox.weights_MPCK is not None:
-                full += [outbox.local_ids_MPCK[mb, 0], outbox.weights_MPCK[mb, 0]]
-            staged = [torch.empty(a.shape, dtype=a.dtype, pin_memory=True) for a in full]
-        out = [s[: a.shape[0]] for s, a in zip(staged, arrays, strict=True)]
-        for dst, src in zip(out, arrays, strict=True):
-            dst.copy_(src, non_blocking=True)
-        assert self._stream is not None
-        self._stream.synchronize()
-        self._staged[(p, mb)] = (staged, None)
-        return out
 
     def _deliver_arrived(self) -> int:
         delivered = 0
@@ -321,7 +325,7 @@ class ProxyLane(SlotLane):
 
     def _deliver(self, peer: int, key: RoundKey, tensors: list[torch.Tensor]) -> None:
         """Copies a peer's round into our region and stores its word (after the bytes)."""
-        region, layout = self.own, self.own.layout
+        layout = self.own.layout
         if peer not in self._writers:
             raise ValueError(f"node {peer} does not write into node {self.node_id}'s slots")
         if key.kind != FrameKind.EXCHANGE:
@@ -329,21 +333,14 @@ class ProxyLane(SlotLane):
         if not (0 <= key.micro_batch < layout.micro_batches and 0 <= key.layer < self.num_layers):
             raise ValueError(f"micro-batch {key.micro_batch} or layer {key.layer} out of range")
         w = self._writers.index(peer)
-        sinks = [region.rows_MPCD[key.micro_batch, w]]
-        if region.local_ids_MPCK is not None and region.weights_MPCK is not None:
-            sinks += [
-                region.local_ids_MPCK[key.micro_batch, w],
-                region.weights_MPCK[key.micro_batch, w],
-            ]
+        sinks = _slot_arrays(self.inbox, key.micro_batch, w)
         _check_frame(tensors, sinks)
         for sink, t in zip(sinks, tensors, strict=True):
-            sink[: t.shape[0]].copy_(t, non_blocking=True)
-        if self._stream is not None:
-            self._stream.synchronize()  # the bytes are in before the word says so
+            sink[: t.shape[0]].copy_(t)
         seq = sequence(key.step, key.layer, self.num_layers)
-        word = region.words_MP[key.micro_batch, w]
-        if seq > int(word):
-            word.fill_(seq)
+        if seq > self._delivered_MP[key.micro_batch, w]:  # words never go back
+            self._delivered_MP[key.micro_batch, w] = seq
+            self.inbox.words_MP[key.micro_batch, w] = seq  # after the bytes
         self.frames_delivered += 1
 
     def _fail(self, what: str) -> None:
@@ -378,6 +375,15 @@ def _check_frame(tensors: list[torch.Tensor], sinks: list[torch.Tensor]) -> None
             raise ValueError(f"{t.shape[0]} rows for a slot of {sink.shape[0]}")
 
 
+def _slot_arrays(region: SlotRegion, mb: int, index: int) -> list[torch.Tensor]:
+    """The arrays of one slot, as a frame carries them: rows, then (dispatch) local expert
+    ids and weights."""
+    arrays = [region.rows_MPCD[mb, index]]
+    if region.local_ids_MPCK is not None and region.weights_MPCK is not None:
+        arrays += [region.local_ids_MPCK[mb, index], region.weights_MPCK[mb, index]]
+    return arrays
+
+
 def _outbox_layout(peer: SlotLayout) -> SlotLayout:
     """A peer's slots as this node writes them: its layout with one writer, us."""
     return SlotLayout(
@@ -385,15 +391,11 @@ def _outbox_layout(peer: SlotLayout) -> SlotLayout:
     )
 
 
-def _region(
-    layout: SlotLayout, device: torch.device, words_MP: torch.Tensor | None = None
+def _host_region(
+    layout: SlotLayout, pinned: bool, words_MP: torch.Tensor | None = None
 ) -> SlotRegion:
-    """Slots in this process: the bytes on `device`, the words in host memory (pinned on a
-    GPU node, where kernels and the proxy thread both read and write them)."""
-    if words_MP is None:
-        shape = (layout.micro_batches, layout.peers)
-        words_MP = torch.zeros(shape, dtype=torch.int64, pin_memory=device.type == "cuda")
-    memory_N = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
+    """Slots in host memory (pinned for a GPU node, whose stream copies in and out of them)."""
+    memory_N = torch.zeros(layout.nbytes, dtype=torch.uint8, pin_memory=pinned)
     return SlotRegion(layout, memory_N, words_MP)
 
 

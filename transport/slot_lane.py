@@ -30,8 +30,12 @@ class SlotLane:
         peer p in micro-batch mb this step (a lane that copies slots must be told)."""
         self.step_1.fill_(step)
 
-    def wait(self, layer: int, micro_batch: int, timeout_s: float) -> None:
-        """Until every peer delivered round (step, layer) into our slots of `micro_batch`."""
+    def wait(
+        self, layer: int, micro_batch: int, timeout_s: float, rows_P: list[int] | None = None
+    ) -> None:
+        """Until every peer delivered round (step, layer) into our slots of `micro_batch`;
+        `rows_P`: the rows each peer delivers (a lane that lands them in device memory copies
+        that many)."""
         lane_signals.wait(
             self.own.words_MP[micro_batch],
             self.step_1,

@@ -1,6 +1,6 @@
 """The slot lanes on a GPU (run on the GPU host; skipped elsewhere): the wait and release
 kernels, their deadline and abort, inside a CUDA graph, on device words and on the proxy
-lane's pinned host words; and an attention node here with its expert node in another process
+lane's pinned words; and an attention node here with its expert node in another process
 (under CUDA MPS), over the device and the proxy lane, giving the colocated engine's tokens."""
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def test_a_graph_of_releases_and_waits_follows_the_step_counter() -> None:
 
 def test_the_proxy_lane_moves_a_graphed_steps_rounds_through_pinned_words() -> None:
     """A GPU node's proxy lane against a host peer in this process: the kernels release the
-    outbox's pinned words and wait on the region's, the proxies copy and send the rows; eager,
-    then as a replayed CUDA graph for later steps."""
+    outbox's pinned words and wait on the inbox's, then copy the rows in; eager, then as a
+    replayed CUDA graph for later steps."""
     args = (1, 4, 8, 2, LAYERS, LAYERS - 1, torch.bfloat16)
     gpu = open_lane("proxy", SlotKind.COMBINE, 0, [1000], *args, torch.device("cuda"),
                     TransportSettings(), 10.0)  # fmt: skip
@@ -119,7 +119,8 @@ def test_the_proxy_lane_moves_a_graphed_steps_rounds_through_pinned_words() -> N
     joined.start()
     gpu.connect([host.handle], 0)
     joined.join(30)
-    assert gpu.own.words_MP.is_pinned() and gpu.peers[0][0].words_MP.is_pinned()
+    assert gpu.own.rows_MPCD.is_cuda and gpu.inbox.rows_MPCD.is_pinned()
+    assert gpu.inbox.words_MP.is_pinned() and gpu.peers[0][0].words_MP.is_pinned()
     source = torch.randn(3, 8, device="cuda").to(torch.bfloat16)
 
     def rounds() -> None:
@@ -127,7 +128,7 @@ def test_the_proxy_lane_moves_a_graphed_steps_rounds_through_pinned_words() -> N
         for layer in range(LAYERS):
             outbox.rows_MPCD[0, me, :3].copy_(source * (layer + 1))
             gpu.release(0, layer, 0)
-            gpu.wait(layer, 0, timeout_s=5)
+            gpu.wait(layer, 0, timeout_s=5, rows_P=[3])
 
     def echo(step: int) -> None:  # the host peer: each round's rows back, plus one
         host.begin_step(step, [[3]])

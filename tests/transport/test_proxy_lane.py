@@ -131,7 +131,10 @@ def test_a_bad_frame_is_dropped_and_named_when_its_round_times_out(
     attention.transport.send(EXPERT, key, [too_wide, too_wide, too_wide]).result(TIMEOUT_S)
     with pytest.raises(LaneTimeout):
         expert.wait(0, 0, 0.3)
-    with pytest.raises(LaneTimeout, match=r"the proxy: a frame from node 0 .* dropped: .*shape"):
+    with pytest.raises(
+        LaneTimeout,
+        match=r"the proxy sent 0 frames and delivered 0; a frame from node 0 .* dropped: .*shape",
+    ):
         expert.check("expert node")
     expert.reset(3)  # recovery forgets it
     expert.check("after recovery")
