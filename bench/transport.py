@@ -263,7 +263,7 @@ def _lane_rounds(lane: Any, rows: int, source: torch.Tensor, first: bool) -> Non
     for r in range(LANE_ROUNDS):
         if not first:
             lane.wait(r, 0, 10.0, [rows])
-        peer.rows_MPCD[0, me, :rows].copy_(source[:rows])
+        peer.rows_MPCD[0, me, :rows].copy_(source[:rows], non_blocking=True)  # (proxy: pinned)
         lane.release(0, r, 0)
         if first:
             lane.wait(r, 0, 10.0, [rows])

@@ -102,6 +102,7 @@ class ProxyLane(SlotLane):
         self._sent_PM = np.zeros((0, own.layout.micro_batches), np.int64)
         # where our peers' rounds land: pinned host memory on a GPU node, else our region
         self.inbox = _host_region(own.layout, self._gpu) if self._gpu else own
+        self._min_step = 0  # rounds of earlier steps are dropped (set by `reset`)
         self._delivered_MP = np.zeros((own.layout.micro_batches, len(handle_writers)), np.int64)
         # step -> (rows per (peer, micro-batch), (peer, micro-batch) pairs whose last layer is
         # still to send, when the step began)
@@ -234,6 +235,7 @@ class ProxyLane(SlotLane):
             return
         with self._lock:
             self._steps.clear()
+            self._min_step = next_step
             self._failure = None
         self.transport.reset(next_step)
 
@@ -279,10 +281,11 @@ class ProxyLane(SlotLane):
                 self._stop.wait(IDLE_S)
 
     def _sends_due(self) -> bool:
-        """A step begun still has rounds to send (given up after the round deadline)."""
+        """A step begun still has rounds to send (given up once every one of its waits would
+        have passed its deadline: a step abandoned without `reset`)."""
         with self._lock:
-            now = time.monotonic()
-            for step in [s for s, (_, _, t) in self._steps.items() if now - t > self.timeout_s]:
+            now, limit = time.monotonic(), self.timeout_s * (self.num_layers + 1)
+            for step in [s for s, (_, _, t) in self._steps.items() if now - t > limit]:
                 del self._steps[step]
             return bool(self._steps)
 
@@ -297,6 +300,8 @@ class ProxyLane(SlotLane):
 
     def _send(self, p: int, mb: int, seq: int) -> None:
         step, layer = divmod(seq - 1, self.num_layers)
+        if step < self._min_step:
+            return  # a round of a step abandoned in a failure, released after the reset
         entry = self._steps.get(step)
         if entry is None:
             raise RuntimeError(f"round {seq} released for step {step}, which did not begin")

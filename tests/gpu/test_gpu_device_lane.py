@@ -126,7 +126,7 @@ def test_the_proxy_lane_moves_a_graphed_steps_rounds_through_pinned_words() -> N
     def rounds() -> None:
         outbox, me = gpu.peers[0]
         for layer in range(LAYERS):
-            outbox.rows_MPCD[0, me, :3].copy_(source * (layer + 1))
+            outbox.rows_MPCD[0, me, :3].copy_(source * (layer + 1), non_blocking=True)
             gpu.release(0, layer, 0)
             gpu.wait(layer, 0, timeout_s=5, rows_P=[3])
 
