@@ -42,7 +42,7 @@ from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import PeerAddress, Transport, TransportSettings
 from afd.transport.lanes import SLOT_LANES, LaneHandle, open_lane
 from afd.transport.proxy_lane import ProxyLane
-from afd.transport.slots import SlotKind
+from afd.transport.slots import SlotKind, SlotLayout
 from afd.transport.step_control import is_call
 
 
@@ -191,22 +191,14 @@ class AttentionNode:
             if self.lane is not None:
                 self.lane.close()
             c = self.config
+            layout = SlotLayout(
+                SlotKind.COMBINE, s.micro_batches, len(peers), s.max_batch_tokens,
+                c.hidden_size, c.top_k, DTYPES[s.dtype],
+            )  # fmt: skip
             self.lane = open_lane(
-                s.lane,
-                SlotKind.COMBINE,
-                s.node_id,
-                peers,
-                s.micro_batches,
-                s.max_batch_tokens,
-                c.hidden_size,
-                c.top_k,
-                c.num_layers,
-                max(c.moe_layers),
-                DTYPES[s.dtype],
-                self.device,
-                s.transport,
-                s.round_timeout_s,
-            )
+                s.lane, layout, s.node_id, peers, c.num_layers, max(c.moe_layers), self.device,
+                s.transport, s.round_timeout_s,
+            )  # fmt: skip
             self.lane.connect(lane_regions, s.node_id)
             dispatcher = DeviceDispatcher(
                 self.transport, self.lane, peers, self.placement, s.round_timeout_s

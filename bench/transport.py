@@ -247,12 +247,13 @@ def _open_lane(lane_name: str, first: bool, device: str) -> Any:
     """The first process's end (combine slots, node 0) or the echo's (dispatch slots, node 1)."""
     from afd.transport.endpoint import TransportSettings
     from afd.transport.lanes import open_lane
-    from afd.transport.slots import SlotKind
+    from afd.transport.slots import SlotKind, SlotLayout
 
     kind, me, peer = (SlotKind.COMBINE, 0, 1) if first else (SlotKind.DISPATCH, 1, 0)
+    layout = SlotLayout(kind, 1, 1, LARGE_ROWS, LANE_HIDDEN, 1, torch.bfloat16)
     return open_lane(
-        lane_name, kind, me, [peer], 1, LARGE_ROWS, LANE_HIDDEN, 1, LANE_ROUNDS, LANE_ROUNDS - 1,
-        torch.bfloat16, torch.device(device), TransportSettings(), 60.0,
+        lane_name, layout, me, [peer], LANE_ROUNDS, LANE_ROUNDS - 1, torch.device(device),
+        TransportSettings(), 60.0,
     )  # fmt: skip
 
 

@@ -37,7 +37,7 @@ from afd.transport.endpoint import PeerAddress, Transport, TransportError, Trans
 from afd.transport.lanes import SLOT_LANES, LaneHandle, open_lane
 from afd.transport.proxy_lane import ProxyLane
 from afd.transport.slot_lane import HostCopy, StatusSnapshot
-from afd.transport.slots import SlotKind
+from afd.transport.slots import SlotKind, SlotLayout
 from afd.transport.step_control import call_step, is_opening, read_control_frame
 from afd.transport.wire import FrameKind, RoundKey
 
@@ -219,22 +219,14 @@ class ExpertNode:
         if self.lane is not None:
             self.lane.close()
         c = self.config
+        layout = SlotLayout(
+            SlotKind.DISPATCH, s.micro_batches, len(attention_peers), capacity, c.hidden_size,
+            c.top_k, DTYPES[s.dtype],
+        )  # fmt: skip
         self.lane = open_lane(
-            s.lane,
-            SlotKind.DISPATCH,
-            s.node_id,
-            attention_peers,
-            s.micro_batches,
-            capacity,
-            c.hidden_size,
-            c.top_k,
-            c.num_layers,
-            max(c.moe_layers),
-            DTYPES[s.dtype],
-            torch.device(s.device),
-            s.transport,
-            s.round_timeout_s,
-        )
+            s.lane, layout, s.node_id, attention_peers, c.num_layers, max(c.moe_layers),
+            torch.device(s.device), s.transport, s.round_timeout_s,
+        )  # fmt: skip
         if self.lane.own.device.type == "cuda" and self.settings.cuda_graphs:
             self._graphs, self._graph_pool = {}, torch.cuda.graph_pool_handle()
         return self.lane.handle

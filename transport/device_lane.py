@@ -26,19 +26,14 @@ class DeviceLane(SlotLane):
     @classmethod
     def allocate(
         cls,
-        kind: SlotKind,
+        layout: SlotLayout,
         node_id: int,
         writers: list[int],
-        micro_batches: int,
-        capacity: int,
-        hidden: int,
-        top_k: int,
         num_layers: int,
-        dtype: torch.dtype,
         device: torch.device,
     ) -> DeviceLane:
-        """Our region, for slots of `kind` written by the nodes `writers` (in that order)."""
-        layout = SlotLayout(kind, micro_batches, len(writers), capacity, hidden, top_k, dtype)
+        """Our region for `layout`'s slots, written by the nodes `writers` (in that order)."""
+        check_writers(layout, writers)
         own, handle = region_memory.allocate(layout, node_id, tuple(writers), machine_id(), device)
         return cls(own, handle, num_layers)
 
@@ -73,6 +68,11 @@ def _region_handle(handle: object, node_id: int) -> RegionHandle:
             "every node of a deployment must run the same lane"
         )
     return handle
+
+
+def check_writers(layout: SlotLayout, writers: list[int]) -> None:
+    if len(writers) != layout.peers:
+        raise ValueError(f"{len(writers)} writers for slots laid out for {layout.peers}")
 
 
 def check_peer_layout(own: SlotLayout, peer: SlotLayout, owner: int, node_id: int) -> None:

@@ -8,11 +8,11 @@ node gives its peers to reach its region.
 from __future__ import annotations
 
 import torch
-from afd.transport.device_lane import DeviceLane
+from afd.transport.device_lane import DeviceLane, check_writers
 from afd.transport.endpoint import TransportSettings
 from afd.transport.proxy_lane import ProxyHandle, ProxyLane
 from afd.transport.region_memory import RegionHandle
-from afd.transport.slots import SlotKind
+from afd.transport.slots import SlotLayout, SlotRegion
 
 SLOT_LANES = ("device", "proxy")
 LaneHandle = RegionHandle | ProxyHandle
@@ -20,30 +20,21 @@ LaneHandle = RegionHandle | ProxyHandle
 
 def open_lane(
     lane: str,
-    kind: SlotKind,
+    layout: SlotLayout,
     node_id: int,
     writers: list[int],
-    micro_batches: int,
-    capacity: int,
-    hidden: int,
-    top_k: int,
     num_layers: int,
     last_layer: int,
-    dtype: torch.dtype,
     device: torch.device,
     settings: TransportSettings,
     timeout_s: float,
 ) -> DeviceLane | ProxyLane:
-    """This node's region for slots of `kind`, written by the nodes `writers` in that order.
+    """This node's region for `layout`'s slots, written by the nodes `writers` in that order.
     `last_layer`: the last layer with an exchange; `settings`, `timeout_s`: the proxy's."""
     if lane == "device":
-        return DeviceLane.allocate(
-            kind, node_id, writers, micro_batches, capacity, hidden, top_k, num_layers, dtype,
-            device,
-        )  # fmt: skip
+        return DeviceLane.allocate(layout, node_id, writers, num_layers, device)
     if lane == "proxy":
-        return ProxyLane.allocate(
-            kind, node_id, writers, micro_batches, capacity, hidden, top_k, num_layers,
-            last_layer, dtype, device, settings, timeout_s,
-        )  # fmt: skip
+        check_writers(layout, writers)
+        own = SlotRegion(layout, torch.zeros(layout.nbytes, dtype=torch.uint8, device=device))
+        return ProxyLane(own, tuple(writers), node_id, num_layers, last_layer, settings, timeout_s)
     raise ValueError(f"no slot lane {lane!r}: use one of {SLOT_LANES}")

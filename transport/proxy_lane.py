@@ -116,29 +116,6 @@ class ProxyLane(SlotLane):
         )
         self._thread.start()
 
-    @classmethod
-    def allocate(
-        cls,
-        kind: SlotKind,
-        node_id: int,
-        writers: list[int],
-        micro_batches: int,
-        capacity: int,
-        hidden: int,
-        top_k: int,
-        num_layers: int,
-        last_layer: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        settings: TransportSettings,
-        timeout_s: float,
-    ) -> ProxyLane:
-        """Our region, for slots of `kind` written by the nodes `writers` (in that order), and
-        the proxy that fills it."""
-        layout = SlotLayout(kind, micro_batches, len(writers), capacity, hidden, top_k, dtype)
-        own = SlotRegion(layout, torch.zeros(layout.nbytes, dtype=torch.uint8, device=device))
-        return cls(own, tuple(writers), node_id, num_layers, last_layer, settings, timeout_s)
-
     # ---- wiring --------------------------------------------------------------------------
     def connect(self, handles: Sequence[object], node_id: int) -> None:
         """An outbox per peer, in peer order, and a connection to every peer's proxy: made by

@@ -12,7 +12,7 @@ from afd.attention_nodes.device_dispatch import DeviceDispatcher
 from afd.models.expert_placement import ExpertPlacement
 from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import Transport
-from afd.transport.slots import SlotKind
+from afd.transport.slots import SlotKind, SlotLayout
 from afd.transport.wire import RoundKey
 
 D, K, E, T = 4, 2, 4, 4
@@ -20,7 +20,11 @@ D, K, E, T = 4, 2, 4, 4
 
 def _lane(kind: SlotKind, node: int, writers: list[int]) -> DeviceLane:
     return DeviceLane.allocate(
-        kind, node, writers, 1, 8, D, K, 2, torch.float32, torch.device("cpu")
+        SlotLayout(kind, 1, len(writers), 8, D, K, torch.float32),
+        node,
+        writers,
+        2,
+        torch.device("cpu"),
     )
 
 

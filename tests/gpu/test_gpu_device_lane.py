@@ -30,7 +30,7 @@ from afd.transport.lane_signals import LaneTimeout
 from afd.transport.lanes import open_lane
 from afd.transport.proxy_lane import ProxyLane
 from afd.transport.region_memory import mps_running
-from afd.transport.slots import SlotKind, WaitStatus, sequence
+from afd.transport.slots import SlotKind, SlotLayout, WaitStatus, sequence
 
 from tests.gpu.test_gpu_engine import _serve
 
@@ -41,7 +41,11 @@ PROMPTS = ["Hello, world!", "The capital of France is", "one two three", "def ad
 
 def _lane() -> DeviceLane:
     return DeviceLane.allocate(
-        SlotKind.COMBINE, 0, [1], 1, 4, 8, 2, LAYERS, torch.bfloat16, torch.device("cuda")
+        SlotLayout(SlotKind.COMBINE, 1, 1, 4, 8, 2, torch.bfloat16),
+        0,
+        [1],
+        LAYERS,
+        torch.device("cuda"),
     )
 
 
@@ -109,11 +113,14 @@ def test_the_proxy_lane_moves_a_graphed_steps_rounds_through_pinned_words() -> N
     """A GPU node's proxy lane against a host peer in this process: the kernels release the
     outbox's pinned words and wait on the inbox's, then copy the rows in; eager, then as a
     replayed CUDA graph for later steps."""
-    args = (1, 4, 8, 2, LAYERS, LAYERS - 1, torch.bfloat16)
-    gpu = open_lane("proxy", SlotKind.COMBINE, 0, [1000], *args, torch.device("cuda"),
-                    TransportSettings(), 10.0)  # fmt: skip
-    host = open_lane("proxy", SlotKind.DISPATCH, 1000, [0], *args, torch.device("cpu"),
-                     TransportSettings(), 10.0)  # fmt: skip
+
+    def layout(kind: SlotKind) -> SlotLayout:
+        return SlotLayout(kind, 1, 1, 4, 8, 2, torch.bfloat16)
+
+    gpu = open_lane("proxy", layout(SlotKind.COMBINE), 0, [1000], LAYERS, LAYERS - 1,
+                    torch.device("cuda"), TransportSettings(), 10.0)  # fmt: skip
+    host = open_lane("proxy", layout(SlotKind.DISPATCH), 1000, [0], LAYERS, LAYERS - 1,
+                     torch.device("cpu"), TransportSettings(), 10.0)  # fmt: skip
     assert isinstance(gpu, ProxyLane) and isinstance(host, ProxyLane)
     joined = threading.Thread(target=host.connect, args=([gpu.handle], 1000))
     joined.start()

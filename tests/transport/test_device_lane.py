@@ -76,7 +76,11 @@ lane_signals.release(region.words_MP[0, 1:2], torch.tensor([step]), 4, layer, mi
 
 def test_a_region_is_shared_with_another_process() -> None:
     lane = DeviceLane.allocate(
-        SlotKind.DISPATCH, 9, [3, 4], 2, 5, 8, 2, LAYERS, torch.float32, torch.device("cpu")
+        SlotLayout(SlotKind.DISPATCH, 2, 2, 5, 8, 2, torch.float32),
+        9,
+        [3, 4],
+        LAYERS,
+        torch.device("cpu"),
     )
     own = lane.own
     own.words_MP[0, 0] = sequence(6, 2, LAYERS)  # writer 0 already delivered
@@ -94,7 +98,11 @@ def test_a_region_is_shared_with_another_process() -> None:
 
 def test_a_wait_ends_at_its_deadline_and_fails_the_rest_of_the_step() -> None:
     lane = DeviceLane.allocate(
-        SlotKind.COMBINE, 0, [1], 1, 4, 8, 2, LAYERS, torch.float32, torch.device("cpu")
+        SlotLayout(SlotKind.COMBINE, 1, 1, 4, 8, 2, torch.float32),
+        0,
+        [1],
+        LAYERS,
+        torch.device("cpu"),
     )
     lane.begin_step(3)
     start = time.monotonic()
@@ -116,7 +124,11 @@ def test_a_wait_ends_at_its_deadline_and_fails_the_rest_of_the_step() -> None:
 
 def test_an_abort_ends_a_wait_and_silences_releases() -> None:
     lane = DeviceLane.allocate(
-        SlotKind.COMBINE, 0, [1], 1, 4, 8, 2, LAYERS, torch.float32, torch.device("cpu")
+        SlotLayout(SlotKind.COMBINE, 1, 1, 4, 8, 2, torch.float32),
+        0,
+        [1],
+        LAYERS,
+        torch.device("cpu"),
     )
     lane.begin_step(1)
     timer = threading.Timer(0.05, lane.abort)
@@ -135,7 +147,11 @@ def test_an_abort_ends_a_wait_and_silences_releases() -> None:
 
 def test_regions_are_refused_with_a_reason() -> None:
     lane = DeviceLane.allocate(
-        SlotKind.DISPATCH, 9, [3], 1, 4, 8, 2, LAYERS, torch.float32, torch.device("cpu")
+        SlotLayout(SlotKind.DISPATCH, 1, 1, 4, 8, 2, torch.float32),
+        9,
+        [3],
+        LAYERS,
+        torch.device("cpu"),
     )
     h = lane.handle
     with pytest.raises(RegionError, match="device lane joins peers of one host only"):
@@ -143,7 +159,11 @@ def test_regions_are_refused_with_a_reason() -> None:
     with pytest.raises(RegionError, match="node 5 is not a writer of node 9"):
         h.writer_index(5)
     other = DeviceLane.allocate(
-        SlotKind.COMBINE, 3, [9], 2, 4, 8, 2, LAYERS, torch.float32, torch.device("cpu")
+        SlotLayout(SlotKind.COMBINE, 2, 1, 4, 8, 2, torch.float32),
+        3,
+        [9],
+        LAYERS,
+        torch.device("cpu"),
     )
     with pytest.raises(RegionError, match="for 1 micro-batches; node 3 needs DISPATCH for 2"):
         other.connect([h], 3)

@@ -16,7 +16,7 @@ from afd.transport.lane_signals import LaneTimeout
 from afd.transport.lanes import open_lane
 from afd.transport.proxy_lane import ProxyLane
 from afd.transport.region_memory import RegionError
-from afd.transport.slots import SlotKind, sequence
+from afd.transport.slots import SlotKind, SlotLayout, sequence
 from afd.transport.wire import RoundKey
 
 LAYERS, LAST = 4, 3
@@ -26,9 +26,10 @@ TIMEOUT_S = 10.0
 
 
 def _lane(kind: SlotKind, node_id: int, writer: int, timeout_s: float = TIMEOUT_S) -> ProxyLane:
+    layout = SlotLayout(kind, M, 1, CAPACITY, HIDDEN, TOP_K, torch.float32)
     lane = open_lane(
-        "proxy", kind, node_id, [writer], M, CAPACITY, HIDDEN, TOP_K, LAYERS, LAST,
-        torch.float32, torch.device("cpu"), TransportSettings(), timeout_s,
+        "proxy", layout, node_id, [writer], LAYERS, LAST, torch.device("cpu"),
+        TransportSettings(), timeout_s,
     )  # fmt: skip
     assert isinstance(lane, ProxyLane)
     return lane
@@ -187,9 +188,12 @@ def test_a_restarted_peer_is_joined_again(pair: tuple[ProxyLane, ProxyLane]) -> 
 def test_a_peer_of_the_other_lane_or_direction_is_refused() -> None:
     attention = _lane(SlotKind.COMBINE, ATTENTION, EXPERT)
     device = DeviceLane.allocate(
-        SlotKind.DISPATCH, EXPERT, [ATTENTION], M, CAPACITY, HIDDEN, TOP_K, LAYERS,
-        torch.float32, torch.device("cpu"),
-    )  # fmt: skip
+        SlotLayout(SlotKind.DISPATCH, M, 1, CAPACITY, HIDDEN, TOP_K, torch.float32),
+        EXPERT,
+        [ATTENTION],
+        LAYERS,
+        torch.device("cpu"),
+    )
     other = _lane(SlotKind.COMBINE, 5, ATTENTION)
     try:
         with pytest.raises(RegionError, match="runs the proxy lane, a peer gave a RegionHandle"):
