@@ -546,7 +546,7 @@ class AttentionNode:
         if self.transport is not None:
             self.transport.close()
         if self.lane is not None:
-            self.lane.close()
+            self.lane.close_after_gpu()
 
 
 @dataclass(frozen=True, slots=True)

@@ -637,4 +637,4 @@ class ExpertNode:
             self._loop.stop()
         self.transport.close()
         if self.lane is not None:
-            self.lane.close()
+            self.lane.close_after_gpu()

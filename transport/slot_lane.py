@@ -10,6 +10,7 @@ them, serve every step. How the bytes reach the peer is the subclass's business.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,7 @@ from afd.transport import lane_signals
 from afd.transport.slots import SlotRegion
 
 
-class SlotLane:
+class SlotLane(ABC):
     def __init__(self, own: SlotRegion, num_layers: int) -> None:
         self.own, self.num_layers = own, num_layers
         self.peers: list[tuple[SlotRegion, int]] = []  # (slots we write, our index among writers)
@@ -73,6 +74,20 @@ class SlotLane:
         """The status word as the work enqueued so far leaves it, copied to the host without
         waiting: a node that launches its next step before checking this one's."""
         return StatusSnapshot(self.own.control_2, self._failure_note)
+
+    @abstractmethod
+    def close(self) -> None:
+        """Lets go of this node's region and the peers' slots."""
+
+    def close_after_gpu(self) -> None:
+        """Closes the lane once no kernel can touch its slots any more: waits still spinning
+        (a step launched ahead, a dead peer) end at once on the abort word, and the device
+        finishes before the peers' slots are let go (a peer's mapping unmapped under a running
+        kernel is an illegal memory access)."""
+        if self.own.device.type == "cuda":
+            self.abort()
+            torch.cuda.synchronize(self.own.device)
+        self.close()
 
     def _failure_note(self) -> str | None:
         """What went wrong outside the kernels, if anything (for a failed wait's message)."""

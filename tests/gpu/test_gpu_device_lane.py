@@ -264,6 +264,7 @@ def test_a_killed_or_stopped_expert_process_fails_the_step_at_its_deadline_and_l
     settings = replace(base, lane=lane, round_timeout_s=2.0)
     ctx = multiprocessing.get_context("spawn")
     children = []
+    node: AttentionNode | None = None
     try:
         child, pipe, address, slots = _start_expert(ctx, settings, placement)
         children.append(child)
@@ -295,8 +296,9 @@ def test_a_killed_or_stopped_expert_process_fails_the_step_at_its_deadline_and_l
                 out[token.request_id].append(token)
             step += 1
             assert step < 300
-        node.shutdown()
     finally:
+        if node is not None:  # a failed run must not leave its GPU work to the next test
+            node.shutdown()
         for c in children:
             c.kill()
             c.join(30)
