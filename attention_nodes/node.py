@@ -189,7 +189,7 @@ class AttentionNode:
             if lane_regions is None or len(lane_regions) != len(peers):
                 raise ValueError(f"the {s.lane} lane needs every expert node's slots")
             if self.lane is not None:
-                self.lane.close()
+                self.lane.close_after_gpu()
             c = self.config
             layout = SlotLayout(
                 SlotKind.COMBINE, s.micro_batches, len(peers), s.max_batch_tokens,

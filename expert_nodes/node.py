@@ -217,7 +217,7 @@ class ExpertNode:
         if s.lane not in SLOT_LANES:
             raise RuntimeError(f"expert node {s.node_id} runs the host lane")
         if self.lane is not None:
-            self.lane.close()
+            self.lane.close_after_gpu()
         c = self.config
         layout = SlotLayout(
             SlotKind.DISPATCH, s.micro_batches, len(attention_peers), capacity, c.hidden_size,
@@ -254,11 +254,9 @@ class ExpertNode:
             self._graphs.clear()
 
     def accept_attention_node(self, peer: int, timeout_s: float) -> None:
-        """Takes back a restarted attention node under its old id (its proxy too, whose slots
+        """Takes back a restarted attention node under its old id, once
+        `forget_attention_nodes` dropped its old connections (its proxy's slots
         `reconnect_lane` then waits for)."""
-        self.transport.forget_peer(peer)
-        if isinstance(self.lane, ProxyLane):
-            self.lane.forget(peer)
         self.transport.wait_for_peers([peer], timeout_s)
 
     def lane_region(self) -> LaneHandle | None:

@@ -1006,6 +1006,9 @@ class Cluster:
 
     def _rewire_attention(self, i: int, timeout: float) -> None:
         """Connects a restarted attention node (new slots too) to every expert node."""
+        # its old connections dropped first, for certain: a forget that ran after the new
+        # node connected would drop the new connection instead
+        ray.get([e.forget_attention_nodes.remote([i]) for e in self.experts], timeout=timeout)
         waits = [e.accept_attention_node.remote(i, timeout) for e in self.experts]
         regions = None
         if self._slot_lane:

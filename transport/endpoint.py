@@ -160,13 +160,17 @@ def _shared_context():
     global _context
     with _context_lock:
         if _context is None:
-            ucx, _ = _ucx()
-            # without cross-memory attach unless the operator chose the transports himself
-            config = {} if "UCX_TLS" in os.environ else {"TLS": "^cma"}
-            _context = ucx.UCXContext(
-                config, feature_flags=(ucx.Feature.TAG, ucx.Feature.STREAM, ucx.Feature.WAKEUP)
-            )
+            _context = _new_context()
         return _context
+
+
+def _new_context():
+    ucx, _ = _ucx()
+    # without cross-memory attach unless the operator chose the transports himself
+    config = {} if "UCX_TLS" in os.environ else {"TLS": "^cma"}
+    return ucx.UCXContext(
+        config, feature_flags=(ucx.Feature.TAG, ucx.Feature.STREAM, ucx.Feature.WAKEUP)
+    )
 
 
 def _wire_view(t: torch.Tensor):
@@ -245,8 +249,14 @@ class PendingSend:
 
 class Transport:
     def __init__(
-        self, node_id: int, settings: TransportSettings | None = None, device: str = "cpu"
+        self,
+        node_id: int,
+        settings: TransportSettings | None = None,
+        device: str = "cpu",
+        own_context: bool = False,
     ) -> None:
+        """`own_context`: a UCX context for this transport alone, not the process's shared
+        one (for a transport driven from another thread than the rest, as a lane's proxy)."""
         self.node_id = node_id
         self.settings = settings or TransportSettings()
         if self.settings.progress_mode not in ("blocking", "polling"):
@@ -261,7 +271,7 @@ class Transport:
             torch.zeros(1, device=self.device)
         self._ucx, self._array = _ucx()
         self._lock = threading.RLock()  # UCX objects are used by one thread at a time
-        self._worker = self._ucx.UCXWorker(_shared_context())
+        self._worker = self._ucx.UCXWorker(_new_context() if own_context else _shared_context())
         self._worker.init_blocking_progress_mode()
         # poll, not select: select fails on descriptors past 1023, which a busy process reaches
         self._wakeup = select.poll()

@@ -58,9 +58,12 @@ try:
 
     @triton.jit(do_not_specialize=["num_layers", "layer"])
     def _release_kernel(word_ptr, step_ptr, num_layers, layer, control_ptr):
-        # a node that is being aborted (or is capturing a graph) writes no word: the peer's
-        # round must not look complete
-        if tl.load(control_ptr, volatile=True) == 0:
+        # a node that is being aborted (or is capturing a graph), or whose step already lost a
+        # wait, writes no word: the peer's round must not look complete (nor hold what the
+        # failed step made of stale rows)
+        aborted = tl.load(control_ptr, volatile=True)
+        failed = tl.load(control_ptr + 1, volatile=True)
+        if (aborted == 0) & (failed == 0):
             seq = tl.load(step_ptr) * num_layers + layer + 1
             tl.atomic_xchg(word_ptr, seq, sem="release", scope="sys")
 
@@ -76,13 +79,14 @@ class LaneTimeout(TransportError):
 def release(
     word_1: torch.Tensor, step_1: torch.Tensor, num_layers: int, layer: int, control_2: torch.Tensor
 ) -> None:
-    """Publishes round (step, layer) in a peer's word, unless our abort word is set. The step
+    """Publishes round (step, layer) in a peer's word, unless our abort word is set or a wait
+    of this step failed. The step
     counter's device says where this runs: a GPU kernel may write a word in pinned host memory
     (the proxy lane's)."""
     if step_1.is_cuda:
         _release_kernel[(1,)](word_1, step_1, num_layers, layer, control_2)
         return
-    if int(control_2[0]) == 0:
+    if int(control_2[0]) == 0 and int(control_2[1]) == 0:
         word_1.fill_(int(step_1[0]) * num_layers + layer + 1)
 
 

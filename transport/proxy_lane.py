@@ -95,7 +95,9 @@ class ProxyLane(SlotLane):
         self._writers = handle_writers
         self._gpu = own.device.type == "cuda"
         self._polls = self._gpu  # a GPU kernel's release rings no bell: the proxy looks
-        self.transport = Transport(node_id, settings, "cpu")
+        # a UCX context of its own: its worker is driven from this thread while the node's
+        # transport is driven from the node's
+        self.transport = Transport(node_id, settings, "cpu", own_context=True)
         self.handle = ProxyHandle(own.layout, node_id, handle_writers, self.transport.address)
         self._lock = threading.Lock()  # the peers, their outboxes and the steps to send
         self._out_words_PM = torch.zeros(0, own.layout.micro_batches, dtype=torch.int64)
@@ -124,6 +126,8 @@ class ProxyLane(SlotLane):
         for h in peer_handles:
             check_peer_layout(self.own.layout, h.layout, h.owner, node_id)
             h.writer_index(node_id)  # we must be one of its writers
+        if self._gpu:  # no copy or release of ours may still target the outboxes replaced
+            torch.cuda.synchronize(self.own.device)
         M = self.own.layout.micro_batches
         words_PM = torch.zeros(len(peer_handles), M, dtype=torch.int64, pin_memory=self._gpu)
         outboxes = [
@@ -258,11 +262,16 @@ class ProxyLane(SlotLane):
                 self._stop.wait(IDLE_S)
 
     def _sends_due(self) -> bool:
-        """A step begun still has rounds to send (given up once every one of its waits would
-        have passed its deadline: a step abandoned without `reset`)."""
+        """A step begun still has rounds to send. A node has at most two steps in flight (one
+        launched ahead), so older ones were abandoned; and one that outlived every wait it
+        can have (layers × micro-batches deadlines, and one for the step before) was too."""
         with self._lock:
-            now, limit = time.monotonic(), self.timeout_s * (self.num_layers + 1)
-            for step in [s for s, (_, _, t) in self._steps.items() if now - t > limit]:
+            M = self.own.layout.micro_batches
+            now, limit = time.monotonic(), self.timeout_s * (self.num_layers * M + 1)
+            newest = max(self._steps, default=0)
+            for step in [
+                s for s, (_, _, t) in self._steps.items() if s < newest - 1 or now - t > limit
+            ]:
                 del self._steps[step]
             return bool(self._steps)
 
@@ -272,7 +281,12 @@ class ProxyLane(SlotLane):
             for p, mb in ready:
                 seq = int(self._out_words_PM[p, mb])
                 self._sent_PM[p, mb] = seq  # a round that cannot go is not tried again
-                self._send(int(p), int(mb), seq)
+                try:
+                    self._send(int(p), int(mb), seq)
+                except Exception as err:  # the other peers' rounds still go
+                    self._fail(
+                        f"round {seq} to node {self.peer_ids[p]}: {type(err).__name__}: {err}"
+                    )
             return len(ready)
 
     def _send(self, p: int, mb: int, seq: int) -> None:
@@ -317,12 +331,13 @@ class ProxyLane(SlotLane):
         w = self._writers.index(peer)
         sinks = _slot_arrays(self.inbox, key.micro_batch, w)
         _check_frame(tensors, sinks)
+        seq = sequence(key.step, key.layer, self.num_layers)
+        if key.step < self._min_step or seq <= self._delivered_MP[key.micro_batch, w]:
+            return  # stale: its bytes must not overwrite a newer round's, nor its word go back
         for sink, t in zip(sinks, tensors, strict=True):
             sink[: t.shape[0]].copy_(t)
-        seq = sequence(key.step, key.layer, self.num_layers)
-        if seq > self._delivered_MP[key.micro_batch, w]:  # words never go back
-            self._delivered_MP[key.micro_batch, w] = seq
-            self.inbox.words_MP[key.micro_batch, w] = seq  # after the bytes
+        self._delivered_MP[key.micro_batch, w] = seq
+        self.inbox.words_MP[key.micro_batch, w] = seq  # after the bytes
         self.frames_delivered += 1
 
     def _fail(self, what: str) -> None:

@@ -116,9 +116,14 @@ def test_a_wait_ends_at_its_deadline_and_fails_the_rest_of_the_step() -> None:
         lane.wait(1, 0, timeout_s=5)
     with pytest.raises(LaneTimeout, match="step 3"):
         lane.check("step 3")
+    peer_word = torch.zeros(1, dtype=torch.int64)
+    lane_signals.release(peer_word, lane.step_1, LAYERS, 1, lane.own.control_2)
+    assert int(peer_word) == 0  # a failed step publishes nothing it made of stale rows
     lane.reset()
     lane.wait(1, 0, timeout_s=5)
     lane.check("step 3")
+    lane_signals.release(peer_word, lane.step_1, LAYERS, 1, lane.own.control_2)
+    assert int(peer_word) == sequence(3, 1, LAYERS)
     lane.close()
 
 

@@ -145,12 +145,14 @@ def test_late_frames_of_an_abandoned_step_are_dropped(pair: tuple[ProxyLane, Pro
     attention, expert = pair
     expert.reset(5)  # a failure: the cluster goes on from step 5
     outbox, _ = attention.peers[0]
+    outbox.rows_MPCD[0, 0, :2] = 7.0
     attention.begin_step(4, [[2, 2]])
     attention.release(0, 0, 0)  # a round of step 4, sent after the expert node moved on
     expert.begin_step(5, [[2, 2]])
     with pytest.raises(LaneTimeout):
         expert.wait(0, 0, 0.3)  # its word never reached step 4, let alone 5
     assert int(expert.own.words_MP[0, 0]) == 0
+    assert not expert.own.rows_MPCD[0, 0].any()  # nor its bytes in the slot
     assert outbox is attention.peers[0][0]
 
 
