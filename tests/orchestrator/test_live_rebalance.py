@@ -54,12 +54,22 @@ def _deployment(model: Path, replicas: int = 1) -> Deployment:
     return replace(d, experts=experts)
 
 
-def _held_as_placed(cluster: Cluster) -> None:
-    """Every expert node holds, in every MoE layer, what the cluster's placement says."""
-    assert cluster.placement is not None
-    for j, node in enumerate(cluster.experts):
-        held = ray.get(node.held_experts.remote(), timeout=30)
-        assert held == {layer: cluster.placement.at(layer)[j] for layer in held}, f"expert-{j}"
+def _held_as_placed(cluster: Cluster, timeout_s: float = 60.0) -> None:
+    """Every expert node holds, in every MoE layer, what the cluster's placement says. The
+    engine thread may switch to a staged plan at any boundary, idle or not, so the nodes are
+    read while no plan is staged or being switched to, and read again if one began meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        placement = cluster.placement
+        settled = cluster._staging is None and cluster._placement_confirmed
+        held = [ray.get(node.held_experts.remote(), timeout=30) for node in cluster.experts]
+        if settled and cluster.placement is placement:
+            break
+        assert time.monotonic() < deadline, "the cluster never settled on a placement"
+        time.sleep(0.05)
+    assert placement is not None
+    for j, layers in enumerate(held):
+        assert layers == {layer: placement.at(layer)[j] for layer in layers}, f"expert-{j}"
 
 
 def test_a_rebalance_under_greedy_streams_changes_no_token(tiny_model: Path, ray_session) -> None:
