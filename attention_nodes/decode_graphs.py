@@ -163,8 +163,8 @@ class DecodeGraphs:
                     forward(batch, meta)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            # thread-local: a proxy-lane node's proxy thread copies and synchronizes its own
-            # stream meanwhile, which a global capture would refuse (and so fail the capture)
+            # thread-local: another thread may enqueue CUDA work meanwhile (an abort's copy on
+            # a stream of its own), which a global capture would refuse, failing the capture
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits_BV = forward(batch, meta)
         g = _Graph(graph, inputs_N, logits_BV)

@@ -105,9 +105,9 @@ class DeviceDispatcher(Dispatcher):
             on_TK = (node_TK == j) & real_T1
             # (non-blocking: on the proxy lane the slot is pinned host memory)
             remote.rows_MPCD[micro_batch, me, :T].copy_(x_TD, non_blocking=True)
-            ids_TK = torch.where(on_TK, local_TK, -1).to(remote.local_ids_MPCK.dtype)
+            ids_TK = torch.where(on_TK, local_TK, -1)
             remote.local_ids_MPCK[micro_batch, me, :T].copy_(ids_TK, non_blocking=True)
-            kept_TK = torch.where(on_TK, weights_TK, 0).to(remote.weights_MPCK.dtype)
+            kept_TK = torch.where(on_TK, weights_TK, 0)
             remote.weights_MPCK[micro_batch, me, :T].copy_(kept_TK, non_blocking=True)
             self.lane.release(j, layer, micro_batch)
         return layer, micro_batch, T

@@ -520,9 +520,8 @@ class ExpertNode:
             body(False)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # thread-local: on the proxy lane this node's proxy thread copies and synchronizes its
-        # own stream meanwhile (the attention nodes' rows keep coming), which a global capture
-        # would refuse
+        # thread-local: another thread may enqueue CUDA work meanwhile (an abort's copy on a
+        # stream of its own), which a global capture would refuse, failing the capture
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             body(True)
         torch.cuda.synchronize(device)

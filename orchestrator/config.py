@@ -14,6 +14,7 @@ from afd.models.checkpoint import LOAD_FORMATS
 from afd.models.config import DTYPES
 from afd.models.fp8 import QUANTIZATIONS
 from afd.transport.endpoint import TransportSettings
+from afd.transport.lanes import SLOT_LANES
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
 
@@ -293,7 +294,7 @@ def _check(d: Deployment, source: str) -> None:
         ("transport.spin_us", d.transport.spin_us >= 0, ">= 0"),
         (
             "transport.lane",
-            d.transport.lane in ("host", "device", "proxy"),
+            d.transport.lane in ("host", *SLOT_LANES),
             "host, device or proxy",
         ),
         (

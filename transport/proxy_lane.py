@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import threading
 import time
@@ -93,8 +94,7 @@ class ProxyLane(SlotLane):
         super().__init__(own, num_layers)
         self.node_id, self.last_layer, self.timeout_s = node_id, last_layer, timeout_s
         self._writers = handle_writers
-        self._gpu = own.device.type == "cuda"
-        self._polls = self._gpu  # a GPU kernel's release rings no bell: the proxy looks
+        self._gpu = own.device.type == "cuda"  # a kernel's release rings no bell: the proxy looks
         # a UCX context of its own: its worker is driven from this thread while the node's
         # transport is driven from the node's
         self.transport = Transport(node_id, settings, "cpu", own_context=True)
@@ -103,9 +103,8 @@ class ProxyLane(SlotLane):
         self._out_words_PM = torch.zeros(0, own.layout.micro_batches, dtype=torch.int64)
         self._sent_PM = np.zeros((0, own.layout.micro_batches), np.int64)
         # where our peers' rounds land: pinned host memory on a GPU node, else our region
-        self.inbox = _host_region(own.layout, self._gpu) if self._gpu else own
+        self.inbox = _host_region(own.layout, pinned=True) if self._gpu else own
         self._min_step = 0  # rounds of earlier steps are dropped (set by `reset`)
-        self._delivered_MP = np.zeros((own.layout.micro_batches, len(handle_writers)), np.int64)
         # step -> (rows per (peer, micro-batch), (peer, micro-batch) pairs whose last layer is
         # still to send, when the step began)
         self._steps: dict[int, tuple[list[list[int]], set[tuple[int, int]], float]] = {}
@@ -207,7 +206,7 @@ class ProxyLane(SlotLane):
 
     def release(self, peer: int, layer: int, micro_batch: int) -> None:
         super().release(peer, layer, micro_batch)
-        if not self._polls:
+        if not self._gpu:
             self._ring()
 
     def reset(self, next_step: int | None = None) -> None:
@@ -250,7 +249,7 @@ class ProxyLane(SlotLane):
             try:
                 if self._send_released() + self._deliver_arrived():
                     continue
-                if self._polls and self._sends_due():
+                if self._gpu and self._sends_due():
                     self.transport.progress(0.0)  # one turn: frames in, sends out
                     time.sleep(NAP_S)
                 else:
@@ -332,12 +331,12 @@ class ProxyLane(SlotLane):
         sinks = _slot_arrays(self.inbox, key.micro_batch, w)
         _check_frame(tensors, sinks)
         seq = sequence(key.step, key.layer, self.num_layers)
-        if key.step < self._min_step or seq <= self._delivered_MP[key.micro_batch, w]:
+        word = self.inbox.words_MP[key.micro_batch, w]  # host memory: ours to read
+        if key.step < self._min_step or seq <= int(word):
             return  # stale: its bytes must not overwrite a newer round's, nor its word go back
         for sink, t in zip(sinks, tensors, strict=True):
             sink[: t.shape[0]].copy_(t)
-        self._delivered_MP[key.micro_batch, w] = seq
-        self.inbox.words_MP[key.micro_batch, w] = seq  # after the bytes
+        word.fill_(seq)  # after the bytes
         self.frames_delivered += 1
 
     def _fail(self, what: str) -> None:
@@ -383,9 +382,7 @@ def _slot_arrays(region: SlotRegion, mb: int, index: int) -> list[torch.Tensor]:
 
 def _outbox_layout(peer: SlotLayout) -> SlotLayout:
     """A peer's slots as this node writes them: its layout with one writer, us."""
-    return SlotLayout(
-        peer.kind, peer.micro_batches, 1, peer.capacity, peer.hidden, peer.top_k, peer.dtype
-    )
+    return dataclasses.replace(peer, peers=1)
 
 
 def _host_region(
