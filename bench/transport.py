@@ -243,8 +243,9 @@ def _lane_plan(iters: int, device: str) -> list[tuple[str, int, int, int]]:
     return plan
 
 
-def _open_lane(lane_name: str, first: bool, device: str) -> Any:
-    """The first process's end (combine slots, node 0) or the echo's (dispatch slots, node 1)."""
+def _open_lane(lane_name: str, first: bool, device: str, shared_memory: bool) -> Any:
+    """The first process's end (combine slots, node 0) or the echo's (dispatch slots, node 1).
+    `shared_memory`: the proxies' endpoints over UCX shared memory instead of TCP."""
     from afd.transport.endpoint import TransportSettings
     from afd.transport.lanes import open_lane
     from afd.transport.slots import SlotKind, SlotLayout
@@ -253,7 +254,7 @@ def _open_lane(lane_name: str, first: bool, device: str) -> Any:
     layout = SlotLayout(kind, 1, 1, LARGE_ROWS, LANE_HIDDEN, 1, torch.bfloat16)
     return open_lane(
         lane_name, layout, me, [peer], LANE_ROUNDS, LANE_ROUNDS - 1, torch.device(device),
-        TransportSettings(), 60.0,
+        TransportSettings(shared_memory=shared_memory), 60.0,
     )  # fmt: skip
 
 
@@ -299,8 +300,10 @@ def _lane_phases(lane: Any, plan: list, source: torch.Tensor, first: bool) -> li
     return out
 
 
-def _lane_echo(lane_name: str, device: str, handle: Any, plan: list, conn: Any) -> None:
-    lane = _open_lane(lane_name, False, device)
+def _lane_echo(
+    lane_name: str, device: str, shared_memory: bool, handle: Any, plan: list, conn: Any
+) -> None:
+    lane = _open_lane(lane_name, False, device, shared_memory)
     conn.send(lane.handle)
     lane.connect([handle], 1)
     lane.begin_step(0, [[1]])  # compiles the kernels: not timed
@@ -309,17 +312,21 @@ def _lane_echo(lane_name: str, device: str, handle: Any, plan: list, conn: Any) 
     lane.close()
 
 
-def bench_slot_lane(lane_name: str, device: str, iters: int) -> list[dict]:
+def bench_slot_lane(
+    lane_name: str, device: str, iters: int, shared_memory: bool = False
+) -> list[dict]:
     """Round trips through a slot lane between two processes: each side writes the payload
     into the other's slot (device lane: its memory, on this GPU, MPS needed; proxy lane: its
     outbox, which the proxy threads move over UCX) and releases its word; eager, and on CUDA
     inside a CUDA graph (one replay per step)."""
-    lane = _open_lane(lane_name, True, device)
+    lane = _open_lane(lane_name, True, device, shared_memory)
     plan = _lane_plan(iters, device)
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
     echo = ctx.Process(
-        target=_lane_echo, args=(lane_name, device, lane.handle, plan, there), daemon=True
+        target=_lane_echo,
+        args=(lane_name, device, shared_memory, lane.handle, plan, there),
+        daemon=True,
     )
     echo.start()
     lane.connect([here.recv()], 0)
@@ -332,7 +339,9 @@ def bench_slot_lane(lane_name: str, device: str, iters: int) -> list[dict]:
     assert torch.equal(got, payload[: plan[-1][1]]), "the echo came back different"
     lane.close()
     return [
-        _row(f"{lane_name}-{mode}", rows * 2 * LANE_HIDDEN, rtt_s=s)
+        _row(
+            f"{lane_name}{'-shm' if shared_memory else ''}-{mode}", rows * 2 * LANE_HIDDEN, rtt_s=s
+        )
         for (mode, rows, _, _), s in zip(plan, seconds, strict=True)
     ]
 
@@ -360,6 +369,11 @@ def main() -> None:
         default=None,
         help="slot lanes of the lane rows: device, proxy (default: both on CUDA, proxy on CPU)",
     )
+    parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="proxy lane rows: the proxies' endpoints over UCX shared memory, not TCP",
+    )
     parser.add_argument("--progress-mode", default="blocking", choices=["blocking", "polling"])
     parser.add_argument("--spin-us", type=float, default=200.0)
     args = parser.parse_args()
@@ -377,7 +391,7 @@ def main() -> None:
         for lane_name in args.lanes or (
             ["device", "proxy"] if args.device == "cuda" else ["proxy"]
         ):
-            rows += bench_slot_lane(lane_name, args.device, args.iters)
+            rows += bench_slot_lane(lane_name, args.device, args.iters, args.shared_memory)
     if args.json:
         print(json.dumps({"device": args.device, "rows": rows}))
         return

@@ -164,10 +164,28 @@ def _shared_context():
         return _context
 
 
-def _new_context():
+# A host-memory frame goes in one eager message, in 64 KiB segments. UCX's default sends a
+# frame over 8 KiB by rendezvous, which over TCP costs both sides' progress for a handshake
+# before the bytes move: 300–700 µs for an 8 KiB frame on loopback against ~30 µs eager
+# (bench/NOTES.md, session 10). Operators override any of these with the UCX_* variables (with
+# RDMA, a rendezvous threshold such as 64k moves large frames zero-copy).
+EAGER_HOST_FRAMES = {"RNDV_THRESH": "inf", "TCP_TX_SEG_SIZE": "64k", "TCP_RX_SEG_SIZE": "64k"}
+# the operator's UCX_* variables, read before ucxx's import sets its own defaults in os.environ
+_OPERATOR_UCX_VARS = frozenset(k for k in os.environ if k.startswith("UCX_"))
+
+
+def _new_context(eager_host_frames: bool = False):
     ucx, _ = _ucx()
     # without cross-memory attach unless the operator chose the transports himself
     config = {} if "UCX_TLS" in os.environ else {"TLS": "^cma"}
+    if eager_host_frames and "UCX_TLS" not in os.environ:
+        # nor CUDA's: with them loaded UCX asks the driver what every buffer is (ucxx turns
+        # its memory-type cache off), a call per send that MPS makes slow
+        config["TLS"] = "^cma,cuda"
+    if eager_host_frames:
+        config |= {
+            k: v for k, v in EAGER_HOST_FRAMES.items() if f"UCX_{k}" not in _OPERATOR_UCX_VARS
+        }
     return ucx.UCXContext(
         config, feature_flags=(ucx.Feature.TAG, ucx.Feature.STREAM, ucx.Feature.WAKEUP)
     )
@@ -256,7 +274,8 @@ class Transport:
         own_context: bool = False,
     ) -> None:
         """`own_context`: a UCX context for this transport alone, not the process's shared
-        one (for a transport driven from another thread than the rest, as a lane's proxy)."""
+        one (for a transport driven from another thread than the rest, as a lane's proxy),
+        which sends host frames eagerly (`EAGER_HOST_FRAMES`): it must carry host memory only."""
         self.node_id = node_id
         self.settings = settings or TransportSettings()
         if self.settings.progress_mode not in ("blocking", "polling"):
@@ -271,7 +290,9 @@ class Transport:
             torch.zeros(1, device=self.device)
         self._ucx, self._array = _ucx()
         self._lock = threading.RLock()  # UCX objects are used by one thread at a time
-        self._worker = self._ucx.UCXWorker(_new_context() if own_context else _shared_context())
+        self._worker = self._ucx.UCXWorker(
+            _new_context(eager_host_frames=True) if own_context else _shared_context()
+        )
         self._worker.init_blocking_progress_mode()
         # poll, not select: select fails on descriptors past 1023, which a busy process reaches
         self._wakeup = select.poll()

@@ -20,9 +20,11 @@ UCX tag messages over the proxy's own transport (a worker and endpoints of its o
 transport belongs to the node's thread). UCX RMA is not used.
 
 Waking: a release on the CPU rings the proxy's bell. A GPU kernel cannot ring it, so while a
-step it was told of still has rounds to send, the proxy looks at the outbox words every few
-microseconds, napping in between so that the node's own thread gets the GIL; otherwise it
-sleeps on its transport until a frame comes, a step begins or a release rings.
+step it was told of still has rounds to send, the proxy polls the outbox words and its
+transport without sleeping, yielding the CPU (and the GIL, which the node's own thread needs)
+between looks: a sleep of a few microseconds can last a millisecond where timers are coarse, as
+on the H100 VM (bench/NOTES.md). Otherwise it sleeps on its transport until a frame comes, a
+step begins or a release rings.
 
 Connections: the attention node's proxy connects to each expert node's proxy (whose address is
 in the expert node's handle); the expert node's proxy accepts them, as the node transports do.
@@ -38,10 +40,9 @@ Shape legend: P = peers, M = micro-batches.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -60,9 +61,8 @@ from afd.transport.wire import FrameKind, RoundKey
 log = logging.getLogger(__name__)
 
 IDLE_S = 0.05  # how long an idle proxy sleeps on its transport between looks
-NAP_S = 5e-6  # between looks at the outbox words while the GPU may release a round
+STEPS_QUEUED = 64  # steps a stream may hold begun but not yet run, before one counts as lost
 CLOSE_FLUSH_S = 5.0  # how long closing waits for the last sends
-_PR_SET_TIMERSLACK = 29  # prctl: how late the kernel may wake a sleeping thread, in ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +243,6 @@ class ProxyLane(SlotLane):
 
     # ---- the proxy thread ----------------------------------------------------------------
     def _serve(self) -> None:
-        _fine_naps()
         while not self._stop.is_set():
             self._bell.clear()
             try:
@@ -251,7 +250,7 @@ class ProxyLane(SlotLane):
                     continue
                 if self._gpu and self._sends_due():
                     self.transport.progress(0.0)  # one turn: frames in, sends out
-                    time.sleep(NAP_S)
+                    os.sched_yield()
                 else:
                     self.transport.await_frame(
                         _any_frame, IDLE_S, lambda: self._bell.is_set() or self._stop.is_set()
@@ -261,15 +260,19 @@ class ProxyLane(SlotLane):
                 self._stop.wait(IDLE_S)
 
     def _sends_due(self) -> bool:
-        """A step begun still has rounds to send. A node has at most two steps in flight (one
-        launched ahead), so older ones were abandoned; and one that outlived every wait it
-        can have (layers × micro-batches deadlines, and one for the step before) was too."""
+        """A step begun still has rounds to send. A stream may hold many steps queued behind
+        the one it runs (a node launches one ahead; a bench's replays queue a whole phase), so
+        only a step `STEPS_QUEUED` older than the newest counts as abandoned; and one that
+        outlived every wait it can have (layers × micro-batches deadlines, and one for the
+        step before) was too."""
         with self._lock:
             M = self.own.layout.micro_batches
             now, limit = time.monotonic(), self.timeout_s * (self.num_layers * M + 1)
             newest = max(self._steps, default=0)
             for step in [
-                s for s, (_, _, t) in self._steps.items() if s < newest - 1 or now - t > limit
+                s
+                for s, (_, _, t) in self._steps.items()
+                if s <= newest - STEPS_QUEUED or now - t > limit
             ]:
                 del self._steps[step]
             return bool(self._steps)
@@ -391,9 +394,3 @@ def _host_region(
     """Slots in host memory (pinned for a GPU node, whose stream copies in and out of them)."""
     memory_N = torch.zeros(layout.nbytes, dtype=torch.uint8, pin_memory=pinned)
     return SlotRegion(layout, memory_N, words_MP)
-
-
-def _fine_naps() -> None:
-    """Lets this thread's short sleeps end on time (Linux slacks them by 50 µs by default)."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: naps run long, no harm
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)

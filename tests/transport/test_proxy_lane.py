@@ -170,6 +170,21 @@ def test_a_round_of_a_step_that_did_not_begin_is_not_sent(
         attention.check("attention node")
 
 
+def test_a_round_of_a_step_queued_behind_many_newer_ones_is_still_sent(
+    pair: tuple[ProxyLane, ProxyLane],
+) -> None:
+    """A stream runs ahead of its host's `begin_step` calls: a CUDA graph per step, replayed
+    for a whole phase, releases the first step's rounds after the last step began."""
+    attention, expert = pair
+    for step in range(1, 9):
+        attention.begin_step(step, [[2, 1]])
+    expert.begin_step(1, [[2, 1]])
+    attention.step_1.fill_(1)  # the stream reaches step 1 only now
+    for layer in range(LAYERS):
+        assert _round(attention, expert, 1, layer, [2, 1]).shape == (1, HIDDEN)
+    attention.check("attention node")
+
+
 def test_a_restarted_peer_is_joined_again(pair: tuple[ProxyLane, ProxyLane]) -> None:
     attention, old = pair
     old.close()
