@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import torch
 from afd.attention_nodes.expert_routing import ExpertRouting
+from afd.models import kernels
 from afd.models.expert_placement import ExpertPlacement
 from afd.models.moe import Dispatcher
 from afd.transport.endpoint import Transport
@@ -98,17 +99,31 @@ class DeviceDispatcher(Dispatcher):
         weights_TK: torch.Tensor,
     ) -> tuple[int, int, int]:
         T = x_TD.shape[0]
-        node_TK, local_TK = self.routing.route(layer, ids_TK, self._rows_C[:T])
-        real_T1 = (self._rows_C[:T] < self._real_M[micro_batch])[:, None]
+        routed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         for j, (remote, me) in enumerate(self.lane.peers):
             assert remote.local_ids_MPCK is not None and remote.weights_MPCK is not None
-            on_TK = (node_TK == j) & real_T1
-            # (non-blocking: on the proxy lane the slot is pinned host memory)
-            remote.rows_MPCD[micro_batch, me, :T].copy_(x_TD, non_blocking=True)
-            ids_TK = torch.where(on_TK, local_TK, -1)
-            remote.local_ids_MPCK[micro_batch, me, :T].copy_(ids_TK, non_blocking=True)
-            kept_TK = torch.where(on_TK, weights_TK, 0)
-            remote.weights_MPCK[micro_batch, me, :T].copy_(kept_TK, non_blocking=True)
+            rows_TD = remote.rows_MPCD[micro_batch, me, :T]
+            local_ids_TK = remote.local_ids_MPCK[micro_batch, me, :T]
+            kept_TK = remote.weights_MPCK[micro_batch, me, :T]
+            if kernels.usable(rows_TD):  # the peer's memory: one kernel writes its share
+                from afd.models.kernels.node_share import write_node_share
+
+                holders = self.routing.holders(layer)
+                real_1 = self._real_M[micro_batch : micro_batch + 1]
+                write_node_share(
+                    x_TD, ids_TK, weights_TK, holders, real_1, j, rows_TD, local_ids_TK, kept_TK
+                )
+            else:  # host memory (the proxy lane's outbox on a GPU node), or no Triton
+                if routed is None:
+                    node_TK, local_TK = self.routing.route(layer, ids_TK, self._rows_C[:T])
+                    real_T1 = (self._rows_C[:T] < self._real_M[micro_batch])[:, None]
+                    routed = node_TK, local_TK, real_T1
+                node_TK, local_TK, real_T1 = routed
+                on_TK = (node_TK == j) & real_T1
+                # non-blocking: on the proxy lane the slot is pinned host memory
+                rows_TD.copy_(x_TD, non_blocking=True)
+                local_ids_TK.copy_(torch.where(on_TK, local_TK, -1), non_blocking=True)
+                kept_TK.copy_(torch.where(on_TK, weights_TK, 0), non_blocking=True)
             self.lane.release(j, layer, micro_batch)
         return layer, micro_batch, T
 

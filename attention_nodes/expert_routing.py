@@ -52,10 +52,14 @@ class ExpertRouting:
             self._tables = old
         return same
 
+    def holders(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`layer`'s live holders: [E, H] node, [E, H] local id, [E] count (on the device)."""
+        return self._tables.get(layer, self._tables[None])
+
     def route(
         self, layer: int, ids_TK: torch.Tensor, rows_T: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(node, local id) of each (token, slot) in `layer`."""
-        node_EH, local_EH, count_E = self._tables.get(layer, self._tables[None])
+        node_EH, local_EH, count_E = self.holders(layer)
         pick_TK = rows_T[:, None] % count_E[ids_TK]
         return node_EH[ids_TK, pick_TK], local_EH[ids_TK, pick_TK]

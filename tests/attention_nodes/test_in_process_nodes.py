@@ -131,15 +131,30 @@ def test_ping_pong_gives_the_reference_tokens_for_every_m(
 
 
 @pytest.mark.parametrize(
-    ("lane", "micro_batches"),
-    [("device", 1), ("device", 2), ("device", 3), ("proxy", 1), ("proxy", 3)],
+    ("lane", "micro_batches", "forced"),
+    [
+        ("device", 1, False),
+        ("device", 2, False),
+        ("device", 2, True),
+        ("device", 3, False),
+        ("proxy", 1, False),
+        ("proxy", 3, False),
+    ],
 )
 def test_a_slot_lane_gives_the_reference_tokens(
-    tiny_model: Path, reference: ReferenceEngine, lane: str, micro_batches: int
+    tiny_model: Path, reference: ReferenceEngine, lane: str, micro_batches: int, forced: bool
 ) -> None:
     """Rows and sums through slots (host memory on CPU: shared on the device lane, copied by
     the nodes' proxies over UCX on the proxy lane), the control frames through the transport:
-    the same tokens as the reference, and each expert node counts its own."""
+    the same tokens as the reference, and each expert node counts its own. `forced`: through
+    the Triton kernels (the interpreter), the dispatch's one-kernel share of each node too."""
+    with kernels.force(forced):
+        _slot_lane_gives_the_reference_tokens(tiny_model, reference, lane, micro_batches)
+
+
+def _slot_lane_gives_the_reference_tokens(
+    tiny_model: Path, reference: ReferenceEngine, lane: str, micro_batches: int
+) -> None:
     config = load_config(tiny_model)
     placement = ExpertPlacement.even(config.num_experts, 2)
     settings = AttentionNodeSettings(0, str(tiny_model), micro_batches=micro_batches, lane=lane)

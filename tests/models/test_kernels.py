@@ -225,3 +225,37 @@ def test_the_tuned_table_picks_the_smallest_tuned_size_at_or_above(tmp_path, mon
         assert tuning.lookup(key.replace("GPU X", "GPU Y"), 1) == (False, None)
     finally:
         tuning.load_table.cache_clear()
+
+
+@pytest.mark.parametrize("tokens,real", [(1, 1), (13, 9), (40, 40)])
+def test_a_nodes_share_is_its_rows_its_slots_local_ids_and_weights(tokens, real) -> None:
+    """The one-kernel dispatch of the device lane against the torch ops it replaces: expert 1
+    has two holders (rows alternate between them), padding rows go to no node."""
+    from afd.models.kernels.node_share import write_node_share
+
+    g = torch.Generator().manual_seed(tokens)
+    D, K, E = 600, 3, 6  # D over one 512-wide block, K not a power of two
+    node_EH = torch.tensor([[0, -1], [0, 1], [1, -1], [1, -1], [0, -1], [1, -1]])
+    local_EH = torch.tensor([[0, -1], [1, 0], [1, -1], [2, -1], [2, -1], [3, -1]])
+    count_E = torch.tensor([1, 2, 1, 1, 1, 1])
+    x = torch.randn(tokens, D, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)])
+    weights = torch.rand(tokens, K, generator=g)
+    rows_T = torch.arange(tokens)
+    pick = rows_T[:, None] % count_E[ids]
+    for node in (0, 1):
+        on = (node_EH[ids, pick] == node) & (rows_T < real)[:, None]
+        want_ids = torch.where(on, local_EH[ids, pick], -1).to(torch.int16)
+        want_weights = torch.where(on, weights, 0)
+        out = [
+            torch.full((tokens, D), 7.0, device=DEVICE),
+            torch.full((tokens, K), 9, dtype=torch.int16, device=DEVICE),
+            torch.full((tokens, K), 7.0, device=DEVICE),
+        ]
+        tables = tuple(t.to(DEVICE) for t in (node_EH, local_EH, count_E))
+        real_1 = torch.tensor([real], device=DEVICE)
+        args = [t.to(DEVICE) for t in (x, ids, weights)]
+        write_node_share(*args, tables, real_1, node, *out)  # type: ignore[arg-type]
+        assert torch.equal(out[0].cpu(), x)
+        assert torch.equal(out[1].cpu(), want_ids)
+        assert torch.equal(out[2].cpu(), want_weights)
