@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from afd.models import kernels
 from afd.models.checkpoint import open_checkpoint
 from afd.models.config import DTYPES, load_config
 from afd.models.fp8 import dequantize_rows, unpack_rows
@@ -484,6 +485,14 @@ class ExpertNode:
                 x_TD, ids_TK, weights_TK = lane.own.micro_batch_rows(mb, rows_P)
                 ids_TK = ids_TK.long()
                 self._count(layer, ids_TK, counts)
+                if len(lane.peers) == 1 and write_back:  # the sums go straight into its slot
+                    slots, me = lane.peers[0]
+                    self.shard.forward(
+                        layer, x_TD, ids_TK, weights_TK, out_TD=slots.rows_MPCD[mb, me, : rows_P[0]]
+                    )
+                    lane.release(0, layer, mb)
+                    self._mark("experts", layer, mb, begin=False)
+                    continue
                 y_TD = self.shard.forward(layer, x_TD, ids_TK, weights_TK)
                 for p, ((slots, me), y_nD) in enumerate(
                     zip(lane.peers, torch.split(y_TD, rows_P), strict=True)
@@ -539,9 +548,15 @@ class ExpertNode:
     def _count(self, layer: int, ids_TK: torch.Tensor, counts: torch.Tensor) -> None:
         """Adds the layer's tokens per local expert (no host sync: bincount would size its
         output); slots held elsewhere count in the last column."""
+        counts_C = counts[self._moe_row[layer]]
+        if kernels.usable(ids_TK):
+            from afd.models.kernels.small_ops import count_slots
+
+            count_slots(ids_TK, counts_C)
+            return
         elsewhere = counts.shape[1] - 1
         slots = torch.where(ids_TK >= 0, ids_TK, elsewhere).reshape(-1)
-        counts[self._moe_row[layer]].scatter_add_(0, slots, torch.ones_like(slots))
+        counts_C.scatter_add_(0, slots, torch.ones_like(slots))
 
     def _gather(self, key: RoundKey) -> list[list[torch.Tensor]]:
         """One frame from every attention node under `key`, answering failovers meanwhile."""

@@ -154,20 +154,30 @@ class ExpertShard:
         self.layer_ids[layer] = tuple(ids)
 
     def forward(
-        self, layer: int, x_TD: torch.Tensor, local_ids_TK: torch.Tensor, weights_TK: torch.Tensor
+        self,
+        layer: int,
+        x_TD: torch.Tensor,
+        local_ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        out_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Σ_k weight·expert_k(x) over this shard's experts; entries with local id -1 are skipped.
+        Into `out_TD` when given (contiguous), else a new tensor.
 
         Tokens are grouped by expert so each expert runs one GEMM over all its tokens.
         """
         w = self.layers[layer]
-        if kernels.usable(x_TD):  # no host sync, fixed shapes: what a CUDA graph captures
+        if kernels.usable(x_TD) and (out_TD is None or kernels.usable(out_TD)):
+            # no host sync, fixed shapes: what a CUDA graph captures
             from afd.models.kernels.fused_moe import fused_experts
 
             return fused_experts(
                 x_TD, w.gate_EID, w.up_EID, w.down_EDI, local_ids_TK, weights_TK,
-                scales=w.scales,
+                scales=w.scales, out_TD=out_TD,
             )  # fmt: skip
+        if out_TD is not None:
+            y_TD = self.forward(layer, x_TD, local_ids_TK, weights_TK)
+            return out_TD.copy_(y_TD, non_blocking=True)  # (pinned memory: in stream order)
         out_TD = torch.zeros_like(x_TD)
         if x_TD.shape[0] == 0:
             return out_TD

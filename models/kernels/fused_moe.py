@@ -260,15 +260,21 @@ def fused_experts(
     weights_TK: torch.Tensor,
     config: MoEConfig | None = None,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out_TD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) over this shard's experts (local
-    ids; -1 skips the slot), as [T, D] in x's dtype. With `scales` (gate, up, down) the weights
-    are fp8 in 128×128 blocks (`afd.models.fp8`), scaled up tile by tile."""
+    ids; -1 skips the slot), as [T, D] in x's dtype, or into `out_TD` (contiguous, on the
+    device: an attention node's combine slot, so that no copy follows). With `scales` (gate,
+    up, down) the weights are fp8 in 128×128 blocks (`afd.models.fp8`), scaled up tile by
+    tile."""
     T, D = x_TD.shape
     K = ids_TK.shape[1]
     E, FFN, _ = gate_EID.shape
     N = T * K
-    out_TD = torch.empty_like(x_TD)
+    if out_TD is None:
+        out_TD = torch.empty_like(x_TD)
+    elif out_TD.shape != (T, D) or not out_TD.is_contiguous():
+        raise ValueError(f"the output must be a contiguous [{T}, {D}], got {tuple(out_TD.shape)}")
     if N == 0:
         return out_TD.zero_()
     cfg = config or pick_config(N, E, FFN, D, x_TD.device, gate_EID.dtype)

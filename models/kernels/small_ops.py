@@ -4,7 +4,8 @@
   then normalised from the rounded sum);
 - `route_top_k`: the router's softmax, top-k and renormalisation;
 - `qk_norm_rope_store`: per-head q/k RMSNorm, RoPE on q and k, and the new K/V written into
-  their paged-cache slots.
+  their paged-cache slots;
+- `count_slots`: an expert node's tokens per local expert (its load report), on the device.
 
 Each follows the torch math in `afd.models.layers` / `afd.models.attention`, with fp32 inside
 and one rounding where torch rounds after several ops (a few bf16 ulps apart at most).
@@ -209,3 +210,25 @@ def qk_norm_rope_store(
                 num_warps=4,
             )
     return q_THDh
+
+
+@triton.jit(do_not_specialize=["N", "elsewhere"])
+def _count_slots_kernel(ids_ptr, counts_ptr, N, elsewhere, BLOCK: tl.constexpr):
+    at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + at, mask=at < N, other=0)
+    column = tl.where(ids >= 0, ids, elsewhere).to(tl.int64)
+    tl.atomic_add(counts_ptr + column, tl.full([BLOCK], 1, tl.int64), mask=at < N, sem="relaxed")
+
+
+def count_slots(ids_TK: torch.Tensor, counts_C: torch.Tensor) -> None:
+    """counts_C[e] += the (token, slot) pairs on local expert e; pairs with id -1 (held
+    elsewhere) count in the last column. Integer atomics: the same counts in any order. One
+    kernel where torch takes four (a cast, a `where`, the ones, the scatter)."""
+    N = ids_TK.numel()
+    if N == 0:
+        return
+    block = min(1024, triton.next_power_of_2(N))
+    with launching():
+        _count_slots_kernel[(triton.cdiv(N, block),)](
+            ids_TK.contiguous(), counts_C, N, counts_C.shape[0] - 1, BLOCK=block
+        )

@@ -259,3 +259,38 @@ def test_a_nodes_share_is_its_rows_its_slots_local_ids_and_weights(tokens, real)
         assert torch.equal(out[0].cpu(), x)
         assert torch.equal(out[1].cpu(), want_ids)
         assert torch.equal(out[2].cpu(), want_weights)
+
+
+def test_count_slots_counts_each_local_expert_and_the_slots_held_elsewhere() -> None:
+    from afd.models.kernels.small_ops import count_slots
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(-1, 6, (37, 3), generator=g)  # -1: held by another node
+    counts = torch.full((8,), 2, dtype=torch.int64)  # 7 local experts + elsewhere, not zero
+    want = counts.clone()
+    want.scatter_add_(
+        0, torch.where(ids >= 0, ids, 7).reshape(-1), torch.ones(111, dtype=torch.int64)
+    )
+    got = counts.to(DEVICE)
+    count_slots(ids.to(DEVICE), got)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_fused_experts_write_into_a_given_output() -> None:
+    from afd.models.kernels.fused_moe import MoEConfig, fused_experts
+
+    g = torch.Generator().manual_seed(3)
+    D, FFN, E = 32, 16, 4
+    x = torch.randn(5, D, generator=g)
+    gate, up = (torch.randn(E, FFN, D, generator=g) / 8 for _ in range(2))
+    down = torch.randn(E, D, FFN, generator=g) / 8
+    ids, weights = torch.randint(-1, E, (5, 2), generator=g), torch.rand(5, 2, generator=g)
+    args = [t.to(DEVICE) for t in (x, gate, up, down, ids, weights)]
+    slot = torch.full((8, D), 7.0, device=DEVICE)  # a slot wider than the rows
+    config = MoEConfig(block_m=16, block_n=32, block_k=32)
+    got = fused_experts(*args, config, out_TD=slot[:5])
+    assert got.data_ptr() == slot.data_ptr()
+    torch.testing.assert_close(slot[:5].cpu(), _loop_experts(x, gate, up, down, ids, weights))
+    assert torch.equal(slot[5:].cpu(), torch.full((3, D), 7.0))
+    with pytest.raises(ValueError, match="contiguous"):
+        fused_experts(*args, config, out_TD=slot[:5, :16])
