@@ -28,6 +28,7 @@ from afd.models.attention import PagedAttention, PagedMetadata
 from afd.models.batch import TokenBatch
 from afd.models.model import AttentionSideModel
 from afd.models.moe import Dispatcher
+from afd.models.step_trace import StepTrace
 
 SMALL_BUCKETS = (1, 2, 4, 8, 16, 32)
 
@@ -45,6 +46,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs_N: torch.Tensor  # every input, packed: one host-to-device copy a step
     logits_BV: torch.Tensor  # static output, fp32
+    trace: StepTrace | None  # stamped by each replay, for a graph of traced steps
 
 
 class DecodeGraphs:
@@ -71,9 +73,10 @@ class DecodeGraphs:
         self.scratch_block = scratch_block  # never handed out: padding rows write here
         self.max_blocks = max_blocks
         self.device = k_cache.device
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[tuple[int, int, bool], _Graph] = {}  # (Bp, Mp, traced)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0
+        self.last_trace: StepTrace | None = None  # the last replay's, when it was traced
 
     def prepare(self, batch_sizes: list[int], context: int) -> None:
         """Captures now the graphs that decode steps of these batch sizes will need up to
@@ -84,8 +87,8 @@ class DecodeGraphs:
         blocks = -(-context // self.block_size)
         for B in sorted({self.bucket(b) for b in batch_sizes}):
             for M in sorted({block_bucket(m, self.max_blocks) for m in range(1, blocks + 1)}):
-                if (B, M) not in self.graphs:
-                    self._capture(B, M)
+                if (B, M, False) not in self.graphs:
+                    self._capture(B, M, False)
 
     def bucket(self, batch: int) -> int:
         return micro_batch_bucket(batch, self.micro_batches)
@@ -103,12 +106,18 @@ class DecodeGraphs:
         self.graphs.clear()
 
     def run(
-        self, token_ids: list[int] | torch.Tensor, positions: list[int], tables: list[list[int]]
+        self,
+        token_ids: list[int] | torch.Tensor,
+        positions: list[int],
+        tables: list[list[int]],
+        traced: bool = False,
     ) -> torch.Tensor:
         """Logits [B, V] of B sequences decoding one token each: `token_ids[b]` at
         `positions[b]`, the sequence's blocks in `tables[b]` (already reserved). Token ids on
         the device (sampled by the step before, not read yet) are copied in on the device;
-        the rest of the inputs go over in one asynchronous copy, so the host never waits."""
+        the rest of the inputs go over in one asynchronous copy, so the host never waits.
+        `traced`: replays a graph that also stamps a step trace (`last_trace`), captured for
+        traced steps, so that a trace shows the graphed step as it serves."""
         B = len(positions)
         Bp = self.bucket(B)
         Mp = block_bucket(max(len(t) for t in tables), self.max_blocks)
@@ -130,7 +139,8 @@ class DecodeGraphs:
                 inputs_N[:B].copy_(device_ids)
             batch, meta = decode_views(inputs_N, Bp, Mp)
             return self._forward(batch, meta)[:B]
-        g = self.graphs.get((Bp, Mp)) or self._capture(Bp, Mp)
+        g = self.graphs.get((Bp, Mp, traced)) or self._capture(Bp, Mp, traced)
+        self.last_trace = g.trace
         g.inputs_N.copy_(inputs, non_blocking=True)
         if device_ids is not None:
             g.inputs_N[:B].copy_(device_ids)
@@ -138,7 +148,9 @@ class DecodeGraphs:
         self.replays += 1
         return g.logits_BV[:B]
 
-    def _forward(self, batch: TokenBatch, meta: PagedMetadata) -> torch.Tensor:
+    def _forward(
+        self, batch: TokenBatch, meta: PagedMetadata, trace: StepTrace | None = None
+    ) -> torch.Tensor:
         return decode_forward(
             self.model,
             self.dispatcher,
@@ -147,10 +159,12 @@ class DecodeGraphs:
             batch,
             meta,
             micro_batches=self.micro_batches,
+            trace=trace,
         )
 
-    def _capture(self, Bp: int, Mp: int) -> _Graph:
-        """Warms the shapes up on a side stream, then captures (padding rows only: harmless)."""
+    def _capture(self, Bp: int, Mp: int, traced: bool) -> _Graph:
+        """Warms the shapes up on a side stream, then captures (padding rows only: harmless);
+        `traced`: the captured forward stamps a StepTrace of its own (the warm-ups do not)."""
         empty = pack_decode_inputs([], [], [], self.block_size, self.scratch_block, Bp, Mp)
         inputs_N = empty.to(self.device)
         batch, meta = decode_views(inputs_N, Bp, Mp)
@@ -165,10 +179,11 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             # thread-local: another thread may enqueue CUDA work meanwhile (an abort's copy on
             # a stream of its own), which a global capture would refuse, failing the capture
+            trace = StepTrace(self.device) if traced else None
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                logits_BV = forward(batch, meta)
-        g = _Graph(graph, inputs_N, logits_BV)
-        self.graphs[Bp, Mp] = g
+                logits_BV = forward(batch, meta, trace)
+        g = _Graph(graph, inputs_N, logits_BV, trace)
+        self.graphs[Bp, Mp, traced] = g
         return g
 
 
@@ -228,12 +243,13 @@ def decode_forward(
     batch: TokenBatch,
     meta: PagedMetadata,
     micro_batches: int = 1,
+    trace: StepTrace | None = None,
 ) -> torch.Tensor:
     """Logits [Bp, V] of every row: the eager forward, as a graph captures it; with m > 1
-    micro-batches, the ping-pong pipeline over m equal slices of the rows (views: the graph's
-    inputs stay one tensor)."""
+    micro-batches, or a trace to stamp, the ping-pong pipeline over m equal slices of the rows
+    (views: the graph's inputs stay one tensor; one slice: the same kernels as the forward)."""
     Bp = batch.token_ids.shape[0]
-    if micro_batches == 1:
+    if micro_batches == 1 and trace is None:
         rows = torch.arange(Bp, device=batch.token_ids.device)
         return model.forward(batch, PagedAttention(k_cache, v_cache, meta), dispatcher, rows)
     if Bp % micro_batches:
@@ -255,4 +271,4 @@ def decode_forward(
         for p in parts
     ]
     local_rows = [torch.arange(b, device=batch.token_ids.device)] * micro_batches
-    return torch.cat(ping_pong(model, dispatcher, 0, batches, attns, local_rows))
+    return torch.cat(ping_pong(model, dispatcher, 0, batches, attns, local_rows, trace))

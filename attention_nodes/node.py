@@ -245,7 +245,8 @@ class AttentionNode:
 
     def trace_steps(self, count: int, first: int | None = None) -> None:
         """Records the spans of `count` steps into their results: the next ones, or those from
-        step `first` on. Traced steps run eagerly (no CUDA graph), so every span is stamped."""
+        step `first` on. A traced decode step replays a graph captured for tracing (the same
+        kernels, plus one timer kernel at each span's edges); on CPU it runs eagerly."""
         self._tracing.arm(count, first)
 
     def set_placement(self, version: int, placement: ExpertPlacement) -> None:
@@ -337,8 +338,8 @@ class AttentionNode:
         chunks = self.scheduler.schedule()
         trace = StepTrace(self.device) if self._tracing.take(step_id) else None
         decode_only = chunks and all(c.num_tokens == 1 for c in chunks)
-        if self.graphs is not None and decode_only and trace is None:
-            return self._graph_step(step_id, chunks)
+        if self.graphs is not None and decode_only and (trace is None or self.graphs.capture):
+            return self._graph_step(step_id, chunks, traced=trace is not None)
         groups = split_micro_batches(chunks, self.settings.micro_batches)
         batches = [
             TokenBatch.build(
@@ -376,10 +377,11 @@ class AttentionNode:
         if self.graphs is not None:
             self.graphs.prepare(batch_sizes, context)
 
-    def _graph_step(self, step_id: int, chunks: list[Chunk]) -> AttentionStepResult:
+    def _graph_step(self, step_id: int, chunks: list[Chunk], traced: bool) -> AttentionStepResult:
         """A decode-only step: the whole forward replays a CUDA graph (colocated, or with
         the device lane's exchange inside it). Decoding ahead, the next step is launched
-        before this one's tokens are read (`_launch_next`)."""
+        before this one's tokens are read (`_launch_next`). `traced`: a graph that stamps
+        the step's trace (`DecodeGraphs.run`)."""
         assert self.graphs is not None
         start = time.perf_counter()
         if not all(c.samples for c in chunks):  # a 1-token prefill chunk that does not sample
@@ -389,11 +391,13 @@ class AttentionNode:
                 [c.seq.pending[0] for c in chunks],
                 [c.seq.num_computed for c in chunks],
                 [self.cache.tables[c.seq.seq_id] for c in chunks],
+                traced,
             )
+            trace = self.graphs.last_trace
             dispatcher.end_step(step_id)
             sampled = [i for i, c in enumerate(chunks) if c.samples]
             outputs = self._advance(chunks, logits_BV[sampled])
-            return self._result(outputs, len(chunks), start)
+            return self._result(outputs, len(chunks), start, trace)
         rows = [c.seq.state.sampling() for c in chunks]
         launched = self._launch(
             step_id,
@@ -401,6 +405,7 @@ class AttentionNode:
             [c.seq.pending[0] for c in chunks],
             [c.seq.num_computed for c in chunks],
             rows,
+            traced,
         )
         return self._finish(launched, step_id + 1, go_on=True, start=start)
 
@@ -434,7 +439,7 @@ class AttentionNode:
                 if c.seq in live
             ]
         )
-        return self._result(outputs, len(launched.chunks), start)
+        return self._result(outputs, len(launched.chunks), start, launched.trace)
 
     def _launch_next(self, launched: _Launched, step_id: int) -> _Launched | None:
         """The decode step after `launched`, launched now, its input tokens those `launched`
@@ -474,16 +479,18 @@ class AttentionNode:
         token_ids: list[int] | torch.Tensor,
         positions: list[int],
         rows: list[RowSampling],
+        traced: bool = False,
     ) -> _Launched:
         """Launches a decode step of one sampling token a chunk (`token_ids` on the host, or
         on the device: sampled by the step before, not read yet) and its sampling."""
         assert self.graphs is not None
         self._begin(step_id, len(chunks))
         logits_BV = self.graphs.run(
-            token_ids, positions, [self.cache.tables[c.seq.seq_id] for c in chunks]
+            token_ids, positions, [self.cache.tables[c.seq.seq_id] for c in chunks], traced
         )
         self._dispatcher().launched(step_id)
-        return _Launched(step_id, chunks, draw_rows(logits_BV, rows))
+        trace = self.graphs.last_trace if traced else None
+        return _Launched(step_id, chunks, draw_rows(logits_BV, rows), trace)
 
     def _begin(self, step_id: int, batch: int) -> None:
         assert self.graphs is not None
@@ -498,7 +505,13 @@ class AttentionNode:
         assert self.pipeline is not None
         return self.pipeline.dispatcher
 
-    def _result(self, outputs: list[TokenOutput], tokens: int, start: float) -> AttentionStepResult:
+    def _result(
+        self,
+        outputs: list[TokenOutput],
+        tokens: int,
+        start: float,
+        trace: StepTrace | None = None,
+    ) -> AttentionStepResult:
         total = time.perf_counter() - start
         return AttentionStepResult(
             outputs,
@@ -508,6 +521,7 @@ class AttentionNode:
             len(self.scheduler.waiting),
             self.cache.allocator.free,
             0,
+            () if trace is None else tuple(trace.spans()),
         )
 
     def _admit(self, r: NewRequest) -> None:
@@ -556,6 +570,7 @@ class _Launched:
     step_id: int
     chunks: list[Chunk]  # one sampling token each
     sampled: SampledRows
+    trace: StepTrace | None = None  # the graph's, stamped by this step (a traced step)
 
 
 def _ends_with_next_token(seq: ScheduledSequence) -> bool:

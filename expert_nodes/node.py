@@ -79,6 +79,16 @@ class _Opened:
     trace: StepTrace | None
 
 
+@dataclass(frozen=True, slots=True)
+class _LaneGraph:
+    """A captured lane step: its graph, the counts it writes, and the trace it stamps (when
+    captured for traced steps: the labels are the capture's, the stamps each replay's)."""
+
+    graph: torch.cuda.CUDAGraph
+    counts: torch.Tensor
+    trace: StepTrace | None
+
+
 class ExpertNode:
     def __init__(self, settings: ExpertNodeSettings) -> None:
         self.settings = settings
@@ -105,10 +115,9 @@ class ExpertNode:
         self._trace: StepTrace | None = None  # the step in progress's, when it is traced
         self._step_lock = threading.Lock()  # a step and a placement switch never overlap
         self.lane: DeviceLane | ProxyLane | None = None  # a slot lane, once `open_lane` made it
-        # lane steps as CUDA graphs, by the rows of each (attention node, micro-batch)
-        self._graphs: (
-            dict[tuple[tuple[int, ...], ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None
-        ) = None
+        # lane steps as CUDA graphs, by the rows of each (attention node, micro-batch) and
+        # whether the graph stamps a trace (then with its StepTrace, read after each replay)
+        self._graphs: dict[tuple[tuple[tuple[int, ...], ...], bool], _LaneGraph] | None = None
         self._graph_pool: Any = None  # torch.cuda.graph_pool_handle(), once there are graphs
         self._loop: StepLoop[ExpertStepResult] | None = None
         self._ahead: _Opened | None = None  # the next step, opened before this one closed
@@ -289,8 +298,9 @@ class ExpertNode:
 
     def trace_steps(self, count: int, first: int | None = None) -> None:
         """Records the spans ("wait", "experts" per layer and micro-batch) of `count` steps
-        into their results: the next ones, or those from step `first` on. Traced steps run
-        eagerly (no CUDA graph)."""
+        into their results: the next ones, or those from step `first` on. A traced step that
+        would replay a graph replays one captured for tracing (the same kernels, plus a timer
+        kernel at each span's edges)."""
         self._tracing.arm(count, first)
 
     # ---- the node's own loop -----------------------------------------------------------------
@@ -391,6 +401,7 @@ class ExpertNode:
             compute, exchange_wait = self._host_step(step_id, counts)
             wait += exchange_wait
         counts_copy = HostCopy(counts) if self.lane is not None else None  # lane: no failovers
+        trace = self._trace  # a replayed graph's own, when it stamps the trace
         return _Opened(step_id, start, wait, compute, counts, counts_copy, status, trace)
 
     def _close(self, opened: _Opened) -> ExpertStepResult:
@@ -458,11 +469,12 @@ class ExpertNode:
         assert self.lane is not None
         rows_PM = tuple(rows for rows, _ in controls)
         self.lane.begin_step(step_id, [list(rows_M) for rows_M in rows_PM])
-        replay = all(graphed for _, graphed in controls) and self._trace is None
-        if self._graphs is not None and replay:
-            graph, graph_counts = self._graphs.get(rows_PM) or self._capture(rows_PM, counts)
-            graph.replay()
-            counts.copy_(graph_counts)
+        if self._graphs is not None and all(graphed for _, graphed in controls):
+            traced = self._trace is not None  # a traced step replays a graph that stamps it
+            g = self._graphs.get((rows_PM, traced)) or self._capture(rows_PM, counts, traced)
+            self._trace = g.trace
+            g.graph.replay()
+            counts.copy_(g.counts)
         else:
             self._lane_layers(rows_PM, counts)
 
@@ -509,12 +521,14 @@ class ExpertNode:
             (self._trace.begin if begin else self._trace.end)(name, layer, micro_batch)
 
     def _capture(
-        self, rows_PM: tuple[tuple[int, ...], ...], like: torch.Tensor
-    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self, rows_PM: tuple[tuple[int, ...], ...], like: torch.Tensor, traced: bool
+    ) -> _LaneGraph:
         """The graph of a lane step for these rows. Its warm-up runs execute with the abort
-        word set: their waits end at once, they release nothing and write no peer's slot."""
+        word set: their waits end at once, they release nothing and write no peer's slot.
+        `traced`: the graph also stamps a StepTrace of its own (the warm-ups do not)."""
         assert self.lane is not None and self._graphs is not None
         counts = torch.zeros_like(like)
+        trace = StepTrace(like.device) if traced else None
 
         def body(write_back: bool) -> None:
             counts.zero_()
@@ -522,11 +536,13 @@ class ExpertNode:
 
         device = counts.device
         self.lane.quiet()
+        self._trace = None
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             body(False)
             body(False)
+        self._trace = trace
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread-local: another thread may enqueue CUDA work meanwhile (an abort's copy on a
@@ -535,8 +551,8 @@ class ExpertNode:
             body(True)
         torch.cuda.synchronize(device)
         self.lane.reset()
-        self._graphs[rows_PM] = graph, counts
-        return graph, counts
+        g = self._graphs[rows_PM, traced] = _LaneGraph(graph, counts, trace)
+        return g
 
     def _control_frame(self, peer: int, frame: list[torch.Tensor]) -> tuple[tuple[int, ...], bool]:
         """A control frame: the rows of each micro-batch this step (within the slots, on the

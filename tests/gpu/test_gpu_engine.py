@@ -60,3 +60,51 @@ def test_colocated_gpu_engine_replays_graphs_and_matches_the_cpu_reference(
         assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-3)
     assert graphed.graphs is not None and graphed.graphs.replays >= 15  # most decode steps
     assert len(graphed.graphs.graphs) >= 3  # several batch and block buckets
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_traced_decode_steps_replay_a_graph_that_stamps_the_trace(
+    tiny_model: Path, micro_batches: int
+) -> None:
+    """A traced decode step replays a graph captured for tracing (the same kernels plus the
+    timer's), so that the trace shows the step as it serves: the same tokens as untraced
+    steps, every layer's spans in order, and graph replays, not eager steps."""
+    ref = ReferenceEngine(tiny_model)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    requests = [NewRequest(f"r{i}", ref.tokenizer.encode(p), params) for i, p in enumerate(PROMPTS)]
+    settings = AttentionNodeSettings(
+        0, str(tiny_model), device="cuda", block_size=4, micro_batches=micro_batches
+    )
+    plain, traced = AttentionNode(settings, None), AttentionNode(settings, None)
+    traced.trace_steps(4, first=len(PROMPTS) + 1)  # decode-only steps, once every request is in
+    spans: list = []
+    out: dict[str, list[TokenOutput]] = {r.request_id: [] for r in requests}
+    waiting, step = list(requests), 0
+    while waiting or any(not t or t[-1].finish_reason is None for t in out.values()):
+        replays = traced.graphs.replays if traced.graphs is not None else 0
+        result = traced.step(step, waiting[:1], [])
+        if result.trace:
+            assert traced.graphs is not None and traced.graphs.replays == replays + 1
+            spans.append(result.trace)
+        waiting, step = waiting[1:], step + 1
+        for token in result.outputs:
+            out[token.request_id].append(token)
+        assert step < 300
+    want = _serve(plain, requests)
+    for r in requests:
+        assert [t.token_id for t in out[r.request_id]] == [t.token_id for t in want[r.request_id]]
+    assert len(spans) == 4
+    layers = traced.config.num_layers
+    for step_spans in spans:
+        names = {(s.name, s.layer, s.micro_batch) for s in step_spans}
+        assert names == {
+            (n, layer, j)
+            for n in ("attention", "combine")
+            for layer in range(layers)
+            for j in range(micro_batches)
+        }
+        attention = sorted(
+            (s for s in step_spans if s.name == "attention"), key=lambda s: s.start_ns
+        )
+        assert [s.layer for s in attention if s.micro_batch == 0] == list(range(layers))
+        assert all(s.end_ns >= s.start_ns for s in step_spans)
