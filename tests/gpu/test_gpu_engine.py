@@ -83,8 +83,8 @@ def test_traced_decode_steps_replay_a_graph_that_stamps_the_trace(
     while waiting or any(not t or t[-1].finish_reason is None for t in out.values()):
         replays = traced.graphs.replays if traced.graphs is not None else 0
         result = traced.step(step, waiting[:1], [])
-        if result.trace:
-            assert traced.graphs is not None and traced.graphs.replays == replays + 1
+        if result.trace:  # a replay (the last traced step also launches the next one ahead)
+            assert traced.graphs is not None and traced.graphs.replays > replays
             spans.append(result.trace)
         waiting, step = waiting[1:], step + 1
         for token in result.outputs:
