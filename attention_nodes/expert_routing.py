@@ -24,9 +24,14 @@ class ExpertRouting:
         """Routes every expert of every layer to its live holders: the holder tables of the
         shared placement (key None) and of each layer placed its own way."""
         layers = [None, *(at for at, _ in self.placement.layer_assignments)]
-        self._tables = {
-            at: tuple(t.to(self.device) for t in self.placement.holders(dead, at)) for at in layers
-        }
+        self._tables: dict[int | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for at in layers:
+            node_EH, local_EH, count_E = self.placement.holders(dead, at)
+            self._tables[at] = (
+                node_EH.to(self.device),
+                local_EH.to(self.device),
+                count_E.to(self.device),
+            )
         self.dead = dead
 
     def switch(self, placement: ExpertPlacement) -> bool:
