@@ -134,17 +134,18 @@ class DecodeGraphs:
         if self.device.type == "cuda":
             inputs = inputs.pin_memory()  # its block is not reused before the copy is done
         if not self.capture:
+            self.last_trace = None
             inputs_N = inputs.to(self.device, non_blocking=True)
             if device_ids is not None:
                 inputs_N[:B].copy_(device_ids)
             batch, meta = decode_views(inputs_N, Bp, Mp)
             return self._forward(batch, meta)[:B]
         g = self.graphs.get((Bp, Mp, traced)) or self._capture(Bp, Mp, traced)
-        self.last_trace = g.trace
         g.inputs_N.copy_(inputs, non_blocking=True)
         if device_ids is not None:
             g.inputs_N[:B].copy_(device_ids)
         g.graph.replay()
+        self.last_trace = None if g.trace is None else g.trace.taken()
         self.replays += 1
         return g.logits_BV[:B]
 
@@ -172,9 +173,9 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with self.dispatcher.capturing():
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream):  # the captured path, stamps into a throwaway trace
                 for _ in range(2):
-                    forward(batch, meta)
+                    forward(batch, meta, StepTrace(self.device) if traced else None)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             # thread-local: another thread may enqueue CUDA work meanwhile (an abort's copy on

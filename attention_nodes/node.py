@@ -336,10 +336,11 @@ class AttentionNode:
         if self._launched is not None:
             return self._step_launched(step_id, go_on=not new and not aborts)
         chunks = self.scheduler.schedule()
-        trace = StepTrace(self.device) if self._tracing.take(step_id) else None
+        traced = self._tracing.take(step_id)
         decode_only = chunks and all(c.num_tokens == 1 for c in chunks)
-        if self.graphs is not None and decode_only and (trace is None or self.graphs.capture):
-            return self._graph_step(step_id, chunks, traced=trace is not None)
+        if self.graphs is not None and decode_only and (not traced or self.graphs.capture):
+            return self._graph_step(step_id, chunks, traced)
+        trace = StepTrace(self.device) if traced else None
         groups = split_micro_batches(chunks, self.settings.micro_batches)
         batches = [
             TokenBatch.build(

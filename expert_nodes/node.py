@@ -472,8 +472,8 @@ class ExpertNode:
         if self._graphs is not None and all(graphed for _, graphed in controls):
             traced = self._trace is not None  # a traced step replays a graph that stamps it
             g = self._graphs.get((rows_PM, traced)) or self._capture(rows_PM, counts, traced)
-            self._trace = g.trace
             g.graph.replay()
+            self._trace = None if g.trace is None else g.trace.taken()
             counts.copy_(g.counts)
         else:
             self._lane_layers(rows_PM, counts)
@@ -497,11 +497,12 @@ class ExpertNode:
                 x_TD, ids_TK, weights_TK = lane.own.micro_batch_rows(mb, rows_P)
                 ids_TK = ids_TK.long()
                 self._count(layer, ids_TK, counts)
-                if len(lane.peers) == 1 and write_back:  # the sums go straight into its slot
+                if len(lane.peers) == 1:  # the sums go straight into its slot
                     slots, me = lane.peers[0]
-                    self.shard.forward(
-                        layer, x_TD, ids_TK, weights_TK, out_TD=slots.rows_MPCD[mb, me, : rows_P[0]]
-                    )
+                    sink = slots.rows_MPCD[mb, me, : rows_P[0]]
+                    if not write_back:  # scratch, where the sums are (the GPU)
+                        sink = torch.empty_like(x_TD)
+                    self.shard.forward(layer, x_TD, ids_TK, weights_TK, out_TD=sink)
                     lane.release(0, layer, mb)
                     self._mark("experts", layer, mb, begin=False)
                     continue
@@ -536,7 +537,7 @@ class ExpertNode:
 
         device = counts.device
         self.lane.quiet()
-        self._trace = None
+        self._trace = StepTrace(device) if traced else None  # the captured path, thrown away
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):

@@ -33,6 +33,16 @@ class StepTrace:
 
             stamp(self._stamps, capacity - 1)
 
+    def taken(self) -> StepTrace:
+        """This trace's stamps as they will be once the stream gets here, in a trace of their
+        own: a graph that stamps this trace is replayed again by later steps, and each step
+        must read its own replay's stamps (a copy in stream order, no wait)."""
+        copy = object.__new__(StepTrace)
+        copy.device, copy._gpu, copy._host = self.device, self._gpu, list(self._host)
+        copy._labels = list(self._labels)
+        copy._stamps = self._stamps.clone()
+        return copy
+
     def begin(self, name: str, layer: int, micro_batch: int) -> None:
         self._mark((name, layer, micro_batch, True))
 

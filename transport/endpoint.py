@@ -170,15 +170,27 @@ def _shared_context():
 # (bench/NOTES.md, session 10). Operators override any of these with the UCX_* variables (with
 # RDMA, a rendezvous threshold such as 64k moves large frames zero-copy).
 EAGER_HOST_FRAMES = {"RNDV_THRESH": "inf", "TCP_TX_SEG_SIZE": "64k", "TCP_RX_SEG_SIZE": "64k"}
-# the operator's UCX_* variables, read before ucxx's import sets its own defaults in os.environ
-_OPERATOR_UCX_VARS = frozenset(k for k in os.environ if k.startswith("UCX_"))
+_OPERATOR_VARS_KEY = "AFD_UCX_OPERATOR_VARS"
+
+
+def _operator_ucx_vars() -> frozenset[str]:
+    """The UCX_* variables the operator set. Read before ucxx's import writes its own defaults
+    into os.environ, and handed to child processes (which inherit those defaults) in
+    AFD_UCX_OPERATOR_VARS, so that a child does not take ucxx's choices for the operator's."""
+    if _OPERATOR_VARS_KEY not in os.environ:
+        names = sorted(k for k in os.environ if k.startswith("UCX_"))
+        os.environ[_OPERATOR_VARS_KEY] = ",".join(names)
+    return frozenset(n for n in os.environ[_OPERATOR_VARS_KEY].split(",") if n)
+
+
+_OPERATOR_UCX_VARS = _operator_ucx_vars()
 
 
 def _new_context(eager_host_frames: bool = False):
     ucx, _ = _ucx()
     # without cross-memory attach unless the operator chose the transports himself
     config = {} if "UCX_TLS" in os.environ else {"TLS": "^cma"}
-    if eager_host_frames and "UCX_TLS" not in os.environ:
+    if eager_host_frames and "UCX_TLS" not in _OPERATOR_UCX_VARS:
         # nor CUDA's: with them loaded UCX asks the driver what every buffer is (ucxx turns
         # its memory-type cache off), a call per send that MPS makes slow
         config["TLS"] = "^cma,cuda"

@@ -99,8 +99,8 @@ def write_node_share(
             x_TD,
             ids_TK.contiguous(),
             weights_TK.contiguous(),
-            node_EH,
-            local_EH,
+            node_EH.contiguous(),  # (rows of H: the kernel indexes e * H + pick)
+            local_EH.contiguous(),
             count_E,
             real_1,
             rows_out_TD,

@@ -7,6 +7,7 @@ the test's thread, as the orchestrator's engine drives them on separate actors.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -142,14 +143,34 @@ def test_ping_pong_gives_the_reference_tokens_for_every_m(
     ],
 )
 def test_a_slot_lane_gives_the_reference_tokens(
-    tiny_model: Path, reference: ReferenceEngine, lane: str, micro_batches: int, forced: bool
+    tiny_model: Path,
+    reference: ReferenceEngine,
+    lane: str,
+    micro_batches: int,
+    forced: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Rows and sums through slots (host memory on CPU: shared on the device lane, copied by
     the nodes' proxies over UCX on the proxy lane), the control frames through the transport:
     the same tokens as the reference, and each expert node counts its own. `forced`: through
     the Triton kernels (the interpreter), the dispatch's one-kernel share of each node too."""
+    if forced and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the forced kernels run on CPU tensors in Triton's interpreter only")
+    from afd.models.kernels import node_share, small_ops
+
+    calls = {"write_node_share": 0, "count_slots": 0}
+    for module in (node_share, small_ops):
+        for name in calls:
+            if (real := getattr(module, name, None)) is not None:
+
+                def counted(*args, _real=real, _name=name, **kw):  # type: ignore[no-untyped-def]
+                    calls[_name] += 1
+                    return _real(*args, **kw)
+
+                monkeypatch.setattr(module, name, counted)
     with kernels.force(forced):
         _slot_lane_gives_the_reference_tokens(tiny_model, reference, lane, micro_batches)
+    assert (min(calls.values()) > 0) == forced  # the kernels ran, and only when forced
 
 
 def _slot_lane_gives_the_reference_tokens(

@@ -4,6 +4,9 @@ staging copies): tests/gpu."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +17,7 @@ from afd.transport.device_lane import DeviceLane
 from afd.transport.endpoint import TransportSettings
 from afd.transport.lane_signals import LaneTimeout
 from afd.transport.lanes import open_lane
-from afd.transport.proxy_lane import ProxyLane
+from afd.transport.proxy_lane import STEPS_QUEUED, ProxyLane
 from afd.transport.region_memory import RegionError
 from afd.transport.slots import SlotKind, SlotLayout, sequence
 from afd.transport.wire import RoundKey
@@ -178,11 +181,44 @@ def test_a_round_of_a_step_queued_behind_many_newer_ones_is_still_sent(
     attention, expert = pair
     for step in range(1, 9):
         attention.begin_step(step, [[2, 1]])
+    assert attention._sends_due() and 1 in attention._steps  # (a GPU proxy's look, pruning)
     expert.begin_step(1, [[2, 1]])
     attention.step_1.fill_(1)  # the stream reaches step 1 only now
     for layer in range(LAYERS):
         assert _round(attention, expert, 1, layer, [2, 1]).shape == (1, HIDDEN)
     attention.check("attention node")
+
+
+def test_a_step_far_behind_the_newest_counts_as_abandoned(
+    pair: tuple[ProxyLane, ProxyLane],
+) -> None:
+    attention, _ = pair
+    attention.begin_step(1, [[1, 1]])
+    attention.begin_step(1 + STEPS_QUEUED, [[1, 1]])
+    assert attention._sends_due() and 1 not in attention._steps
+
+
+@pytest.mark.parametrize("operator", [False, True])
+def test_the_proxys_ucx_context_sends_eagerly_unless_the_operator_said_otherwise(
+    operator: bool,
+) -> None:
+    """ucxx's import writes UCX_RNDV_THRESH=8192 into os.environ, which child processes
+    inherit: only what the operator set (handed down in AFD_UCX_OPERATOR_VARS) wins."""
+    env = dict(os.environ, UCX_RNDV_THRESH="8192")  # as a child of an importer inherits it
+    env.pop("AFD_UCX_OPERATOR_VARS", None)
+    if not operator:
+        env["AFD_UCX_OPERATOR_VARS"] = ""  # the parent's operator set none
+    probe = (
+        "from afd.transport import endpoint; "
+        "print(endpoint._new_context(eager_host_frames=True).config['RNDV_THRESH'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == (
+        "intra:8K,inter:8K" if operator else "intra:inf,inter:inf"
+    )
 
 
 def test_a_restarted_peer_is_joined_again(pair: tuple[ProxyLane, ProxyLane]) -> None:
