@@ -20,12 +20,12 @@ UCX tag messages over the proxy's own transport (a worker and endpoints of its o
 transport belongs to the node's thread). UCX RMA is not used.
 
 Waking: a release on the CPU rings the proxy's bell. A GPU kernel cannot ring it, so while a
-step it was told of still has rounds to send, the proxy looks at the outbox words and its
-transport every few microseconds, napping in between (with the thread's timer slack at 1 µs, a
-nap lasts ~13 µs on the H100 host) so that the node's own thread gets the GIL: a yield of the
-CPU gives the GIL up only for the length of the call, and the node's thread would then wait for
-Python's switch interval (5 ms). Otherwise it sleeps on its transport until a frame comes, a
-step begins or a release rings.
+step it was told of still has rounds to send, the proxy polls the outbox words and its
+transport without sleeping, yielding the CPU between looks (and with it the GIL, if only for
+the call: the node's thread may then wait up to Python's switch interval for it). Measured on
+the GPU hosts, polling this way gave shorter round trips and decode steps than naps of ~13 µs
+(bench/NOTES.md, session 10). Otherwise it sleeps on its transport until a frame comes, a step
+begins or a release rings.
 
 Connections: the attention node's proxy connects to each expert node's proxy (whose address is
 in the expert node's handle); the expert node's proxy accepts them, as the node transports do.
@@ -41,10 +41,9 @@ Shape legend: P = peers, M = micro-batches.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -63,8 +62,6 @@ from afd.transport.wire import FrameKind, RoundKey
 log = logging.getLogger(__name__)
 
 IDLE_S = 0.05  # how long an idle proxy sleeps on its transport between looks
-_PR_SET_TIMERSLACK = 29  # prctl: how late the kernel may wake a sleeping thread, in ns
-NAP_S = 5e-6  # between looks at the outbox words while the GPU may release a round
 STEPS_QUEUED = 64  # steps a stream may hold begun but not yet run, before one counts as lost
 CLOSE_FLUSH_S = 5.0  # how long closing waits for the last sends
 
@@ -247,7 +244,6 @@ class ProxyLane(SlotLane):
 
     # ---- the proxy thread ----------------------------------------------------------------
     def _serve(self) -> None:
-        _fine_naps()
         while not self._stop.is_set():
             self._bell.clear()
             try:
@@ -255,7 +251,7 @@ class ProxyLane(SlotLane):
                     continue
                 if self._gpu and self._sends_due():
                     self.transport.progress(0.0)  # one turn: frames in, sends out
-                    time.sleep(NAP_S)
+                    os.sched_yield()
                 else:
                     self.transport.await_frame(
                         _any_frame, IDLE_S, lambda: self._bell.is_set() or self._stop.is_set()
@@ -399,9 +395,3 @@ def _host_region(
     """Slots in host memory (pinned for a GPU node, whose stream copies in and out of them)."""
     memory_N = torch.zeros(layout.nbytes, dtype=torch.uint8, pin_memory=pinned)
     return SlotRegion(layout, memory_N, words_MP)
-
-
-def _fine_naps() -> None:
-    """Lets this thread's short sleeps end on time (Linux slacks them by 50 µs by default)."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: naps run long, no harm
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)
