@@ -151,20 +151,23 @@ def _start_disaggregated(
 
 
 def _trace(node: AttentionNode, conn: Connection, step: int, out: Path) -> int:
-    """Traces two decode steps on both nodes (from step + 2: the expert process takes the
-    request between two steps) and writes their timeline to `out`; the next step to run."""
-    first, count = step + 2, 2
+    """Traces three decode steps on both nodes (from step + 2: the expert process takes the
+    request between two steps) and writes the timeline of the last two to `out` (the first
+    one captures the graphs of traced steps on both nodes, and waits on the other's capture);
+    the next step to run."""
+    first, count = step + 2, 3
     node.trace_steps(count, first)
     conn.send(("trace", count, first))
     spans = []
     for s in range(step, first + count):
         result = node.step(s, [], [])
-        if result.trace:
+        if result.trace and s > first:
             spans.append((s, list(result.trace)))
     expert = []
     for _ in range(count):
         _, s, got = conn.recv()
-        expert.append((s, list(got)))
+        if s > first:
+            expert.append((s, list(got)))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(chrome_trace({"attention-0": spans, "expert-0": expert})))
     return first + count
@@ -186,7 +189,7 @@ def bench_afd(
     request sample, seeded, instead of greedy; `micro_batches` > 0: the disaggregated engine
     (1 attention node here, 1 expert process) with that many micro-batches."""
     sampling = sampling or {}
-    most, total = max(args.batches), args.prompt + args.warmup + args.steps + 6  # + traced
+    most, total = max(args.batches), args.prompt + args.warmup + args.steps + 7  # + traced
     settings = AttentionNodeSettings(
         0,
         str(model_dir),
@@ -493,7 +496,8 @@ def main() -> int:
     p.add_argument(
         "--trace",
         metavar="DIR",
-        help="after each disaggregated row's timed steps, write a timeline of two more into DIR",
+        help="after each disaggregated row's timed steps, trace three more and write the last two's "
+        "timeline into DIR (the first captures the traced graphs)",
     )
     args = p.parse_args()
     dtype = "bfloat16" if args.device == "cuda" else "float32"
