@@ -165,7 +165,8 @@ class DecodeGraphs:
 
     def _capture(self, Bp: int, Mp: int, traced: bool) -> _Graph:
         """Warms the shapes up on a side stream, then captures (padding rows only: harmless);
-        `traced`: the captured forward stamps a StepTrace of its own (the warm-ups do not)."""
+        `traced`: the captured forward stamps a StepTrace of its own (the warm-ups stamp a
+        throwaway one, so that they run the captured path)."""
         empty = pack_decode_inputs([], [], [], self.block_size, self.scratch_block, Bp, Mp)
         inputs_N = empty.to(self.device)
         batch, meta = decode_views(inputs_N, Bp, Mp)

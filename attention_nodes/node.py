@@ -490,8 +490,7 @@ class AttentionNode:
             token_ids, positions, [self.cache.tables[c.seq.seq_id] for c in chunks], traced
         )
         self._dispatcher().launched(step_id)
-        trace = self.graphs.last_trace if traced else None
-        return _Launched(step_id, chunks, draw_rows(logits_BV, rows), trace)
+        return _Launched(step_id, chunks, draw_rows(logits_BV, rows), self.graphs.last_trace)
 
     def _begin(self, step_id: int, batch: int) -> None:
         assert self.graphs is not None

@@ -497,23 +497,21 @@ class ExpertNode:
                 x_TD, ids_TK, weights_TK = lane.own.micro_batch_rows(mb, rows_P)
                 ids_TK = ids_TK.long()
                 self._count(layer, ids_TK, counts)
-                if len(lane.peers) == 1:  # the sums go straight into its slot
+                # (`write_back` False: into scratch memory, on the GPU where the sums are)
+                if len(lane.peers) == 1:  # one attention node: the sums go straight into its slot
                     slots, me = lane.peers[0]
                     sink = slots.rows_MPCD[mb, me, : rows_P[0]]
-                    if not write_back:  # scratch, where the sums are (the GPU)
-                        sink = torch.empty_like(x_TD)
-                    self.shard.forward(layer, x_TD, ids_TK, weights_TK, out_TD=sink)
-                    lane.release(0, layer, mb)
-                    self._mark("experts", layer, mb, begin=False)
-                    continue
-                y_TD = self.shard.forward(layer, x_TD, ids_TK, weights_TK)
-                for p, ((slots, me), y_nD) in enumerate(
-                    zip(lane.peers, torch.split(y_TD, rows_P), strict=True)
-                ):
-                    sink = slots.rows_MPCD[mb, me, : y_nD.shape[0]]
-                    if not write_back:  # scratch, where the sums are (the GPU)
-                        sink = torch.empty_like(y_nD)
-                    sink.copy_(y_nD, non_blocking=True)  # (proxy lane: into pinned memory)
+                    out_TD = sink if write_back else torch.empty_like(x_TD)
+                    self.shard.forward(layer, x_TD, ids_TK, weights_TK, out_TD=out_TD)
+                else:
+                    y_TD = self.shard.forward(layer, x_TD, ids_TK, weights_TK)
+                    for (slots, me), y_nD in zip(
+                        lane.peers, torch.split(y_TD, rows_P), strict=True
+                    ):
+                        sink = slots.rows_MPCD[mb, me, : y_nD.shape[0]]
+                        sink = sink if write_back else torch.empty_like(y_nD)
+                        sink.copy_(y_nD, non_blocking=True)  # (proxy lane: into pinned memory)
+                for p in range(len(lane.peers)):
                     lane.release(p, layer, mb)
                 self._mark("experts", layer, mb, begin=False)
 
@@ -526,7 +524,8 @@ class ExpertNode:
     ) -> _LaneGraph:
         """The graph of a lane step for these rows. Its warm-up runs execute with the abort
         word set: their waits end at once, they release nothing and write no peer's slot.
-        `traced`: the graph also stamps a StepTrace of its own (the warm-ups do not)."""
+        `traced`: the graph also stamps a StepTrace of its own (the warm-ups stamp a throwaway
+        one, so that they run the captured path)."""
         assert self.lane is not None and self._graphs is not None
         counts = torch.zeros_like(like)
         trace = StepTrace(like.device) if traced else None
