@@ -6,6 +6,8 @@ which is also what each kernel is tested against. On a machine without a GPU the
 still be run, slowly, by Triton's interpreter (`TRITON_INTERPRET=1` set before Triton is
 imported, and `force(True)`): that is how CI checks them.
 
+On Hopper and later the decode kernels launch as programmatic dependents (`pdl`).
+
 Arguments that follow the batch (row and pair counts, table widths) are marked
 `do_not_specialize`: Triton would otherwise compile a kernel variant per divisibility class of
 each value, and a server would compile in the middle of a request.

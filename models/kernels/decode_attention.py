@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from afd.models.kernels import dot_precision, launching
+from afd.models.kernels.pdl import pdl, pdl_launch, wait_for_prior
 
 KEYS_PER_TILE = 64  # keys a program loads at once
 SM_TARGET = 264  # programs that keep an H100's 132 SMs busy (two each)
@@ -45,7 +46,9 @@ def _decode_kernel(
     TILE: tl.constexpr,
     SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     seq, kv_head, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     r = tl.arange(0, R_P2)
     d = tl.arange(0, DH)
@@ -87,8 +90,15 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_kernel(
-    part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, SPLITS: tl.constexpr, DH: tl.constexpr
+    part_acc_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    out_ptr,
+    SPLITS: tl.constexpr,
+    DH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     row = tl.program_id(0).to(tl.int64)  # seq·H + head
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, DH)
@@ -133,6 +143,7 @@ def paged_decode_attention(
         part_acc = torch.empty(B, H, S, Dh, dtype=torch.float32, device=q_BHDh.device)
         part_max = torch.empty(B, H, S, dtype=torch.float32, device=q_BHDh.device)
         part_sum = torch.empty(B, H, S, dtype=torch.float32, device=q_BHDh.device)
+    on = pdl(q_BHDh)
     with launching():
         _decode_kernel[(B, G, S)](
             q_BHDh.contiguous(),
@@ -156,9 +167,14 @@ def paged_decode_attention(
             TILE=KEYS_PER_TILE,
             SPLITS=S,
             PRECISION=dot_precision(q_BHDh.dtype),
+            PDL=on,
             num_warps=4,
+            **pdl_launch(on),
         )
     if S > 1:
         with launching():
-            _merge_kernel[(B * H,)](part_acc, part_max, part_sum, out, SPLITS=S, DH=Dh, num_warps=4)
+            _merge_kernel[(B * H,)](
+                part_acc, part_max, part_sum, out,
+                SPLITS=S, DH=Dh, PDL=on, num_warps=4, **pdl_launch(on),
+            )  # fmt: skip
     return out

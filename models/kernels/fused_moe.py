@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from afd.models.kernels import dot_precision, launching
+from afd.models.kernels.pdl import pdl, pdl_launch, wait_for_prior
 from afd.models.kernels.tuning import device_name, lookup, shape_key
 
 
@@ -68,8 +69,9 @@ def max_blocks(pairs: int, experts: int, block_m: int) -> int:
 
 
 @triton.jit(do_not_specialize=["N"])
-def _count_kernel(ids_ptr, counts_ptr, N, CHUNK: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, N, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Program e counts the pairs routed to local expert e."""
+    wait_for_prior(PDL)
     expert = tl.program_id(0)
     lane = tl.arange(0, CHUNK)
     hits = tl.zeros([CHUNK], dtype=tl.int32)
@@ -91,9 +93,11 @@ def _place_kernel(
     E_P2: tl.constexpr,
     BM: tl.constexpr,
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program e writes expert e's run: its pairs in pair order, then padding to BM, and the
     expert id of the run's blocks. Rows and blocks past the total are never read."""
+    wait_for_prior(PDL)
     expert = tl.program_id(0)
     experts = tl.arange(0, E_P2)
     counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
@@ -140,7 +144,9 @@ def _gate_up_kernel(
     PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,
     SCALED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     block, tile = tl.program_id(0), tl.program_id(1)
     if DIRECT:  # block b is pair b alone (row 0 of the tile)
         expert = tl.load(ids_ptr + block).to(tl.int64)
@@ -199,7 +205,9 @@ def _down_kernel(
     PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,
     SCALED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     block, tile = tl.program_id(0), tl.program_id(1)
     if DIRECT:
         expert = tl.load(ids_ptr + block).to(tl.int64)
@@ -240,7 +248,9 @@ def _combine_kernel(
     D,
     TOP_K: tl.constexpr,
     BD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     token, tile = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = tile * BD + tl.arange(0, BD)
     acc = tl.zeros([BD], dtype=tl.float32)
@@ -278,6 +288,7 @@ def fused_experts(
     if N == 0:
         return out_TD.zero_()
     cfg = config or pick_config(N, E, FFN, D, x_TD.device, gate_EID.dtype)
+    on = pdl(x_TD)
     BM = cfg.block_m
     ids_N = ids_TK.reshape(-1).contiguous()  # int32 or int64: the kernels load either
     direct = is_direct(N, E, K)
@@ -290,19 +301,23 @@ def fused_experts(
         total = torch.empty(1, dtype=torch.int32, device=x_TD.device)
         chunk = min(1024, max(16, triton.next_power_of_2(N)))
         with launching():
-            _count_kernel[(E,)](ids_N, counts_E, N, CHUNK=chunk, num_warps=4)
+            _count_kernel[(E,)](
+                ids_N, counts_E, N, CHUNK=chunk, PDL=on, num_warps=4, **pdl_launch(on)
+            )
         with launching():
             _place_kernel[(E,)](
                 ids_N, counts_E, sorted_R, block_expert, total, N,
-                E=E, E_P2=triton.next_power_of_2(E), BM=BM, CHUNK=chunk, num_warps=4,
+                E=E, E_P2=triton.next_power_of_2(E), BM=BM, CHUNK=chunk, PDL=on, num_warps=4,
+                **pdl_launch(on),
             )  # fmt: skip
     x = x_TD.contiguous()
     h_NI = torch.empty(N, FFN, dtype=x_TD.dtype, device=x_TD.device)
     block_k = cfg.block_k if scales is None else min(cfg.block_k, 128)  # a tile in one block
     tiles = dict(BM=BM, BN=cfg.block_n, BK=block_k, PRECISION=dot_precision(x_TD.dtype))
     launch = dict(
-        DIRECT=direct, SCALED=scales is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages
-    )
+        DIRECT=direct, SCALED=scales is not None, PDL=on, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl_launch(on),
+    )  # fmt: skip
     gate_scale, up_scale, down_scale = scales if scales is not None else (ids_N, ids_N, ids_N)
     with launching():
         _gate_up_kernel[(blocks, triton.cdiv(FFN, cfg.block_n))](
@@ -321,6 +336,6 @@ def fused_experts(
     BD = min(1024, triton.next_power_of_2(D))
     with launching():
         _combine_kernel[(T, triton.cdiv(D, BD))](
-            y_ND, ids_N, out_TD, D, TOP_K=K, BD=BD, num_warps=4
+            y_ND, ids_N, out_TD, D, TOP_K=K, BD=BD, PDL=on, num_warps=4, **pdl_launch(on)
         )
     return out_TD

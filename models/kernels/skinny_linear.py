@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from afd.models.kernels import dot_precision, launching
+from afd.models.kernels.pdl import pdl, pdl_launch, wait_for_prior
 from afd.models.kernels.tuning import device_name, lookup, shape_key
 
 MAX_ROWS = 16
@@ -50,7 +51,9 @@ def _skinny_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     inner = tl.arange(0, BK)
@@ -102,6 +105,7 @@ def skinny_linear(
         return out
     BM = min(64, max(16, triton.next_power_of_2(M)))
     block_k = config.block_k if scale is None else min(config.block_k, 128)  # a tile in one block
+    on = pdl(x_MK)
     with launching():
         _skinny_kernel[(triton.cdiv(N, config.block_n), triton.cdiv(M, BM))](
             x_MK.contiguous(),
@@ -120,5 +124,7 @@ def skinny_linear(
             PRECISION=dot_precision(x_MK.dtype),
             num_warps=config.num_warps,
             num_stages=config.num_stages,
+            PDL=on,
+            **pdl_launch(on),
         )
     return out

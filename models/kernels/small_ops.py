@@ -20,10 +20,14 @@ import torch
 import triton
 import triton.language as tl
 from afd.models.kernels import launching
+from afd.models.kernels.pdl import pdl, pdl_launch, wait_for_prior
 
 
 @triton.jit
-def _add_rms_norm_kernel(h_ptr, delta_ptr, weight_ptr, sum_ptr, norm_ptr, D, eps, BD: tl.constexpr):
+def _add_rms_norm_kernel(
+    h_ptr, delta_ptr, weight_ptr, sum_ptr, norm_ptr, D, eps, BD: tl.constexpr, PDL: tl.constexpr
+):
+    wait_for_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BD)
     inside = cols < D
@@ -44,6 +48,7 @@ def add_rms_norm(
     T, D = h_TD.shape
     sum_TD, norm_TD = torch.empty_like(h_TD), torch.empty_like(h_TD)
     if T:
+        on = pdl(h_TD)
         with launching():
             _add_rms_norm_kernel[(T,)](
                 h_TD.contiguous(),
@@ -54,7 +59,9 @@ def add_rms_norm(
                 D,
                 eps,
                 BD=triton.next_power_of_2(D),
+                PDL=on,
                 num_warps=4,
+                **pdl_launch(on),
             )
     return sum_TD, norm_TD
 
@@ -69,7 +76,9 @@ def _route_kernel(
     K_P2: tl.constexpr,
     E_P2: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, E_P2)
     logits = tl.load(logits_ptr + row * E + experts, mask=experts < E, other=float("-inf"))
@@ -100,6 +109,7 @@ def route_top_k(
     ids_TK = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
     weights_TK = torch.empty(T, top_k, dtype=logits_TE.dtype, device=logits_TE.device)
     if T:
+        on = pdl(logits_TE)
         with launching():
             _route_kernel[(T,)](
                 logits_TE.contiguous(),
@@ -110,7 +120,9 @@ def route_top_k(
                 K_P2=triton.next_power_of_2(top_k),
                 E_P2=triton.next_power_of_2(E),
                 RENORMALIZE=renormalize,
+                PDL=on,
                 num_warps=1,
+                **pdl_launch(on),
             )
     return ids_TK, weights_TK
 
@@ -133,7 +145,9 @@ def _qk_norm_rope_store_kernel(
     DH: tl.constexpr,
     HEADS_P2: tl.constexpr,
     NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_prior(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.arange(0, HEADS_P2)[:, None]  # q heads, then k heads, then v heads
     d = tl.arange(0, DH)[None, :]
@@ -189,6 +203,7 @@ def qk_norm_rope_store(
     q_THDh = torch.empty(T, H, Dh, dtype=qkv_TX.dtype, device=qkv_TX.device)
     if T:
         norm = q_norm_Dh is not None and k_norm_Dh is not None
+        on = pdl(qkv_TX)
         with launching():
             _qk_norm_rope_store_kernel[(T,)](
                 qkv_TX.contiguous(),
@@ -207,7 +222,9 @@ def qk_norm_rope_store(
                 DH=Dh,
                 HEADS_P2=triton.next_power_of_2(H + 2 * G),
                 NORM=norm,
+                PDL=on,
                 num_warps=4,
+                **pdl_launch(on),
             )
     return q_THDh
 
