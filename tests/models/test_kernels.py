@@ -111,6 +111,16 @@ def test_route_top_k_equals_softmax_then_topk(renormalize: bool) -> None:
     torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
 
 
+def test_route_top_k_puts_the_lowest_id_first_among_equal_logits() -> None:
+    from afd.models.kernels.small_ops import route_top_k
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 2.0, -1.0], [0.0] * 7])
+    ids, w = route_top_k(logits.to(DEVICE), 4, renormalize=False)
+    assert ids.cpu().tolist() == [[1, 2, 4, 5], [0, 1, 2, 3]]
+    probs = torch.softmax(logits, -1)
+    torch.testing.assert_close(w.cpu(), probs.gather(1, ids.cpu()), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("norm", [True, False])
 def test_qk_norm_rope_store_equals_the_unfused_steps(norm: bool) -> None:
     from afd.models.kernels.small_ops import qk_norm_rope_store
@@ -225,6 +235,26 @@ def test_the_tuned_table_picks_the_smallest_tuned_size_at_or_above(tmp_path, mon
         assert tuning.lookup(key.replace("GPU X", "GPU Y"), 1) == (False, None)
     finally:
         tuning.load_table.cache_clear()
+
+
+def test_with_pdl_the_skinny_linear_also_takes_the_rows_cublas_won(tmp_path, monkeypatch) -> None:
+    from afd.models.kernels import skinny_linear, tuning
+
+    table = tmp_path / "tuned.json"
+    key = tuning.shape_key("linear", torch.bfloat16, "cpu", N=8, K=4)
+    tuning.save({key: {"1": None, "8": {"block_n": 64}, "16": None}}, table)
+    monkeypatch.setattr(tuning, "TABLE_FILE", table)
+    tuning.load_table.cache_clear()
+    skinny_linear._tuned.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        assert skinny_linear._tuned(1, 8, 4, torch.bfloat16, cpu, False) is None
+        found = skinny_linear._tuned(1, 8, 4, torch.bfloat16, cpu, True)
+        assert found == skinny_linear.SkinnyConfig(block_n=64)
+        assert skinny_linear._tuned(9, 8, 4, torch.bfloat16, cpu, True) is None  # none above
+    finally:
+        tuning.load_table.cache_clear()
+        skinny_linear._tuned.cache_clear()
 
 
 @pytest.mark.parametrize("tokens,real", [(1, 1), (13, 9), (40, 40)])
