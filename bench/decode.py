@@ -491,6 +491,11 @@ def main() -> int:
         action="store_true",
         help="add graph rows with fp8 weights, and their greedy agreement with bf16",
     )
+    p.add_argument(
+        "--skip-agreement",
+        action="store_true",
+        help="with --fp8: the rows only, not the greedy agreement with bf16 (64 × 64 tokens)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--json-out", help="also write the JSON object to this file")
     p.add_argument(
@@ -529,8 +534,9 @@ def main() -> int:
         if args.fp8:
             rows += bench_afd(model_dir, args, dtype, args.device == "cuda", quantization="fp8")
             _free(args.device)
-            agreement = fp8_agreement(model_dir, args, dtype)
-            _free(args.device)
+            if not args.skip_agreement:
+                agreement = fp8_agreement(model_dir, args, dtype)
+                _free(args.device)
         for lane in args.lanes:
             for m in args.disaggregated:
                 # a slot lane's step is one graph (m >= 2 too)
