@@ -45,11 +45,14 @@ def linear(
 def add_rms_norm(
     h_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + Δ, rms_norm(h + Δ)): the residual add and the norm after it, one kernel on GPU."""
+    """(h + Δ, rms_norm(h + Δ)): the residual add and the norm after it, one kernel on GPU.
+    Δ [T, D], or [T, K, D]: K summands, added in fp32 and rounded once before h adds."""
     if kernels.usable(h_TD):
         from afd.models.kernels.small_ops import add_rms_norm as fused
 
         return fused(h_TD, delta_TD, weight_D, eps)
+    if delta_TD.dim() == 3:
+        delta_TD = delta_TD.float().sum(1).to(h_TD.dtype)
     total_TD = h_TD + delta_TD
     return total_TD, rms_norm(total_TD, weight_D, eps)
 

@@ -29,7 +29,8 @@ from afd.models.weights import ATTENTION_SIDE_KINDS, tensor_specs
 
 @dataclass(frozen=True, slots=True)
 class Residual:
-    """The residual stream h + delta, with the add left to whoever normalises it next."""
+    """The residual stream h + delta, with the add left to whoever normalises it next; delta
+    is [T, D], or [T, K, D]: the experts' K weighted outputs, summed by that add too."""
 
     h_TD: torch.Tensor
     delta_TD: torch.Tensor | None = None

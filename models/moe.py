@@ -160,9 +160,12 @@ class ExpertShard:
         local_ids_TK: torch.Tensor,
         weights_TK: torch.Tensor,
         out_TD: torch.Tensor | None = None,
+        summands: bool = False,
     ) -> torch.Tensor:
         """Σ_k weight·expert_k(x) over this shard's experts; entries with local id -1 are skipped.
-        Into `out_TD` when given (contiguous), else a new tensor.
+        Into `out_TD` when given (contiguous), else a new tensor. `summands` (every id local):
+        where the fused kernels run, the K weighted outputs [T, K, D] unsummed, for the next
+        residual add to sum (`fused_experts`); elsewhere the sum as always.
 
         Tokens are grouped by expert so each expert runs one GEMM over all its tokens.
         """
@@ -173,7 +176,7 @@ class ExpertShard:
 
             return fused_experts(
                 x_TD, w.gate_EID, w.up_EID, w.down_EDI, local_ids_TK, weights_TK,
-                scales=w.scales, out_TD=out_TD,
+                scales=w.scales, out_TD=out_TD, summands=summands,
             )  # fmt: skip
         if out_TD is not None:
             y_TD = self.forward(layer, x_TD, local_ids_TK, weights_TK)
@@ -245,7 +248,9 @@ class Dispatcher(ABC):
 
     @abstractmethod
     def combine(self, plan: Any, like_TD: torch.Tensor) -> torch.Tensor:
-        """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) for every token t, as [T, D]."""
+        """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) for every token t, as [T, D];
+        or, unsummed, the K terms [T, K, D] (`LocalDispatcher`), which the model's next
+        residual add sums."""
 
     def begin_step(
         self,
@@ -281,13 +286,18 @@ class Dispatcher(ABC):
 
 
 class LocalDispatcher(Dispatcher):
-    """All experts in this process: the single-process reference and the colocated engine."""
+    """All experts in this process: the single-process reference and the colocated engine.
+
+    Without a shared expert its combine hands back the K weighted outputs [T, K, D] where the
+    fused kernels run, and the next layer's add+norm sums them (one kernel fewer a layer); the
+    model's residual takes either form."""
 
     def __init__(self, shard: ExpertShard) -> None:
         super().__init__()
         if shard.expert_ids != tuple(range(shard.config.num_experts)):
             raise ValueError("LocalDispatcher needs a shard holding every expert")
         self.shard = shard
+        self.summands = not shard.config.shared_expert_size
 
     def dispatch(
         self,
@@ -298,7 +308,7 @@ class LocalDispatcher(Dispatcher):
         ids_TK: torch.Tensor,
         weights_TK: torch.Tensor,
     ) -> torch.Tensor:
-        return self.shard.forward(layer, x_TD, ids_TK, weights_TK)
+        return self.shard.forward(layer, x_TD, ids_TK, weights_TK, summands=self.summands)
 
     def combine(self, plan: torch.Tensor, like_TD: torch.Tensor) -> torch.Tensor:
         self.rounds += 1

@@ -271,13 +271,20 @@ def fused_experts(
     config: MoEConfig | None = None,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     out_TD: torch.Tensor | None = None,
+    summands: bool = False,
 ) -> torch.Tensor:
     """Σ_k weights_TK[t,k] · expert_{ids_TK[t,k]}(x_TD[t]) over this shard's experts (local
     ids; -1 skips the slot), as [T, D] in x's dtype, or into `out_TD` (contiguous, on the
     device: an attention node's combine slot, so that no copy follows). With `scales` (gate,
     up, down) the weights are fp8 in 128×128 blocks (`afd.models.fp8`), scaled up tile by
-    tile."""
+    tile.
+
+    `summands`: each slot's weighted expert output, [T, K, D], not summed: the caller's next
+    residual add sums them (`add_rms_norm` with a 3-D Δ), one kernel fewer a layer. Every id
+    must be a local expert (a slot left out would stay unwritten): a shard holding them all."""
     T, D = x_TD.shape
+    if summands and out_TD is not None:
+        raise ValueError("summands are returned, not written into a given output")
     K = ids_TK.shape[1]
     E, FFN, _ = gate_EID.shape
     N = T * K
@@ -286,7 +293,7 @@ def fused_experts(
     elif out_TD.shape != (T, D) or not out_TD.is_contiguous():
         raise ValueError(f"the output must be a contiguous [{T}, {D}], got {tuple(out_TD.shape)}")
     if N == 0:
-        return out_TD.zero_()
+        return x_TD.new_zeros(T, K, D) if summands else out_TD.zero_()
     cfg = config or pick_config(N, E, FFN, D, x_TD.device, gate_EID.dtype)
     on = pdl(x_TD)
     BM = cfg.block_m
@@ -333,6 +340,8 @@ def fused_experts(
             N, D, FFN,
             **tiles, **launch,
         )  # fmt: skip
+    if summands:
+        return y_ND.view(T, K, D)
     BD = min(1024, triton.next_power_of_2(D))
     with launching():
         _combine_kernel[(T, triton.cdiv(D, BD))](

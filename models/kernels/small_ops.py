@@ -25,14 +25,31 @@ from afd.models.kernels.pdl import pdl, pdl_launch, wait_for_prior
 
 @triton.jit
 def _add_rms_norm_kernel(
-    h_ptr, delta_ptr, weight_ptr, sum_ptr, norm_ptr, D, eps, BD: tl.constexpr, PDL: tl.constexpr
+    h_ptr,  # [T, D]
+    delta_ptr,  # [T, S, D]: S summands
+    weight_ptr,
+    sum_ptr,
+    norm_ptr,
+    D,
+    eps,
+    S: tl.constexpr,
+    BD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    """With S > 1 the summands add in order in fp32 and round once (what the fused MoE's
+    combine did), then h adds: the same bits as the combine kernel followed by this one."""
     wait_for_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BD)
     inside = cols < D
     h = tl.load(h_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
-    delta = tl.load(delta_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
+    delta = tl.zeros([BD], dtype=tl.float32)
+    for s in tl.static_range(S):
+        delta += tl.load(delta_ptr + (row * S + s) * D + cols, mask=inside, other=0.0).to(
+            tl.float32
+        )
+    if S > 1:
+        delta = delta.to(sum_ptr.dtype.element_ty).to(tl.float32)
     total = (h + delta).to(sum_ptr.dtype.element_ty)
     tl.store(sum_ptr + row * D + cols, total, mask=inside)
     s = total.to(tl.float32)
@@ -44,7 +61,8 @@ def _add_rms_norm_kernel(
 def add_rms_norm(
     h_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + Δ, rms_norm(h + Δ) · weight)."""
+    """(h + Δ, rms_norm(h + Δ) · weight); Δ [T, D], or [T, S, D]: S summands (the fused MoE's
+    per-slot outputs), summed here rather than by a kernel of their own."""
     T, D = h_TD.shape
     sum_TD, norm_TD = torch.empty_like(h_TD), torch.empty_like(h_TD)
     if T:
@@ -58,6 +76,7 @@ def add_rms_norm(
                 norm_TD,
                 D,
                 eps,
+                S=delta_TD.shape[1] if delta_TD.dim() == 3 else 1,
                 BD=triton.next_power_of_2(D),
                 PDL=on,
                 num_warps=4,
@@ -88,14 +107,12 @@ def _route_kernel(
     slots = tl.arange(0, K_P2)
     picked = tl.zeros([K_P2], dtype=tl.float32)
     chosen = tl.zeros([K_P2], dtype=tl.int64)
-    for k in tl.static_range(K):  # value and id in one reduction; the lowest id among equals
-        value, best = tl.max(
-            logits, axis=0, return_indices=True, return_indices_tie_break_left=True
-        )
-        picked = tl.where(slots == k, value, picked)
+    for k in tl.static_range(K):
+        best = tl.argmax(logits, axis=0)  # the lowest id among equal logits
+        prob = tl.exp(tl.max(logits, axis=0) - top) / denominator
+        picked = tl.where(slots == k, prob, picked)
         chosen = tl.where(slots == k, best.to(tl.int64), chosen)
         logits = tl.where(experts == best, float("-inf"), logits)
-    picked = tl.where(slots < K, tl.exp(picked - top) / denominator, 0.0)
     if RENORMALIZE:
         picked = picked / tl.sum(picked, axis=0)
     tl.store(ids_ptr + row * K + slots, chosen, mask=slots < K)

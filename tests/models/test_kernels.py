@@ -111,6 +111,38 @@ def test_route_top_k_equals_softmax_then_topk(renormalize: bool) -> None:
     torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tokens", [1, 20])  # each pair its own block; aligned
+def test_the_experts_summands_added_by_the_next_norm_equal_their_combined_sum(tokens) -> None:
+    """The colocated engine's MoE hands the next add+norm its K weighted outputs: the same
+    bits as the combine kernel's sum added by the same kernel."""
+    from afd.models import layers
+    from afd.models.kernels.fused_moe import MoEConfig, fused_experts
+    from afd.models.kernels.small_ops import add_rms_norm
+
+    g = torch.Generator().manual_seed(tokens)
+    E, D, FFN, K = 8, 64, 48, 2
+    x, h = torch.randn(tokens, D, generator=g), torch.randn(tokens, D, generator=g)
+    gate, up = (torch.randn(E, FFN, D, generator=g) / 8 for _ in range(2))
+    down = torch.randn(E, D, FFN, generator=g) / 8
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)])
+    weights, norm_w = torch.rand(tokens, K, generator=g), torch.rand(D, generator=g)
+    args = [t.to(DEVICE) for t in (x, gate, up, down, ids, weights)]
+    cfg = MoEConfig(block_m=16, block_n=32, block_k=32)
+    with kernels.force():
+        summed = fused_experts(*args, cfg)
+        parts = fused_experts(*args, cfg, summands=True)
+        assert parts.shape == (tokens, K, D)
+        want = add_rms_norm(h.to(DEVICE), summed, norm_w.to(DEVICE), 1e-6)
+        got = add_rms_norm(h.to(DEVICE), parts, norm_w.to(DEVICE), 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    with kernels.force(False):  # the torch path takes the summands too
+        plain = layers.add_rms_norm(h, parts.cpu(), norm_w, 1e-6)
+    for a, b in zip(plain, want, strict=True):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="summands"):
+        fused_experts(*args, cfg, out_TD=torch.empty(tokens, D), summands=True)
+
+
 def test_route_top_k_puts_the_lowest_id_first_among_equal_logits() -> None:
     from afd.models.kernels.small_ops import route_top_k
 
