@@ -104,7 +104,12 @@ def best_of(
 
 
 def tune_moe(
-    cfg: dict[str, Any], layers: int, bandwidth: float, name: str, quantized: bool
+    cfg: dict[str, Any],
+    layers: int,
+    bandwidth: float,
+    name: str,
+    quantized: bool,
+    pair_counts: tuple[int, ...] = PAIRS,
 ) -> tuple[dict, list]:
     """`quantized`: the experts in fp8 with block scales (the table's fp8 entries)."""
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -117,7 +122,7 @@ def tune_moe(
         sets.append([fp8.quantize(w) for w in ws] if quantized else [(w, None) for w in ws])
     weight_bytes = 1 if quantized else 2
     best, rows = {}, []
-    for pairs in PAIRS:
+    for pairs in pair_counts:
         T = max(1, pairs // K)
         x = torch.randn(T, D, dtype=dtype, device=device)
         ids = torch.rand(T, E, device=device).argsort(-1)[:, :K]
@@ -140,7 +145,16 @@ def tune_moe(
     return {shape_key("moe", key_dtype, name, E=E, I=FFN, D=D): best}, rows
 
 
-def tune_linear(cfg: dict[str, Any], layers: int, bandwidth: float, name: str) -> tuple[dict, list]:
+def tune_linear(
+    cfg: dict[str, Any],
+    layers: int,
+    bandwidth: float,
+    name: str,
+    quantized: bool,
+    row_counts: tuple[int, ...] = ROWS,
+) -> tuple[dict, list]:
+    """`quantized`: the fused QKV and output projections in fp8 with block scales, which always
+    take the skinny kernel (no cuBLAS to compare); the router stays bf16."""
     device, dtype = torch.device("cuda"), torch.bfloat16
     D, H, G = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     Dh = cfg.get("head_dim") or D // H
@@ -149,20 +163,24 @@ def tune_linear(cfg: dict[str, Any], layers: int, bandwidth: float, name: str) -
         "o_proj": (D, H * Dh),
         "router": (cfg["num_experts"], D),
     }
+    if quantized:
+        del shapes["router"]
     updates, rows = {}, []
     for proj, (N, K) in shapes.items():
-        sets = [torch.randn(N, K, dtype=dtype, device=device) / 32 for _ in range(layers)]
+        raw = [torch.randn(N, K, dtype=dtype, device=device) / 32 for _ in range(layers)]
+        sets = [fp8.quantize(w) for w in raw] if quantized else [(w, None) for w in raw]
         entry: dict[str, Any] = {}
-        for M in ROWS:
+        for M in row_counts:
             x = torch.randn(M, K, dtype=dtype, device=device)
-            cublas = time_us(lambda w, x=x: F.linear(x, w), sets)
+            cublas = float("inf") if quantized else time_us(lambda w, x=x: F.linear(x, w[0]), sets)
             us, won = best_of(
-                skinny_candidates(), lambda c, w, x=x: skinny_linear(x, w, None, c), sets
+                skinny_candidates(), lambda c, w, x=x: skinny_linear(x, w[0], None, c, w[1]), sets
             )
             entry[str(M)] = asdict(won) if us < cublas else None
             rows.append({"proj": proj, "N": N, "K": K, "rows": M, "cublas_us": cublas, "us": us,
-                         "floor_us": N * K * 2 / bandwidth * 1e6, "config": asdict(won)})  # fmt: skip
-        updates[shape_key("linear", dtype, name, N=N, K=K)] = entry
+                         "floor_us": N * K * (1 if quantized else 2) / bandwidth * 1e6,
+                         "config": asdict(won)})  # fmt: skip
+        updates[shape_key("linear", fp8.FP8 if quantized else dtype, name, N=N, K=K)] = entry
         del sets
     return updates, rows
 
@@ -174,16 +192,28 @@ def main() -> None:
     parser.add_argument("--out", default=str(TABLE_FILE))
     parser.add_argument("--json", default="", help="also write the measurements here")
     parser.add_argument(
-        "--fp8", action="store_true", help="tune the fused MoE for fp8 experts only"
+        "--fp8",
+        action="store_true",
+        help="tune for fp8 weights: the fused MoE and the attention projections",
     )
+    parser.add_argument(
+        "--pairs", type=lambda s: tuple(int(n) for n in s.split(",")), default=PAIRS,
+        help="the fused MoE's (token, slot) pair counts to tune; the table keeps the others",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rows", type=lambda s: tuple(int(n) for n in s.split(",")), default=ROWS,
+        help="the projections' row counts to tune; the table keeps the others",
+    )  # fmt: skip
     args = parser.parse_args()
     cfg = PRESETS[args.preset]
     name = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth(torch.device("cuda"))
-    linear_updates, linear_rows = (
-        ({}, []) if args.fp8 else tune_linear(cfg, args.layers, bandwidth, name)
+    linear_updates, linear_rows = tune_linear(
+        cfg, args.layers, bandwidth, name, args.fp8, args.rows
     )
-    moe_updates, moe_rows = tune_moe(cfg, max(2, args.layers // 2), bandwidth, name, args.fp8)
+    moe_updates, moe_rows = tune_moe(
+        cfg, max(2, args.layers // 2), bandwidth, name, args.fp8, args.pairs
+    )
     save({**moe_updates, **linear_updates}, Path(args.out))
     print(f"{name}, copy {bandwidth / 1e9:.0f} GB/s")
     print("| pairs | experts touched | µs | floor µs | of floor | tiles |")

@@ -33,10 +33,11 @@ def linear(
     if kernels.usable(x_TK) and (scale is not None or x_TK.shape[0] <= 16):
         from afd.models.kernels.skinny_linear import SkinnyConfig, skinny_linear, tuned_config
 
-        if scale is not None:
-            return skinny_linear(x_TK, weight_NK, bias_N, SkinnyConfig(), scale)
-        if (config := tuned_config(x_TK, weight_NK)) is not None:
-            return skinny_linear(x_TK, weight_NK, bias_N, config)
+        tuned = tuned_config(x_TK, weight_NK)
+        if scale is not None:  # fp8: always the Triton kernel, tuned tiles where measured
+            return skinny_linear(x_TK, weight_NK, bias_N, tuned or SkinnyConfig(), scale)
+        if tuned is not None:
+            return skinny_linear(x_TK, weight_NK, bias_N, tuned)
     if scale is not None:
         weight_NK = fp8.dequantize(weight_NK, scale, x_TK.dtype)
     return F.linear(x_TK, weight_NK, bias_N)

@@ -75,12 +75,12 @@ def _skinny_kernel(
 
 
 def tuned_config(x_MK: torch.Tensor, w_NK: torch.Tensor) -> SkinnyConfig | None:
-    """The measured winner for this shape, batch and GPU; None where cuBLAS won or nothing was
-    measured."""
+    """The measured winner for this shape, weight dtype (bf16, or fp8 with block scales),
+    batch and GPU; None where cuBLAS won, nothing was measured, or past `MAX_ROWS` rows."""
     M, (N, K) = x_MK.shape[0], w_NK.shape
     if M > MAX_ROWS:
         return None
-    return _tuned(M, N, K, x_MK.dtype, x_MK.device, pdl(x_MK))
+    return _tuned(M, N, K, w_NK.dtype, x_MK.device, pdl(x_MK))
 
 
 @cache

@@ -44,7 +44,9 @@ def lookup(key: str, rows: int) -> tuple[bool, Any]:
 
 
 def save(updates: dict[str, dict[str, Any]], path: Path = TABLE_FILE) -> None:
-    """Merges `updates` into the table at `path` (entries of other shapes and GPUs stay)."""
+    """Merges `updates` into the table at `path`: entries of other shapes and GPUs stay, and so
+    do the sizes of a shape that were not tuned this time."""
     table = json.loads(path.read_text()) if path.exists() else {}
-    table.update(updates)
+    for key, sizes in updates.items():
+        table[key] = {**table.get(key, {}), **sizes}
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
