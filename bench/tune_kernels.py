@@ -50,10 +50,18 @@ def moe_candidates(pairs: int) -> list[MoEConfig]:
     ]
 
 
-def skinny_candidates() -> list[SkinnyConfig]:
-    return [
+def skinny_candidates(split: bool = False) -> list[SkinnyConfig]:
+    """`split`: the projection's caller adds partial sums, so splits over K are candidates
+    too (timed without that add, which rides in a kernel the step runs anyway)."""
+    whole = [
         SkinnyConfig(n, k, w, s)
         for n, k, w, s in itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 4, 5))
+    ]
+    if not split:
+        return whole
+    return whole + [
+        SkinnyConfig(n, k, 4, s, splits)
+        for n, k, s, splits in itertools.product((16, 32), (128, 256), (3, 4), (2, 4, 8, 16))
     ]
 
 
@@ -154,7 +162,8 @@ def tune_linear(
     row_counts: tuple[int, ...] = ROWS,
 ) -> tuple[dict, list]:
     """`quantized`: the fused QKV and output projections in fp8 with block scales, which always
-    take the skinny kernel (no cuBLAS to compare); the router stays bf16."""
+    take the skinny kernel (no cuBLAS to compare); the router stays bf16. The output projection
+    and the router (bf16) may split over K: their callers add partial sums."""
     device, dtype = torch.device("cuda"), torch.bfloat16
     D, H, G = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     Dh = cfg.get("head_dim") or D // H
@@ -173,9 +182,12 @@ def tune_linear(
         for M in row_counts:
             x = torch.randn(M, K, dtype=dtype, device=device)
             cublas = float("inf") if quantized else time_us(lambda w, x=x: F.linear(x, w[0]), sets)
-            us, won = best_of(
-                skinny_candidates(), lambda c, w, x=x: skinny_linear(x, w[0], None, c, w[1]), sets
-            )
+            split = proj in ("o_proj", "router") and not quantized
+
+            def run(c: SkinnyConfig, w: Any, x: torch.Tensor = x, split: bool = split) -> object:
+                return skinny_linear(x, w[0], None, c, w[1], partials=split)
+
+            us, won = best_of(skinny_candidates(split), run, sets)
             entry[str(M)] = asdict(won) if us < cublas else None
             rows.append({"proj": proj, "N": N, "K": K, "rows": M, "cublas_us": cublas, "us": us,
                          "floor_us": N * K * (1 if quantized else 2) / bandwidth * 1e6,

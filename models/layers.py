@@ -43,6 +43,22 @@ def linear(
     return F.linear(x_TK, weight_NK, bias_N)
 
 
+def linear_summands(
+    x_TK: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x·Wᵀ + b as S partial sums [T, S, N], for a caller that adds summands anyway (the next
+    add+norm, the router's top-k). At a few rows on the kernels' devices the skinny kernel
+    splits K where the tuned table says so (S > 1, fp32: a projection of few output tiles fills
+    the GPU); everywhere else S = 1 in x's dtype."""
+    if kernels.usable(x_TK) and x_TK.shape[0] <= 16:
+        from afd.models.kernels.skinny_linear import skinny_linear, tuned_config
+
+        tuned = tuned_config(x_TK, weight_NK)
+        if tuned is not None and tuned.split_k > 1:
+            return skinny_linear(x_TK, weight_NK, bias_N, tuned, partials=True)
+    return linear(x_TK, weight_NK, bias_N)[:, None, :]
+
+
 def add_rms_norm(
     h_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,11 +177,12 @@ def route(
     x_TD: torch.Tensor, gate_ED: torch.Tensor, config: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert ids and their weights per token; weights in fp32 math, activation dtype out."""
-    logits_TE = linear(x_TD, gate_ED)
     if kernels.usable(x_TD):  # softmax, top-k and renormalisation in one kernel
         from afd.models.kernels.small_ops import route_top_k
 
-        return route_top_k(logits_TE, config.top_k, config.renormalize_topk)
+        logits_TSE = linear_summands(x_TD, gate_ED)
+        return route_top_k(logits_TSE, config.top_k, config.renormalize_topk, x_TD.dtype)
+    logits_TE = linear(x_TD, gate_ED)
     probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     weights_TK, ids_TK = torch.topk(probs_TE, config.top_k, dim=-1)
     if config.renormalize_topk:

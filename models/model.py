@@ -22,7 +22,16 @@ from afd.models.attention import BatchAttention, PagedAttention
 from afd.models.batch import TokenBatch
 from afd.models.checkpoint import TensorSource
 from afd.models.config import ModelConfig
-from afd.models.layers import Rope, add_rms_norm, apply_rope, linear, rms_norm, route, swiglu
+from afd.models.layers import (
+    Rope,
+    add_rms_norm,
+    apply_rope,
+    linear,
+    linear_summands,
+    rms_norm,
+    route,
+    swiglu,
+)
 from afd.models.moe import Dispatcher
 from afd.models.weights import ATTENTION_SIDE_KINDS, tensor_specs
 
@@ -164,12 +173,16 @@ class AttentionSideModel:
             and c.head_dim & (c.head_dim - 1) == 0
         )
 
-    def _project(self, prefix: str, x_TK: torch.Tensor) -> torch.Tensor:
-        """An attention projection: weight, bias if any, fp8 scales if quantized."""
+    def _project(self, prefix: str, x_TK: torch.Tensor, summands: bool = False) -> torch.Tensor:
+        """An attention projection: weight, bias if any, fp8 scales if quantized. `summands`:
+        the caller adds partial sums (the output projection's next add+norm), so a bf16 weight
+        may come back split over K (`linear_summands`)."""
         t = self.t
-        return linear(
-            x_TK, t[f"{prefix}.weight"], t.get(f"{prefix}.bias"), t.get(f"{prefix}.weight_scale")
-        )
+        weight, bias = t[f"{prefix}.weight"], t.get(f"{prefix}.bias")
+        scale = t.get(f"{prefix}.weight_scale")
+        if summands and scale is None:
+            return linear_summands(x_TK, weight, bias)
+        return linear(x_TK, weight, bias, scale)
 
     def _w(self, layer: int, name: str) -> torch.Tensor:
         return self.t[f"model.layers.{layer}.{name}.weight"]
@@ -192,7 +205,7 @@ class AttentionSideModel:
             out_THDh = attn.attend_projected(
                 layer, qkv, batch.positions, norms, c.rms_norm_eps, self.rope
             )
-            return self._project(f"{p}.o_proj", out_THDh.flatten(1))
+            return self._project(f"{p}.o_proj", out_THDh.flatten(1), summands=True)
         q, k, v = qkv.split(
             [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim],
             dim=-1,

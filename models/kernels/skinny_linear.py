@@ -33,6 +33,7 @@ class SkinnyConfig:
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 4
+    split_k: int = 1  # programs along K, for a caller that adds partial sums (`partials`)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -41,10 +42,11 @@ def _skinny_kernel(
     w_ptr,  # [N, K]
     scale_ptr,  # [⌈N/128⌉, ⌈K/128⌉] (with SCALED)
     bias_ptr,  # [N] (unused without HAS_BIAS)
-    out_ptr,  # [M, N]
+    out_ptr,  # [M, N], or [M, S, N] partial sums
     M,
     N,
     K,
+    K_SPLIT,  # K elements each split covers (a multiple of BK)
     HAS_BIAS: tl.constexpr,
     SCALED: tl.constexpr,
     BM: tl.constexpr,
@@ -56,11 +58,12 @@ def _skinny_kernel(
     wait_for_prior(PDL)
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    split, splits = tl.program_id(2), tl.num_programs(2)
     inner = tl.arange(0, BK)
     x_at = x_ptr + rows[:, None].to(tl.int64) * K + inner[None, :]
     w_at = w_ptr + cols[None, :].to(tl.int64) * K + inner[:, None]  # [BK, BN]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k in range(0, K, BK):
+    for k in range(split * K_SPLIT, tl.minimum(K, (split + 1) * K_SPLIT), BK):
         in_k = k + inner < K
         a = tl.load(x_at + k, mask=(rows < M)[:, None] & in_k[None, :], other=0.0)
         w = tl.load(w_at + k, mask=in_k[:, None] & (cols < N)[None, :], other=0.0)
@@ -69,8 +72,9 @@ def _skinny_kernel(
             w = (w.to(tl.float32) * s[None, :]).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+        bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        acc += tl.where(split == 0, bias, 0.0)[None, :]  # once, in the first split
+    out = out_ptr + (rows[:, None].to(tl.int64) * splits + split) * N + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
@@ -107,20 +111,29 @@ def skinny_linear(
     bias_N: torch.Tensor | None,
     config: SkinnyConfig,
     scale: torch.Tensor | None = None,
+    partials: bool = False,
 ) -> torch.Tensor:
-    """x·Wᵀ + b in x's dtype; `scale`: W is fp8 with these 128×128 block scales."""
+    """x·Wᵀ + b in x's dtype; `scale`: W is fp8 with these 128×128 block scales.
+
+    `partials`: the caller adds partial sums anyway (the next add+norm, the router's top-k),
+    so with the config's `split_k` = S > 1 the programs also split K, and the result is S fp32
+    partial sums [M, S, N] (bias in the first): a projection of few output tiles (the router's
+    128 columns are 8 programs) fills the GPU. Without a split: [M, 1, N] in x's dtype."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
     if scale is None and M > MAX_ROWS:
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows of bf16, got {M}")
-    out = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
-    if M == 0:
-        return out
-    BM = min(64, max(16, triton.next_power_of_2(M)))
     block_k = config.block_k if scale is None else min(config.block_k, 128)  # a tile in one block
+    S = min(config.split_k, triton.cdiv(K, block_k)) if partials else 1
+    k_split = triton.cdiv(triton.cdiv(K, S), block_k) * block_k
+    dtype = torch.float32 if S > 1 else x_MK.dtype
+    out = torch.empty(M, S, N, dtype=dtype, device=x_MK.device)
+    if M == 0:
+        return out if partials else out[:, 0]
+    BM = min(64, max(16, triton.next_power_of_2(M)))
     on = pdl(x_MK)
     with launching():
-        _skinny_kernel[(triton.cdiv(N, config.block_n), triton.cdiv(M, BM))](
+        _skinny_kernel[(triton.cdiv(N, config.block_n), triton.cdiv(M, BM), S)](
             x_MK.contiguous(),
             w_NK,
             scale if scale is not None else w_NK,
@@ -129,6 +142,7 @@ def skinny_linear(
             M,
             N,
             K,
+            k_split,
             HAS_BIAS=bias_N is not None,
             SCALED=scale is not None,
             BM=BM,
@@ -140,4 +154,4 @@ def skinny_linear(
             PDL=on,
             **pdl_launch(on),
         )
-    return out
+    return out if partials else out[:, 0]

@@ -87,10 +87,11 @@ def add_rms_norm(
 
 @triton.jit
 def _route_kernel(
-    logits_ptr,  # [T, E]
+    logits_ptr,  # [T, S, E]: S partial sums
     ids_ptr,  # [T, K] int64 out
     weights_ptr,  # [T, K] out
     E,
+    S: tl.constexpr,
     K: tl.constexpr,
     K_P2: tl.constexpr,
     E_P2: tl.constexpr,
@@ -100,8 +101,12 @@ def _route_kernel(
     wait_for_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, E_P2)
-    logits = tl.load(logits_ptr + row * E + experts, mask=experts < E, other=float("-inf"))
-    logits = logits.to(tl.float32)
+    logits = tl.zeros([E_P2], dtype=tl.float32)
+    for s in tl.static_range(S):
+        at = logits_ptr + (row * S + s) * E + experts
+        logits += tl.load(at, mask=experts < E, other=float("-inf")).to(tl.float32)
+    if S > 1:  # rounded as the projection's output would have been
+        logits = logits.to(weights_ptr.dtype.element_ty).to(tl.float32)
     top = tl.max(logits, axis=0)
     denominator = tl.sum(tl.exp(logits - top), axis=0)
     slots = tl.arange(0, K_P2)
@@ -120,13 +125,16 @@ def _route_kernel(
 
 
 def route_top_k(
-    logits_TE: torch.Tensor, top_k: int, renormalize: bool
+    logits_TE: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k expert ids (int64, by falling probability) and their softmax weights, in the
-    logits' dtype; renormalised to sum to one when the model says so."""
-    T, E = logits_TE.shape
+    """Top-k expert ids (int64, by falling probability) and their softmax weights, in `dtype`
+    (default: the logits'); renormalised to sum to one when the model says so. The logits are
+    [T, E], or [T, S, E]: S partial sums (a split projection's), added in fp32 and rounded to
+    `dtype` first."""
+    T, E = logits_TE.shape[0], logits_TE.shape[-1]
+    S = logits_TE.shape[1] if logits_TE.dim() == 3 else 1
     ids_TK = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
-    weights_TK = torch.empty(T, top_k, dtype=logits_TE.dtype, device=logits_TE.device)
+    weights_TK = torch.empty(T, top_k, dtype=dtype or logits_TE.dtype, device=logits_TE.device)
     if T:
         on = pdl(logits_TE)
         with launching():
@@ -135,6 +143,7 @@ def route_top_k(
                 ids_TK,
                 weights_TK,
                 E,
+                S=S,
                 K=top_k,
                 K_P2=triton.next_power_of_2(top_k),
                 E_P2=triton.next_power_of_2(E),

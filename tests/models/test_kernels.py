@@ -250,6 +250,48 @@ def test_skinny_linear_equals_f_linear(rows: int, bias: bool) -> None:
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_skinny_linear_split_over_k_returns_partial_sums_that_add_up(bias: bool) -> None:
+    from afd.models.kernels.skinny_linear import SkinnyConfig, skinny_linear
+
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(2, 96, generator=g), torch.randn(40, 96, generator=g), torch.randn(40)
+    args = (x.to(DEVICE), w.to(DEVICE), b.to(DEVICE) if bias else None)
+    parts = skinny_linear(*args, SkinnyConfig(16, 32, 4, 3, split_k=3), partials=True)
+    assert parts.shape == (2, 3, 40) and parts.dtype == torch.float32
+    want = torch.nn.functional.linear(x, w, b if bias else None)
+    torch.testing.assert_close(parts.sum(1).cpu(), want, rtol=1e-5, atol=1e-4)
+    whole = skinny_linear(*args, SkinnyConfig(16, 32, 4, 3, split_k=3))  # no caller to add
+    assert whole.shape == (2, 40)
+    torch.testing.assert_close(whole.cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_the_router_and_the_norm_add_partial_sums_first() -> None:
+    from afd.models.kernels.small_ops import add_rms_norm, route_top_k
+
+    g = torch.Generator().manual_seed(4)
+    parts = torch.randn(5, 4, 12, generator=g).to(DEVICE)  # [T, S, E]
+    ids, w = route_top_k(parts, 3, True, torch.float32)
+    want_ids, want_w = route_top_k(parts.sum(1), 3, True)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)
+    h, weight = torch.randn(5, 12, generator=g).to(DEVICE), torch.rand(12).to(DEVICE)
+    got = add_rms_norm(h, parts, weight, 1e-6)
+    want = add_rms_norm(h, parts.sum(1), weight, 1e-6)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_summands_is_one_summand_where_nothing_splits() -> None:
+    from afd.models.layers import linear_summands
+
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    with kernels.force(False):
+        got = linear_summands(x, w)
+    assert got.shape == (3, 1, 5)
+    torch.testing.assert_close(got[:, 0], torch.nn.functional.linear(x, w))
+
+
 def test_the_tuned_table_picks_the_smallest_tuned_size_at_or_above(tmp_path, monkeypatch) -> None:
     from afd.models.kernels import tuning
 
