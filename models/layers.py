@@ -44,7 +44,10 @@ def linear(
 
 
 def linear_summands(
-    x_TK: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None = None
+    x_TK: torch.Tensor,
+    weight_NK: torch.Tensor,
+    bias_N: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x·Wᵀ + b as S partial sums [T, S, N], for a caller that adds summands anyway (the next
     add+norm, the router's top-k). At a few rows on the kernels' devices the skinny kernel
@@ -55,8 +58,8 @@ def linear_summands(
 
         tuned = tuned_config(x_TK, weight_NK)
         if tuned is not None and tuned.split_k > 1:
-            return skinny_linear(x_TK, weight_NK, bias_N, tuned, partials=True)
-    return linear(x_TK, weight_NK, bias_N)[:, None, :]
+            return skinny_linear(x_TK, weight_NK, bias_N, tuned, scale, partials=True)
+    return linear(x_TK, weight_NK, bias_N, scale)[:, None, :]
 
 
 def add_rms_norm(

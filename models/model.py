@@ -180,8 +180,8 @@ class AttentionSideModel:
         t = self.t
         weight, bias = t[f"{prefix}.weight"], t.get(f"{prefix}.bias")
         scale = t.get(f"{prefix}.weight_scale")
-        if summands and scale is None:
-            return linear_summands(x_TK, weight, bias)
+        if summands:
+            return linear_summands(x_TK, weight, bias, scale)
         return linear(x_TK, weight, bias, scale)
 
     def _w(self, layer: int, name: str) -> torch.Tensor:

@@ -172,12 +172,14 @@ def _gate_up_kernel(
         w_mask = in_k[:, None] & (cols < FFN)[None, :]
         g = tl.load(gate_ptr + w_at + k, mask=w_mask, other=0.0)
         u = tl.load(up_ptr + w_at + k, mask=w_mask, other=0.0)
-        if SCALED:  # fp8 tiles: up to the activations' dtype with their block's scale
-            s_at = (expert * tl.cdiv(FFN, 128) + cols // 128) * tl.cdiv(D, 128) + k // 128
-            gs = tl.load(gate_scale_ptr + s_at, mask=cols < FFN, other=0.0)
-            us = tl.load(up_scale_ptr + s_at, mask=cols < FFN, other=0.0)
-            g = (g.to(tl.float32) * gs[None, :]).to(a.dtype)
-            u = (u.to(tl.float32) * us[None, :]).to(a.dtype)
+        if SCALED:  # fp8 tiles up to the activations' dtype, a scale per 128 of K (BN | 128)
+            s_at = (expert * tl.cdiv(FFN, 128) + tile * BN // 128) * tl.cdiv(D, 128) + (
+                k + inner
+            ) // 128
+            gs = tl.load(gate_scale_ptr + s_at, mask=in_k, other=0.0)
+            us = tl.load(up_scale_ptr + s_at, mask=in_k, other=0.0)
+            g = (g.to(tl.float32) * gs[:, None]).to(a.dtype)
+            u = (u.to(tl.float32) * us[:, None]).to(a.dtype)
         acc_gate = tl.dot(a, g, acc_gate, input_precision=PRECISION)
         acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
@@ -230,9 +232,11 @@ def _down_kernel(
         a = tl.load(h_at + k, mask=live[:, None] & in_k[None, :], other=0.0)
         w = tl.load(w_at + k, mask=in_k[:, None] & (cols < D)[None, :], other=0.0)
         if SCALED:
-            s_at = (expert * tl.cdiv(D, 128) + cols // 128) * tl.cdiv(FFN, 128) + k // 128
-            ws = tl.load(down_scale_ptr + s_at, mask=cols < D, other=0.0)
-            w = (w.to(tl.float32) * ws[None, :]).to(a.dtype)
+            s_at = (expert * tl.cdiv(D, 128) + tile * BN // 128) * tl.cdiv(FFN, 128) + (
+                k + inner
+            ) // 128
+            ws = tl.load(down_scale_ptr + s_at, mask=in_k, other=0.0)
+            w = (w.to(tl.float32) * ws[:, None]).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     weight = tl.load(weight_ptr + pair, mask=live, other=0.0).to(tl.float32)
     y = acc * weight[:, None]
@@ -319,8 +323,9 @@ def fused_experts(
             )  # fmt: skip
     x = x_TD.contiguous()
     h_NI = torch.empty(N, FFN, dtype=x_TD.dtype, device=x_TD.device)
-    block_k = cfg.block_k if scales is None else min(cfg.block_k, 128)  # a tile in one block
-    tiles = dict(BM=BM, BN=cfg.block_n, BK=block_k, PRECISION=dot_precision(x_TD.dtype))
+    if scales is not None and 128 % cfg.block_n:
+        raise ValueError(f"fp8 experts need tiles of columns that divide 128, got {cfg.block_n}")
+    tiles = dict(BM=BM, BN=cfg.block_n, BK=cfg.block_k, PRECISION=dot_precision(x_TD.dtype))
     launch = dict(
         DIRECT=direct, SCALED=scales is not None, PDL=on, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl_launch(on),

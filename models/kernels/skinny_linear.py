@@ -7,7 +7,9 @@ W's rows (output columns) and streams it once, all the batch's rows at once in o
 tile. For bf16 weights it is used only where `bench/tune_kernels.py` measured it faster than
 cuBLAS for the shape. An fp8 weight (128×128 block scales, `afd.models.fp8`) always goes
 through it, at any row count (tiles of up to 64 rows): each weight tile is scaled up to the
-activations' dtype in registers, so the bytes read are half of bf16's.
+activations' dtype in registers, so the bytes read are half of bf16's. A tile's columns divide
+128, so they share one row of scale blocks; along K a tile may span several blocks (a scale
+per 128 of K), which lets fp8 tiles be as wide as bf16's.
 
 Shape legend: M = rows, N = output features, K = input features.
 """
@@ -67,9 +69,10 @@ def _skinny_kernel(
         in_k = k + inner < K
         a = tl.load(x_at + k, mask=(rows < M)[:, None] & in_k[None, :], other=0.0)
         w = tl.load(w_at + k, mask=in_k[:, None] & (cols < N)[None, :], other=0.0)
-        if SCALED:
-            s = tl.load(scale_ptr + (cols // 128) * tl.cdiv(K, 128) + k // 128, mask=cols < N)
-            w = (w.to(tl.float32) * s[None, :]).to(a.dtype)
+        if SCALED:  # the tile's columns share a row of 128×128 scale blocks (BN divides 128)
+            s_at = (tl.program_id(0) * BN // 128) * tl.cdiv(K, 128) + (k + inner) // 128
+            s = tl.load(scale_ptr + s_at, mask=in_k, other=0.0)
+            w = (w.to(tl.float32) * s[:, None]).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -123,7 +126,9 @@ def skinny_linear(
     N = w_NK.shape[0]
     if scale is None and M > MAX_ROWS:
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows of bf16, got {M}")
-    block_k = config.block_k if scale is None else min(config.block_k, 128)  # a tile in one block
+    block_k = config.block_k
+    if scale is not None and 128 % config.block_n:
+        raise ValueError(f"fp8 weights need tiles of columns that divide 128, got {config.block_n}")
     S = min(config.split_k, triton.cdiv(K, block_k)) if partials else 1
     k_split = triton.cdiv(triton.cdiv(K, S), block_k) * block_k
     dtype = torch.float32 if S > 1 else x_MK.dtype

@@ -84,8 +84,12 @@ def test_fused_experts_with_fp8_weights_equal_the_loop_over_dequantized_ones(tok
     want = _loop_experts(x, gate, up, down, ids, weights)
     on = [t.to(DEVICE) for t in (x, *(q for q, _ in weights_q), ids, weights)]
     scales = tuple(s.to(DEVICE) for _, s in weights_q)
-    got = fused_experts(*on, MoEConfig(block_m=16, block_n=32, block_k=64), scales=scales)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    for block_k in (64, 256):  # within one scale block; across two (one partial)
+        cfg = MoEConfig(block_m=16, block_n=32, block_k=block_k)
+        got = fused_experts(*on, cfg, scales=scales)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="divide 128"):
+        fused_experts(*on, MoEConfig(block_n=48), scales=scales)
 
 
 def test_add_rms_norm_equals_add_then_norm() -> None:
@@ -248,6 +252,26 @@ def test_skinny_linear_equals_f_linear(rows: int, bias: bool) -> None:
     )
     want = torch.nn.functional.linear(x, w, b if bias else None)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_k", [64, 256])
+def test_skinny_linear_with_fp8_weights_equals_f_linear_over_dequantized_ones(block_k) -> None:
+    """K = 320: tiles within one 128-wide scale block, or across up to three (the last
+    partial); N = 200: two rows of scale blocks, the last partial."""
+    from afd.models.fp8 import dequantize, quantize
+    from afd.models.kernels.skinny_linear import SkinnyConfig, skinny_linear
+
+    g = torch.Generator().manual_seed(block_k)
+    x, w = torch.randn(3, 320, generator=g), torch.randn(200, 320, generator=g) / 8
+    q, scale = quantize(w)
+    want = torch.nn.functional.linear(x, dequantize(q, scale, torch.float32))
+    cfg = SkinnyConfig(32, block_k, 4, 3, split_k=2)
+    got = skinny_linear(x.to(DEVICE), q.to(DEVICE), None, cfg, scale.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
+    parts = skinny_linear(x.to(DEVICE), q.to(DEVICE), None, cfg, scale.to(DEVICE), partials=True)
+    torch.testing.assert_close(parts.sum(1).cpu(), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="divide 128"):
+        skinny_linear(x, q, None, SkinnyConfig(48, block_k), scale)
 
 
 @pytest.mark.parametrize("bias", [False, True])
