@@ -503,6 +503,57 @@ def test_the_kernels_give_the_reference_tokens_colocated_and_disaggregated(
             assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-4)
 
 
+@pytest.mark.skipif(not kernels.HAVE_TRITON, reason="Triton is not installed")
+def test_projections_split_over_k_give_the_reference_tokens(
+    tiny_model: Path, reference: ReferenceEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tuned table that splits the router and the output projection over K (as the H100's
+    does): their partial sums, added by the router's top-k and the next add+norm, give the
+    reference's tokens. The QKV takes the skinny kernel whole."""
+    from afd.models.kernels import skinny_linear, tuning
+
+    c = load_config(tiny_model)
+    D, H, G, Dh = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    split = {str(m): {"block_n": 16, "block_k": 32, "split_k": 2} for m in (1, 16)}
+    whole = {str(m): {"block_n": 16, "block_k": 32} for m in (1, 16)}
+    table = tmp_path / "tuned.json"
+    tuning.save(
+        {
+            tuning.shape_key("linear", torch.float32, "cpu", N=D, K=H * Dh): split,
+            tuning.shape_key("linear", torch.float32, "cpu", N=c.num_experts, K=D): split,
+            tuning.shape_key("linear", torch.float32, "cpu", N=(H + 2 * G) * Dh, K=D): whole,
+        },
+        table,
+    )
+    monkeypatch.setattr(tuning, "TABLE_FILE", table)
+    tuning.load_table.cache_clear()
+    skinny_linear._tuned.cache_clear()
+    calls: list[bool] = []
+    real = skinny_linear.skinny_linear
+
+    def counted(*args, partials: bool = False, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(partials)
+        return real(*args, partials=partials, **kwargs)
+
+    monkeypatch.setattr(skinny_linear, "skinny_linear", counted)
+    try:
+        with kernels.force():
+            node = AttentionNode(AttentionNodeSettings(0, str(tiny_model)), None)
+            try:
+                requests = _requests(reference)
+                got = _serve(node, [], requests)
+            finally:
+                node.shutdown()
+    finally:
+        tuning.load_table.cache_clear()
+        skinny_linear._tuned.cache_clear()
+    assert True in calls and False in calls  # split projections and a whole one ran
+    for r in requests:
+        want = reference.generate(r.prompt_ids, r.params)
+        assert [t.token_id for t in got[r.request_id]] == want.token_ids, r.request_id
+        assert [t.logprob for t in got[r.request_id]] == pytest.approx(want.logprobs, abs=1e-4)
+
+
 def _reports_until_done(
     nodes: list[AttentionNode], requests: list[NewRequest]
 ) -> tuple[dict[str, list[TokenOutput]], list[list[int]]]:
