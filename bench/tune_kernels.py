@@ -52,7 +52,7 @@ def moe_candidates(pairs: int, quantized: bool) -> list[MoEConfig]:
     ]
 
 
-def skinny_candidates(split: bool = False) -> list[SkinnyConfig]:
+def skinny_candidates(split: bool = False, K: int = 0) -> list[SkinnyConfig]:
     """`split`: the projection's caller adds partial sums, so splits over K are candidates
     too (timed without that add, which rides in a kernel the step runs anyway)."""
     whole = [
@@ -61,9 +61,10 @@ def skinny_candidates(split: bool = False) -> list[SkinnyConfig]:
     ]
     if not split:
         return whole
-    return whole + [
+    return whole + [  # only splits that K leaves each at least one tile
         SkinnyConfig(n, k, 4, s, splits)
         for n, k, s, splits in itertools.product((16, 32), (128, 256), (3, 4), (2, 4, 8, 16))
+        if splits <= K // k
     ]
 
 
@@ -189,7 +190,7 @@ def tune_linear(
             def run(c: SkinnyConfig, w: Any, x: torch.Tensor = x, split: bool = split) -> object:
                 return skinny_linear(x, w[0], None, c, w[1], partials=split)
 
-            us, won = best_of(skinny_candidates(split), run, sets)
+            us, won = best_of(skinny_candidates(split, K), run, sets)
             entry[str(M)] = asdict(won) if us < cublas else None
             rows.append({"proj": proj, "N": N, "K": K, "rows": M, "cublas_us": cublas, "us": us,
                          "floor_us": N * K * (1 if quantized else 2) / bandwidth * 1e6,

@@ -28,7 +28,8 @@ def linear(
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x·Wᵀ + b: cuBLAS, or at a few rows the skinny Triton kernel where it was measured
-    faster for this shape on this GPU (`afd.models.kernels.skinny_linear`). `scale`: W is fp8
+    faster for this shape on this GPU (`afd.models.kernels.skinny_linear`); not where it won
+    split over K, which only a caller adding partial sums can take (`linear_summands`). `scale`: W is fp8
     with these block scales (`afd.models.fp8`): the Triton kernel on GPU, W dequantized on CPU."""
     if kernels.usable(x_TK) and (scale is not None or x_TK.shape[0] <= 16):
         from afd.models.kernels.skinny_linear import SkinnyConfig, skinny_linear, tuned_config
@@ -36,7 +37,7 @@ def linear(
         tuned = tuned_config(x_TK, weight_NK)
         if scale is not None:  # fp8: always the Triton kernel, tuned tiles where measured
             return skinny_linear(x_TK, weight_NK, bias_N, tuned or SkinnyConfig(), scale)
-        if tuned is not None:
+        if tuned is not None and tuned.split_k == 1:  # a split's tiles were timed split
             return skinny_linear(x_TK, weight_NK, bias_N, tuned)
     if scale is not None:
         weight_NK = fp8.dequantize(weight_NK, scale, x_TK.dtype)
@@ -63,17 +64,17 @@ def linear_summands(
 
 
 def add_rms_norm(
-    h_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
+    h_TD: torch.Tensor, delta: torch.Tensor, weight_D: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + Δ, rms_norm(h + Δ)): the residual add and the norm after it, one kernel on GPU.
-    Δ [T, D], or [T, K, D]: K summands, added in fp32 and rounded once before h adds."""
+    Δ [T, D], or [T, S, D]: S summands, added in fp32 and rounded once before h adds."""
     if kernels.usable(h_TD):
         from afd.models.kernels.small_ops import add_rms_norm as fused
 
-        return fused(h_TD, delta_TD, weight_D, eps)
-    if delta_TD.dim() == 3:
-        delta_TD = delta_TD.float().sum(1).to(h_TD.dtype)
-    total_TD = h_TD + delta_TD
+        return fused(h_TD, delta, weight_D, eps)
+    if delta.dim() == 3:
+        delta = delta.float().sum(1).to(h_TD.dtype)
+    total_TD = h_TD + delta
     return total_TD, rms_norm(total_TD, weight_D, eps)
 
 

@@ -42,16 +42,16 @@ class Residual:
     is [T, D], or [T, K, D]: the experts' K weighted outputs, summed by that add too."""
 
     h_TD: torch.Tensor
-    delta_TD: torch.Tensor | None = None
+    delta: torch.Tensor | None = None  # [T, D], or summands [T, S, D]
 
     def normed(self, weight_D: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + delta, rms_norm(h + delta) · weight)."""
-        if self.delta_TD is None:
+        if self.delta is None:
             return self.h_TD, rms_norm(self.h_TD, weight_D, eps)
-        return add_rms_norm(self.h_TD, self.delta_TD, weight_D, eps)
+        return add_rms_norm(self.h_TD, self.delta, weight_D, eps)
 
     def rows(self, rows: torch.Tensor) -> Residual:
-        return Residual(self.h_TD[rows], None if self.delta_TD is None else self.delta_TD[rows])
+        return Residual(self.h_TD[rows], None if self.delta is None else self.delta[rows])
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +103,8 @@ class AttentionSideModel:
     ) -> Routed:
         eps = self.config.rms_norm_eps
         h_TD, normed_TD = residual.normed(self._w(layer, "input_layernorm"), eps)
-        attended_TD = self._attention(layer, normed_TD, batch, attn)
-        h_TD, x_TD = add_rms_norm(
-            h_TD, attended_TD, self._w(layer, "post_attention_layernorm"), eps
-        )
+        attended = self._attention(layer, normed_TD, batch, attn)  # [T, D] or [T, S, D]
+        h_TD, x_TD = add_rms_norm(h_TD, attended, self._w(layer, "post_attention_layernorm"), eps)
         if not self.config.is_moe_layer(layer):
             empty = torch.empty(x_TD.shape[0], 0, dtype=torch.int64, device=x_TD.device)
             return Routed(h_TD, x_TD, empty, empty.to(x_TD.dtype))
@@ -175,8 +173,8 @@ class AttentionSideModel:
 
     def _project(self, prefix: str, x_TK: torch.Tensor, summands: bool = False) -> torch.Tensor:
         """An attention projection: weight, bias if any, fp8 scales if quantized. `summands`:
-        the caller adds partial sums (the output projection's next add+norm), so a bf16 weight
-        may come back split over K (`linear_summands`)."""
+        the caller adds partial sums (the output projection's next add+norm), so the result
+        may come back split over K, [T, S, N] (`linear_summands`)."""
         t = self.t
         weight, bias = t[f"{prefix}.weight"], t.get(f"{prefix}.bias")
         scale = t.get(f"{prefix}.weight_scale")

@@ -170,6 +170,8 @@ class ExpertShard:
         Tokens are grouped by expert so each expert runs one GEMM over all its tokens.
         """
         w = self.layers[layer]
+        if summands and len(self.ids_at(layer)) != self.config.num_experts:
+            raise ValueError("summands need every expert here: a slot left out stays unwritten")
         if kernels.usable(x_TD) and (out_TD is None or kernels.usable(out_TD)):
             # no host sync, fixed shapes: what a CUDA graph captures
             from afd.models.kernels.fused_moe import fused_experts

@@ -287,18 +287,18 @@ def fused_experts(
     residual add sums them (`add_rms_norm` with a 3-D Δ), one kernel fewer a layer. Every id
     must be a local expert (a slot left out would stay unwritten): a shard holding them all."""
     T, D = x_TD.shape
-    if summands and out_TD is not None:
-        raise ValueError("summands are returned, not written into a given output")
     K = ids_TK.shape[1]
     E, FFN, _ = gate_EID.shape
     N = T * K
-    if out_TD is None:
-        out_TD = torch.empty_like(x_TD)
-    elif out_TD.shape != (T, D) or not out_TD.is_contiguous():
+    if summands and out_TD is not None:
+        raise ValueError("summands are returned, not written into a given output")
+    if out_TD is not None and (out_TD.shape != (T, D) or not out_TD.is_contiguous()):
         raise ValueError(f"the output must be a contiguous [{T}, {D}], got {tuple(out_TD.shape)}")
     if N == 0:
-        return x_TD.new_zeros(T, K, D) if summands else out_TD.zero_()
+        return x_TD.new_zeros(T, K, D) if summands else _zeros_into(out_TD, x_TD)
     cfg = config or pick_config(N, E, FFN, D, x_TD.device, gate_EID.dtype)
+    if scales is not None and 128 % cfg.block_n:  # before any launch
+        raise ValueError(f"fp8 experts need tiles of columns that divide 128, got {cfg.block_n}")
     on = pdl(x_TD)
     BM = cfg.block_m
     ids_N = ids_TK.reshape(-1).contiguous()  # int32 or int64: the kernels load either
@@ -347,9 +347,15 @@ def fused_experts(
         )  # fmt: skip
     if summands:
         return y_ND.view(T, K, D)
+    if out_TD is None:
+        out_TD = torch.empty_like(x_TD)
     BD = min(1024, triton.next_power_of_2(D))
     with launching():
         _combine_kernel[(T, triton.cdiv(D, BD))](
             y_ND, ids_N, out_TD, D, TOP_K=K, BD=BD, PDL=on, num_warps=4, **pdl_launch(on)
         )
     return out_TD
+
+
+def _zeros_into(out_TD: torch.Tensor | None, like_TD: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like_TD) if out_TD is None else out_TD.zero_()

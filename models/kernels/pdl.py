@@ -35,15 +35,17 @@ def wait_for_prior(PDL: tl.constexpr):
 
 def pdl(t: torch.Tensor) -> bool:
     """Whether kernels on this tensor's device launch as programmatic dependents."""
-    return t.is_cuda and _pdl_on(t.device.index if t.device.index is not None else -1)
+    if not t.is_cuda:
+        return False
+    return _pdl_on(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 @cache
 def _pdl_on(index: int) -> bool:
-    if os.environ.get("AFD_PDL", "1") == "0" or not HAVE_GDC:
+    """NVIDIA Hopper or later (a ROCm device reports a major version too, but runs no PTX)."""
+    if os.environ.get("AFD_PDL", "1") == "0" or not HAVE_GDC or torch.version.hip is not None:
         return False
-    device = torch.cuda.current_device() if index < 0 else index
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pdl_launch(on: bool) -> dict[str, bool]:

@@ -131,6 +131,7 @@ def skinny_linear(
         raise ValueError(f"fp8 weights need tiles of columns that divide 128, got {config.block_n}")
     S = min(config.split_k, triton.cdiv(K, block_k)) if partials else 1
     k_split = triton.cdiv(triton.cdiv(K, S), block_k) * block_k
+    S = triton.cdiv(K, k_split)  # rounding k_split up may leave a last split with nothing
     dtype = torch.float32 if S > 1 else x_MK.dtype
     out = torch.empty(M, S, N, dtype=dtype, device=x_MK.device)
     if M == 0:

@@ -59,7 +59,7 @@ def _add_rms_norm_kernel(
 
 
 def add_rms_norm(
-    h_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
+    h_TD: torch.Tensor, delta: torch.Tensor, weight_D: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + Δ, rms_norm(h + Δ) · weight); Δ [T, D], or [T, S, D]: S summands (the fused MoE's
     per-slot outputs), summed here rather than by a kernel of their own."""
@@ -70,13 +70,13 @@ def add_rms_norm(
         with launching():
             _add_rms_norm_kernel[(T,)](
                 h_TD.contiguous(),
-                delta_TD.contiguous(),
+                delta.contiguous(),
                 weight_D,
                 sum_TD,
                 norm_TD,
                 D,
                 eps,
-                S=delta_TD.shape[1] if delta_TD.dim() == 3 else 1,
+                S=delta.shape[1] if delta.dim() == 3 else 1,
                 BD=triton.next_power_of_2(D),
                 PDL=on,
                 num_warps=4,
@@ -125,21 +125,21 @@ def _route_kernel(
 
 
 def route_top_k(
-    logits_TE: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype | None = None
+    logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert ids (int64, by falling probability) and their softmax weights, in `dtype`
     (default: the logits'); renormalised to sum to one when the model says so. The logits are
     [T, E], or [T, S, E]: S partial sums (a split projection's), added in fp32 and rounded to
     `dtype` first."""
-    T, E = logits_TE.shape[0], logits_TE.shape[-1]
-    S = logits_TE.shape[1] if logits_TE.dim() == 3 else 1
-    ids_TK = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
-    weights_TK = torch.empty(T, top_k, dtype=dtype or logits_TE.dtype, device=logits_TE.device)
+    T, E = logits.shape[0], logits.shape[-1]
+    S = logits.shape[1] if logits.dim() == 3 else 1
+    ids_TK = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    weights_TK = torch.empty(T, top_k, dtype=dtype or logits.dtype, device=logits.device)
     if T:
-        on = pdl(logits_TE)
+        on = pdl(logits)
         with launching():
             _route_kernel[(T,)](
-                logits_TE.contiguous(),
+                logits.contiguous(),
                 ids_TK,
                 weights_TK,
                 E,
