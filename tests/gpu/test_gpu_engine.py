@@ -62,6 +62,35 @@ def test_colocated_gpu_engine_replays_graphs_and_matches_the_cpu_reference(
     assert len(graphed.graphs.graphs) >= 3  # several batch and block buckets
 
 
+def test_programmatic_dependent_launch_changes_no_bit(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PDL changes when a kernel's programs are placed, never what they compute: with it on
+    and off (`AFD_PDL=0`) the same tokens and logprobs, bit for bit. An ordering race (a
+    program touching memory before its wait) would show here first."""
+    from afd.models.kernels import pdl
+
+    if not pdl.pdl(torch.empty(0, device="cuda")):
+        pytest.skip("PDL needs an NVIDIA GPU of compute capability 9 or later")
+    ref = ReferenceEngine(tiny_model)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    requests = [NewRequest(f"r{i}", ref.tokenizer.encode(p), params) for i, p in enumerate(PROMPTS)]
+    settings = AttentionNodeSettings(0, str(tiny_model), device="cuda", block_size=4)
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("AFD_PDL", flag)
+        pdl._pdl_on.cache_clear()
+        assert pdl.pdl(torch.empty(0, device="cuda")) == (flag == "1")
+        runs.append(_serve(AttentionNode(settings, None), requests))
+    monkeypatch.setenv("AFD_PDL", "1")
+    pdl._pdl_on.cache_clear()
+    on, off = runs
+    for r in requests:
+        assert [(t.token_id, t.logprob) for t in on[r.request_id]] == [
+            (t.token_id, t.logprob) for t in off[r.request_id]
+        ]
+
+
 def test_traced_decode_steps_replay_a_graph_that_stamps_the_trace(tiny_model: Path) -> None:
     """A traced decode step replays a graph captured for tracing (the same kernels plus the
     timer's), so that the trace shows the step as it serves: the same tokens as untraced

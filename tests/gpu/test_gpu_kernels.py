@@ -108,3 +108,24 @@ def test_the_triton_linear_at_the_model_shape(rows: int) -> None:
     _close(got, x.float() @ fp8.dequantize(q, scale, torch.float32).T)
     if rows <= 16:
         _close(skinny_linear(x, w, None, SkinnyConfig()), x.float() @ w.float().T)
+
+
+def test_partial_sums_round_once_in_the_activation_dtype() -> None:
+    """A split projection's fp32 partial sums, added by the router's top-k and by the next
+    add+norm in order and rounded once to bf16: the same bits as a bf16 projection output of
+    that sum going through the same kernels."""
+    from afd.models.kernels.small_ops import add_rms_norm, route_top_k
+
+    g = torch.Generator("cuda").manual_seed(3)
+    parts = torch.randn(16, 4, E, generator=g, device="cuda")  # [T, S, E] fp32
+    summed = (((parts[:, 0] + parts[:, 1]) + parts[:, 2]) + parts[:, 3]).to(torch.bfloat16)
+    ids, weights = route_top_k(parts, K, True, torch.bfloat16)
+    want_ids, want_weights = route_top_k(summed, K, True)
+    assert torch.equal(ids, want_ids) and torch.equal(weights, want_weights)
+    parts_D = torch.randn(16, 4, D, generator=g, device="cuda")
+    h = torch.randn(16, D, generator=g, device="cuda").to(torch.bfloat16)
+    w = torch.rand(D, generator=g, device="cuda").to(torch.bfloat16)
+    summed_D = ((parts_D[:, 0] + parts_D[:, 1]) + parts_D[:, 2]) + parts_D[:, 3]
+    got = add_rms_norm(h, parts_D, w, 1e-6)
+    want = add_rms_norm(h, summed_D.to(torch.bfloat16), w, 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
