@@ -21,6 +21,7 @@ from afd.models.kernels.pdl import pdl, pdl_launch, wait_for_prior
 
 KEYS_PER_TILE = 64  # keys a program loads at once
 SM_TARGET = 264  # programs that keep an H100's 132 SMs busy (two each)
+LONG_TILES = 32  # from this many tiles of context a split takes at least two
 
 
 @triton.jit(do_not_specialize=["M", "keys_per_split"])
@@ -113,8 +114,15 @@ def _merge_kernel(
 
 def splits_for(batch: int, kv_heads: int, max_keys: int) -> int:
     """How many programs share one (sequence, kv head): enough to fill the GPU, never a
-    split shorter than a tile; a power of two (the merge's tile)."""
-    want = max(1, min(SM_TARGET // max(1, batch * kv_heads), -(-max_keys // KEYS_PER_TILE)))
+    split shorter than a tile, and from `LONG_TILES` tiles on never shorter than two; a power
+    of two (the merge's tile). Measured on an H100 at batch 1 (bench/NOTES.md, session 11):
+    a tile a split won up to 1,024 keys (5.1 µs against 6.1 with two), two tiles a split from
+    2,048 keys (6.3 against 6.6 µs; 7.9 against 9.1 at 4,096): the merge of many splits costs
+    more than the last tile saves."""
+    tiles = -(-max_keys // KEYS_PER_TILE)
+    want = max(1, min(SM_TARGET // max(1, batch * kv_heads), tiles))
+    if tiles >= LONG_TILES:
+        want = min(want, tiles // 2)
     return 1 << (want.bit_length() - 1)
 
 

@@ -215,6 +215,15 @@ def test_paged_decode_attention_equals_attention_over_each_sequence() -> None:
     torch.testing.assert_close(one[0].cpu(), got[0])
 
 
+def test_split_counts_follow_the_measured_table() -> None:
+    """bench/NOTES.md, session 11: batch 1, 4 kv heads on an H100."""
+    from afd.models.kernels.decode_attention import splits_for
+
+    assert [splits_for(1, 4, keys) for keys in (64, 1024, 2048, 4096, 8192)] == [1, 16, 16, 32, 64]
+    assert splits_for(64, 4, 4096) == 1  # 256 programs fill the GPU already
+    assert splits_for(8, 4, 4096) == 8
+
+
 def test_paged_attention_through_the_kernels_equals_the_torch_backend() -> None:
     """`attend_projected` (kernels) against `attend` (torch) on a mixed batch and a decode one."""
     H, G, Dh, BS = 4, 2, 16, 4
