@@ -623,7 +623,21 @@ class Cluster:
     def _recover_loops(self, errors: dict) -> None:
         """A step failed somewhere: every node's step in progress is aborted, and once no loop
         runs any more (their results taken), the cluster is recovered (`_recover`) and every
-        node goes on from one step past any step a node reached."""
+        node goes on from one step past any step a node reached. A node that fails as the
+        loops start again (a second kill) starts the recovery over, until the recovery
+        timeout: its requests must move too, not fail with the rest."""
+        deadline = time.monotonic() + self.deployment.transport.recovery_timeout_s
+        while True:
+            self._stop_and_recover(errors)
+            try:
+                self._run_cluster_from(self._next_step)
+                return
+            except _NodesFailed as again:
+                if time.monotonic() > deadline:
+                    raise
+                errors = again.errors
+
+    def _stop_and_recover(self, errors: dict) -> None:
         log.warning("stopping every node: %s", _describe(errors))
         aborts = {
             key: self._node(key).abort.remote()
@@ -642,7 +656,6 @@ class Cluster:
                 break
         self._pending.clear()
         self._recover(reached + 1, errors)
-        self._run_cluster_from(self._next_step)
 
     # ---- colocated nodes: each steps on its own ---------------------------------------------
     def _drive(self, i: int) -> None:

@@ -117,6 +117,36 @@ def test_a_killed_node_costs_no_request_and_no_token(
         cluster.shutdown()
 
 
+def test_a_node_killed_as_the_loops_restart_costs_no_request(tiny_model: Path, ray_session) -> None:
+    """Attention node 1 dies; as the cluster starts every loop again after recovering, node 0
+    dies too (its start fails). The recovery starts over: every stream still gets its tokens."""
+    ref = ReferenceEngine(tiny_model)
+    requests = _requests(ref)[:12]
+    want = [ref.generate(ids, params).token_ids for ids, params in requests]
+    cluster = Cluster(Deployment(model=ModelSection(path=str(tiny_model))).with_shape(2, 2, 2))
+    restart = cluster._run_cluster_from
+    kills: list[int] = []
+
+    def kill_first(step: int) -> None:
+        if not kills:
+            kills.append(ray.get(cluster.attention[0].pid.remote(), timeout=30))
+            os.kill(kills[0], signal.SIGKILL)
+        restart(step)
+
+    cluster._run_cluster_from = kill_first  # type: ignore[method-assign]
+    try:
+        streams = [iter(cluster.submit(ids, params)) for ids, params in requests]
+        firsts = [next(streams[0])]  # the streams are running
+        os.kill(ray.get(cluster.attention[1].pid.remote(), timeout=30), signal.SIGKILL)
+        got = [[t.token_id for t in firsts + list(streams[0])]]
+        got += [[t.token_id for t in s] for s in streams[1:]]
+        assert kills, "the loops never restarted"
+        assert got == want
+        assert cluster.failed_steps >= 2  # the second kill was a failure of its own
+    finally:
+        cluster.shutdown()
+
+
 def test_a_node_that_cannot_come_back_fails_requests_with_a_message(
     tiny_model: Path, ray_session
 ) -> None:
