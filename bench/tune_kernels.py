@@ -166,7 +166,7 @@ def tune_linear(
 ) -> tuple[dict, list]:
     """`quantized`: the fused QKV and output projections in fp8 with block scales, which always
     take the skinny kernel (no cuBLAS to compare); the router stays bf16. The output projection
-    and the router (bf16) may split over K: their callers add partial sums."""
+    (bf16 or fp8) and the router may split over K: their callers add partial sums."""
     device, dtype = torch.device("cuda"), torch.bfloat16
     D, H, G = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     Dh = cfg.get("head_dim") or D // H

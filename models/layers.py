@@ -29,8 +29,9 @@ def linear(
 ) -> torch.Tensor:
     """x·Wᵀ + b: cuBLAS, or at a few rows the skinny Triton kernel where it was measured
     faster for this shape on this GPU (`afd.models.kernels.skinny_linear`); not where it won
-    split over K, which only a caller adding partial sums can take (`linear_summands`). `scale`: W is fp8
-    with these block scales (`afd.models.fp8`): the Triton kernel on GPU, W dequantized on CPU."""
+    split over K, which only a caller adding partial sums can take (`linear_summands`).
+    `scale`: W is fp8 with these block scales (`afd.models.fp8`): the Triton kernel on GPU,
+    W dequantized on CPU."""
     if kernels.usable(x_TK) and (scale is not None or x_TK.shape[0] <= 16):
         from afd.models.kernels.skinny_linear import SkinnyConfig, skinny_linear, tuned_config
 

@@ -39,10 +39,10 @@ from afd.models.weights import ATTENTION_SIDE_KINDS, tensor_specs
 @dataclass(frozen=True, slots=True)
 class Residual:
     """The residual stream h + delta, with the add left to whoever normalises it next; delta
-    is [T, D], or [T, K, D]: the experts' K weighted outputs, summed by that add too."""
+    is [T, D], or summands [T, S, D] (the experts' K weighted outputs), summed by that add."""
 
     h_TD: torch.Tensor
-    delta: torch.Tensor | None = None  # [T, D], or summands [T, S, D]
+    delta: torch.Tensor | None = None
 
     def normed(self, weight_D: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + delta, rms_norm(h + delta) · weight)."""

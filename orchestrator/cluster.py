@@ -638,6 +638,7 @@ class Cluster:
                 errors = again.errors
 
     def _stop_and_recover(self, errors: dict) -> None:
+        """Aborts every loop, takes what they still report, and recovers the cluster."""
         log.warning("stopping every node: %s", _describe(errors))
         aborts = {
             key: self._node(key).abort.remote()

@@ -87,25 +87,14 @@ def tuned_config(x_MK: torch.Tensor, w_NK: torch.Tensor) -> SkinnyConfig | None:
     M, (N, K) = x_MK.shape[0], w_NK.shape
     if M > MAX_ROWS:
         return None
-    return _tuned(M, N, K, w_NK.dtype, x_MK.device, pdl(x_MK))
+    return _tuned(M, N, K, w_NK.dtype, x_MK.device)
 
 
 @cache
-def _tuned(
-    M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, dependent: bool
-) -> SkinnyConfig | None:
-    """Looked up once per shape: layers call this on every eager step. `dependent` (PDL on):
-    the skinny kernel also where cuBLAS won the tuning, with the tiles of the next larger row
-    count it won. `bench/tune_kernels.py` times each kernel alone; in the decode graph this one
-    starts while the kernel before it drains and cuBLAS does not, which turned the fused QKV
-    at one row around (bench/NOTES.md, session 11)."""
-    key = shape_key("linear", dtype, device_name(device), N=N, K=K)
-    rows = M
-    while True:
-        found, entry = lookup(key, rows)
-        if not found or entry or not dependent or rows >= MAX_ROWS:
-            return SkinnyConfig(**entry) if found and entry else None
-        rows *= 2
+def _tuned(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> SkinnyConfig | None:
+    """Looked up once per shape: layers call this on every eager step."""
+    found, entry = lookup(shape_key("linear", dtype, device_name(device), N=N, K=K), M)
+    return SkinnyConfig(**entry) if found and entry else None
 
 
 def skinny_linear(
